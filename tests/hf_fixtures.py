@@ -171,7 +171,8 @@ def write_sharded(state: dict[str, torch.Tensor], config: dict, out_dir: str,
   weight_map, total = {}, 0
   for s in range(n_shards):
     shard = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-    tensors = {n: state[n].to(dtype).contiguous() for n in names[bounds[s]:bounds[s + 1]]}
+    tensors = {n: (state[n].to(dtype) if state[n].is_floating_point() else state[n]).contiguous()
+               for n in names[bounds[s]:bounds[s + 1]]}
     save_file(tensors, os.path.join(out_dir, shard), metadata={"format": "pt"})
     for n, t in tensors.items():
       weight_map[n] = shard
