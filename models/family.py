@@ -42,14 +42,28 @@ def align_logits(config: ModelConfig, logits: jax.Array) -> jax.Array:
   return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
 
 
+def source_positions(config: ModelConfig, start: jax.Array, length: int) -> jax.Array:
+  """Canvas positions whose hidden states predict tokens [start, start+length) (the shift)."""
+  shift = 1 if config.logit_shift else 0
+  return jnp.maximum(jnp.arange(length, dtype=jnp.int32) + start - shift, 0)
+
+
 def forward_logits(config: ModelConfig, params, tokens: jax.Array,
-                   attention_mask: jax.Array | None = None,
-                   implementation: str = "auto") -> jax.Array:
-  """Full bidirectional forward over a canvas: float32 logits [B, L, V], aligned to tokens."""
+                   attention_mask: jax.Array | None = None, implementation: str = "auto",
+                   logits_window: tuple[jax.Array | int, int] | None = None) -> jax.Array:
+  """Full bidirectional forward over a canvas: float32 logits aligned to the tokens.
+
+  Returns [B, L, V], or [B, W, V] for `logits_window=(start, W)` (start may be traced): only
+  those rows go through the LM head.
+  """
   positions, key_valid, query_valid = positions_and_masks(config, attention_mask, tokens.shape)
   model = Transformer(config)
   attention = SelfAttention(key_valid=key_valid, query_valid=query_valid,
                             implementation=implementation)
   hidden, _, _ = model.apply({"params": params}, tokens, positions, attention)
-  logits = model.apply({"params": params}, hidden, method=Transformer.logits)
-  return align_logits(config, logits)
+  if logits_window is None:
+    logits = model.apply({"params": params}, hidden, method=Transformer.logits)
+    return align_logits(config, logits)
+  start, length = logits_window
+  hidden = jnp.take(hidden, source_positions(config, start, length), axis=1)
+  return model.apply({"params": params}, hidden, method=Transformer.logits)

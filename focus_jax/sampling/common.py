@@ -1,0 +1,101 @@
+"""Pieces shared by the LLaDA and Dream samplers: schedules, token choice, position choice.
+
+All functions are pure and shape-static so they run inside one `lax.while_loop`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -jnp.inf
+
+
+def llada_transfer_schedule(num_masked: jax.Array, steps: int) -> jax.Array:
+  """LLaDA's per-step unmask counts: [B] masked counts -> [B, steps].
+
+  Linear noise schedule: n // steps each step, plus one for the first n % steps steps.
+  """
+  base = num_masked // steps
+  remainder = num_masked % steps
+  return base[:, None] + (jnp.arange(steps)[None, :] < remainder[:, None]).astype(jnp.int32)
+
+
+def torch_linspace_f32(start: float, end: float, num: int) -> np.ndarray:
+  """`torch.linspace(start, end, num)` in float32, bit-for-bit (it fills from both ends).
+
+  Dream's unmask counts are int(n * (1 - s/t)) on these values, so an ulp matters at integers.
+  """
+  start32, end32 = np.float32(start), np.float32(end)
+  if num == 1:
+    return np.array([start32], np.float32)
+  step = np.float32((end32 - start32) / np.float32(num - 1))
+  half = num // 2
+  out = np.empty(num, np.float32)
+  for i in range(num):
+    # torch's kernel uses a fused multiply-add: one rounding, emulated in float64.
+    if i < half:
+      out[i] = np.float32(np.float64(start32) + np.float64(step) * i)
+    else:
+      out[i] = np.float32(np.float64(end32) - np.float64(step) * (num - 1 - i))
+  return out
+
+
+def rank_descending(scores: jax.Array) -> jax.Array:
+  """Rank of every entry within its row (0 = largest); ties keep the lower index first."""
+  order = jnp.argsort(-scores, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True)
+
+
+def select_top(confidence: jax.Array, count: jax.Array, candidates: jax.Array) -> jax.Array:
+  """Boolean [B, W]: the `count[b]` highest-confidence candidates of each row."""
+  scores = jnp.where(candidates, confidence, NEG_INF)
+  return (rank_descending(scores) < count[:, None]) & candidates
+
+
+def select_threshold(confidence: jax.Array, threshold: float, candidates: jax.Array) -> jax.Array:
+  """Fast-dLLM's parallel decoding: every candidate with confidence >= threshold, and always the
+  most confident candidate of a row that has any."""
+  scores = jnp.where(candidates, confidence, NEG_INF)
+  top = rank_descending(scores) == 0
+  return candidates & (top | (confidence >= threshold))
+
+
+def gumbel_argmax(rng: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
+  """argmax of LLaDA's exp(l) / (-log u)^T, computed in log space: l - T * log(-log u).
+
+  The reference does this in float64 to avoid overflow of exp(l); the log form has no exp, so
+  float32 is exact enough (same distribution; random draws differ from torch's anyway).
+  """
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  u = jax.random.uniform(rng, logits.shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+  return jnp.argmax(logits - temperature * jnp.log(-jnp.log(u)), axis=-1).astype(jnp.int32)
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+  """Keep the smallest prefix of tokens (by probability) whose mass reaches top_p."""
+  order = jnp.argsort(-logits, axis=-1, stable=True)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+  remove_sorted = cumulative > top_p
+  remove_sorted = jnp.concatenate(
+      [jnp.zeros_like(remove_sorted[..., :1]), remove_sorted[..., :-1]], axis=-1)
+  remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
+  return jnp.where(remove, jnp.finfo(logits.dtype).min, logits)
+
+
+def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
+  top_k = min(top_k, logits.shape[-1])
+  kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+  return jnp.where(logits < kth, jnp.finfo(logits.dtype).min, logits)
+
+
+def window(x: jax.Array, start: jax.Array, length: int) -> jax.Array:
+  """x[:, start:start+length] for a traced start."""
+  return jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
+
+
+def set_window(x: jax.Array, start: jax.Array, values: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_update_slice_in_dim(x, values, start, axis=1)

@@ -1,0 +1,78 @@
+"""LLaDA's sampler (`generate` of ML-GSAI/LLaDA) as an `UnmaskRule` for the shared loop.
+
+Per step: x0 = argmax of the (Gumbel-perturbed) logits; confidence = softmax(logits)[x0]
+(`low_confidence`) or uniform noise (`random`); the top-k masked positions of the block by
+confidence are committed, k from the linear schedule. With `threshold` set, Fast-dLLM's parallel
+decoding replaces the schedule: every masked position with confidence >= threshold, at least one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from focus_jax.sampling import common
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaDARule:
+  """Static sampler settings; hashable, so a change means a new compile and nothing else does."""
+
+  steps_per_block: int
+  eos_token_id: int
+  eot_token_id: int | None
+  temperature: float = 0.0
+  remasking: str = "low_confidence"
+  threshold: float | None = None
+  # Appendix B.4 of LLaDA: forbid <|endoftext|> as a prediction.
+  logits_eos_inf: bool = False
+  # As in the reference code: after x0 is chosen, <|eot_id|>'s logit is set to -inf before the
+  # confidence softmax (the reference also blanks eos in the noisy logits, which no later line
+  # reads), so eot predictions get zero confidence.
+  confidence_eos_eot_inf: bool = False
+
+  def __post_init__(self):
+    if self.remasking not in REMASKING:
+      raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+    if self.steps_per_block < 1:
+      raise ValueError(f"steps per block must be >= 1, got {self.steps_per_block}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.confidence_eos_eot_inf and self.eot_token_id is None:
+      raise ValueError("confidence_eos_eot_inf needs the model config's eot_token_id")
+
+  def block_schedule(self, masked):
+    return common.llada_transfer_schedule(masked.sum(axis=1).astype(jnp.int32),
+                                          self.steps_per_block)
+
+  def planned_unmask(self, schedule, step, masked):
+    if self.threshold is not None:
+      return jnp.minimum(masked.sum(axis=1), 1).astype(jnp.int32)
+    return jax.lax.dynamic_index_in_dim(schedule, jnp.minimum(step, self.steps_per_block - 1),
+                                        axis=1, keepdims=False)
+
+  def apply(self, rng, logits, tokens, masked, schedule, step):
+    noise_rng, remask_rng = jax.random.split(rng)
+    if self.logits_eos_inf:
+      logits = logits.at[..., self.eos_token_id].set(common.NEG_INF)
+    x0 = common.gumbel_argmax(noise_rng, logits, self.temperature)
+    if self.confidence_eos_eot_inf:
+      logits = logits.at[..., self.eot_token_id].set(common.NEG_INF)
+    if self.remasking == "low_confidence":
+      probs = jax.nn.softmax(logits, axis=-1)
+      x0_p = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+    else:
+      x0_p = jax.random.uniform(remask_rng, x0.shape, jnp.float32)
+    confidence = jnp.where(masked, x0_p, common.NEG_INF)
+    if self.threshold is not None:
+      transfer = common.select_threshold(confidence, self.threshold, masked)
+    else:
+      # Past the schedule (only reachable if a row had fewer masks than planned) commit nothing.
+      count = jnp.where(step < self.steps_per_block,
+                        self.planned_unmask(schedule, step, masked), 0)
+      transfer = common.select_top(confidence, count, masked)
+    return jnp.where(transfer, x0, tokens), confidence

@@ -1,0 +1,143 @@
+"""The denoising loop shared by every sampler and decoding mode: one `lax.while_loop`.
+
+The canvas is [prompt | MASK x gen_length], decoded block by block (semi-autoregressive). Each
+iteration is one denoising step of the current block:
+  1. the `Denoiser` computes the block's logits (full forward, cached, or Focus-sparse);
+  2. the sampler's `UnmaskRule` picks tokens and which masked positions to commit;
+  3. when no masked position is left in the block, the loop moves to the next block.
+Moving on when the block is empty (rather than after a fixed step count) is what the fixed
+schedules reach anyway, and it is what threshold parallel decoding needs. Everything is carried
+functionally in `LoopState`; there is no host sync inside.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from focus_jax.decoding.base import Canvas, Denoiser, StepContext
+from focus_jax.sampling.common import NEG_INF, set_window, window
+
+
+class UnmaskRule(Protocol):
+  """A sampler's policy: which tokens to write where, given the block's logits."""
+
+  steps_per_block: int
+
+  def block_schedule(self, masked: jax.Array) -> jax.Array:
+    """Per-block schedule state computed at block entry from the block's mask [B, W]."""
+    ...
+
+  def planned_unmask(self, schedule: jax.Array, step: jax.Array, masked: jax.Array) -> jax.Array:
+    """[B] int32: how many tokens this step is expected to unmask (Focus's k)."""
+    ...
+
+  def apply(self, rng: jax.Array, logits: jax.Array, tokens: jax.Array, masked: jax.Array,
+            schedule: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns (new block tokens [B, W], confidence [B, W] of masked positions, -inf elsewhere)."""
+    ...
+
+
+@flax.struct.dataclass
+class LoopState:
+  tokens: jax.Array  # [B, L] the canvas
+  block: jax.Array  # int32 scalar
+  step_in_block: jax.Array  # int32 scalar
+  schedule: jax.Array  # rule-specific per-block schedule
+  confidence: jax.Array  # [B, W] confidences of the last step (Focus's past-confidence input)
+  rng: jax.Array
+  num_steps: jax.Array  # int32: denoising steps (forward passes) taken
+  denoiser_state: Any
+
+
+def make_canvas(prompt: jax.Array, prompt_mask: jax.Array | None, gen_length: int,
+                block_length: int, mask_token_id: int) -> Canvas:
+  """[prompt | MASK x gen_length]; the prompt is left-padded, `prompt_mask` False on pads."""
+  chex.assert_rank(prompt, 2)
+  b, p = prompt.shape
+  if gen_length % block_length:
+    raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length "
+                     f"({block_length})")
+  tokens = jnp.concatenate(
+      [prompt.astype(jnp.int32), jnp.full((b, gen_length), mask_token_id, jnp.int32)], axis=1)
+  mask = None
+  if prompt_mask is not None:
+    chex.assert_equal_shape([prompt, prompt_mask])
+    mask = jnp.concatenate([prompt_mask.astype(bool), jnp.ones((b, gen_length), bool)], axis=1)
+  return Canvas(tokens=tokens, attention_mask=mask, prompt_length=p, block_length=block_length)
+
+
+def unconditional_canvas(canvas: Canvas, mask_token_id: int) -> Canvas:
+  """Classifier-free guidance: the same canvas with every prompt token masked."""
+  prompt_region = jnp.arange(canvas.length) < canvas.prompt_length
+  tokens = jnp.where(prompt_region[None, :], mask_token_id, canvas.tokens)
+  return canvas.replace(tokens=tokens)
+
+
+def stack_canvases(a: Canvas, b: Canvas) -> Canvas:
+  mask = None
+  if a.attention_mask is not None:
+    mask = jnp.concatenate([a.attention_mask, b.attention_mask], axis=0)
+  return a.replace(tokens=jnp.concatenate([a.tokens, b.tokens], axis=0), attention_mask=mask)
+
+
+def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: jax.Array,
+        mask_token_id: int, cfg_scale: float = 0.0) -> LoopState:
+  """Denoises every block of `canvas`; returns the final loop state (tokens in `.tokens`)."""
+  b, length = canvas.tokens.shape
+  w = canvas.block_length
+  num_blocks = (length - canvas.prompt_length) // w
+  # Every step unmasks at least one token per row that has masks, so this bound is never the
+  # reason the loop stops; it only guards against a rule that unmasks nothing.
+  max_steps = num_blocks * max(rule.steps_per_block, w)
+  use_cfg = cfg_scale > 0
+
+  def model_canvas(tokens):
+    c = canvas.replace(tokens=tokens)
+    return stack_canvases(c, unconditional_canvas(c, mask_token_id)) if use_cfg else c
+
+  first_masked = window(canvas.tokens, canvas.prompt_length, w) == mask_token_id
+  state = LoopState(
+      tokens=canvas.tokens, block=jnp.int32(0), step_in_block=jnp.int32(0),
+      schedule=rule.block_schedule(first_masked),
+      confidence=jnp.full((b, w), NEG_INF, jnp.float32), rng=rng, num_steps=jnp.int32(0),
+      denoiser_state=denoiser.init_state(params, model_canvas(canvas.tokens)))
+
+  def cond(s: LoopState):
+    return (s.block < num_blocks) & (s.num_steps < max_steps)
+
+  def body(s: LoopState):
+    start = canvas.prompt_length + s.block * w
+    block_tokens = window(s.tokens, start, w)
+    masked = block_tokens == mask_token_id
+    entry = s.step_in_block == 0
+    schedule = jax.tree.map(lambda new, old: jnp.where(entry, new, old),
+                            rule.block_schedule(masked), s.schedule)
+    planned = rule.planned_unmask(schedule, s.step_in_block, masked)
+    ctx = StepContext(block_start=start, block_entry=entry, masked=masked,
+                      prev_confidence=jnp.where(entry, NEG_INF, s.confidence),
+                      planned_unmask=planned)
+    c = model_canvas(s.tokens)
+    if use_cfg:
+      ctx = ctx.replace(masked=jnp.concatenate([masked, masked]),
+                        prev_confidence=jnp.concatenate([ctx.prev_confidence] * 2),
+                        planned_unmask=jnp.concatenate([planned, planned]))
+    logits, dstate = denoiser.window_logits(params, c, s.denoiser_state, ctx)
+    if use_cfg:
+      cond_logits, uncond_logits = jnp.split(logits, 2, axis=0)
+      logits = uncond_logits + (cfg_scale + 1.0) * (cond_logits - uncond_logits)
+    rng, step_rng = jax.random.split(s.rng)
+    new_block, confidence = rule.apply(step_rng, logits, block_tokens, masked, schedule,
+                                       s.step_in_block)
+    tokens = set_window(s.tokens, start, new_block)
+    done = ~jnp.any(new_block == mask_token_id)
+    return LoopState(
+        tokens=tokens, block=s.block + done.astype(jnp.int32),
+        step_in_block=jnp.where(done, 0, s.step_in_block + 1), schedule=schedule,
+        confidence=confidence, rng=rng, num_steps=s.num_steps + 1, denoiser_state=dstate)
+
+  return jax.lax.while_loop(cond, body, state)
