@@ -249,6 +249,16 @@ LLADA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{% endif %}")
 
+# Qwen2.5's ChatML template (Dream-v0-Instruct-7B ships it), without the tool-calling branches.
+DREAM_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Diffusion language models unmask many tokens per step.",
@@ -278,7 +288,7 @@ def write_tokenizer(out_dir: str, family: str, chat_template: bool = True) -> st
   else:
     special_map = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
                    "mask_token": "<|mask|>"}
-    template = None  # Dream's ChatML comes from the built-in format
+    template = DREAM_CHAT_TEMPLATE
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096,
             **special_map}
   if chat_template and template is not None:
