@@ -21,6 +21,9 @@ process does not load.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import shutil
@@ -113,6 +116,18 @@ def read_checked_hf(hf_dir: str, dtype: str) -> tuple[ModelConfig, dict[str, st.
   return config, tensors, specs
 
 
+def _release_free_memory() -> None:
+  """Hands freed heap back to the OS between parts (glibc keeps it otherwise), so each part's
+  peak starts from the baseline instead of on top of the previous part's leftovers."""
+  gc.collect()
+  libc = ctypes.util.find_library("c")
+  if libc:
+    try:
+      ctypes.CDLL(libc).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+      pass
+
+
 def _copy_tokenizer_files(hf_dir: str, dst: str) -> list[str]:
   copied = []
   for name in sorted(os.listdir(hf_dir)):
@@ -140,7 +155,8 @@ def _write_into(tmp: str, hf_dir: str, config: ModelConfig, tensors: dict[str, s
         arr = st.read_tensor(tensors[spec.hf_name], dst_dtype, spec.transpose)
         set_path(tree, spec.path[1:], arr)
       checkpointer.save(os.path.join(tmp, PARAMS_DIR, part), args=ocp.args.StandardSave(tree))
-      del tree
+      del tree, arr
+      _release_free_memory()
       bar.update(sum(int(np.prod(s.hf_shape)) * dst_dtype.itemsize for s in part_specs))
   checkpointer.close()
   manifest = {"format": FORMAT, "version": FORMAT_VERSION, "family": config.family,
