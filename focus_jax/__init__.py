@@ -6,3 +6,5 @@ The repository's top-level folders are installed as subpackages of this one:
 """
 
 __version__ = "0.1.0"
+
+from focus_jax.pipeline import Generation, Model, generate, generate_ids, load

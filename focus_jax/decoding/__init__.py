@@ -1,4 +1,32 @@
 """Decoding modes: how each denoising step computes its logits (vanilla, caches, Focus)."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from focus_jax.decoding.base import Canvas, Denoiser, StepContext
+from focus_jax.decoding.fast_dllm import DualCacheDenoiser, PrefixCacheDenoiser
 from focus_jax.decoding.vanilla import VanillaDenoiser
+from focus_jax.models.config import ModelConfig
+
+MODES = ("vanilla", "prefix_cache", "dual_cache", "focus")
+# Dream-7B keeps its final layers dense under Focus (as reported for it).
+DREAM_DENSE_TAIL = 4
+
+
+def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) -> Denoiser:
+  """The denoiser of a decoding mode; `options` are that mode's knobs (Focus: FocusConfig's
+  fields plus attention_impl; caches: attention_impl, refresh_every_step)."""
+  if mode == "vanilla":
+    return VanillaDenoiser(config, **options)
+  if mode == "prefix_cache":
+    return PrefixCacheDenoiser(config, **options)
+  if mode == "dual_cache":
+    return DualCacheDenoiser(config, **options)
+  if mode == "focus":
+    from focus_jax.focus import FocusConfig, FocusDenoiser  # pylint: disable=g-import-not-at-top
+    impl = options.pop("attention_impl", "auto")
+    if config.family == "dream":
+      options.setdefault("dense_tail", DREAM_DENSE_TAIL)
+    return FocusDenoiser(config, FocusConfig(**options), impl)
+  raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")

@@ -54,7 +54,15 @@ class Denoiser(Protocol):
     ...
 
   def window_logits(self, params: Any, canvas: Canvas, state: Any,
-                    ctx: StepContext) -> tuple[jax.Array, Any]:
-    """float32 logits [B, W, V] for canvas positions [block_start, block_start + W), aligned to
-    the tokens they predict (Dream's shift already applied), and the new state."""
+                    ctx: StepContext) -> tuple[jax.Array, jax.Array | None, Any]:
+    """(logits, computed, new state).
+
+    logits: float32 [B, W, V] for canvas positions [block_start, block_start + W), aligned to the
+    tokens they predict (Dream's shift already applied). computed: [B, W] bool, the positions
+    whose logits were recomputed this step (None: all); the sampler only commits those.
+    """
+    ...
+
+  def after_step(self, state: Any, ctx: StepContext, committed: jax.Array) -> Any:
+    """Sees which window positions the sampler committed (diagnostics); returns the state."""
     ...

@@ -24,4 +24,7 @@ class VanillaDenoiser:
     logits = family.forward_logits(self.config, params, canvas.tokens, canvas.attention_mask,
                                    implementation=self.attention_impl,
                                    logits_window=(ctx.block_start, ctx.masked.shape[1]))
-    return logits, state
+    return logits, None, state
+
+  def after_step(self, state, ctx, committed):
+    return state

@@ -71,8 +71,9 @@ class LLaDARule:
     if self.threshold is not None:
       transfer = common.select_threshold(confidence, self.threshold, masked)
     else:
-      # Past the schedule (only reachable if a row had fewer masks than planned) commit nothing.
+      # Past the schedule (only reachable when a decoding mode offered fewer candidates than
+      # planned) commit every candidate, so the block always finishes.
       count = jnp.where(step < self.steps_per_block,
-                        self.planned_unmask(schedule, step, masked), 0)
+                        self.planned_unmask(schedule, step, masked), masked.shape[1])
       transfer = common.select_top(confidence, count, masked)
     return jnp.where(transfer, x0, tokens), confidence

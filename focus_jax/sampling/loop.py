@@ -126,13 +126,22 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
       ctx = ctx.replace(masked=jnp.concatenate([masked, masked]),
                         prev_confidence=jnp.concatenate([ctx.prev_confidence] * 2),
                         planned_unmask=jnp.concatenate([planned, planned]))
-    logits, dstate = denoiser.window_logits(params, c, s.denoiser_state, ctx)
+    logits, computed, dstate = denoiser.window_logits(params, c, s.denoiser_state, ctx)
     if use_cfg:
       cond_logits, uncond_logits = jnp.split(logits, 2, axis=0)
       logits = uncond_logits + (cfg_scale + 1.0) * (cond_logits - uncond_logits)
+      computed = None if computed is None else computed[:b] & computed[b:]
     rng, step_rng = jax.random.split(s.rng)
-    new_block, confidence = rule.apply(step_rng, logits, block_tokens, masked, schedule,
+    # Only positions whose logits were recomputed may be committed (Focus runs a subset).
+    candidates = masked if computed is None else masked & computed
+    new_block, confidence = rule.apply(step_rng, logits, block_tokens, candidates, schedule,
                                        s.step_in_block)
+    if computed is not None:  # keep the last known confidence where nothing was recomputed
+      confidence = jnp.where(computed, confidence, jnp.where(masked, ctx.prev_confidence[:b],
+                                                             NEG_INF))
+    committed = new_block != block_tokens
+    dstate = denoiser.after_step(dstate, ctx, jnp.concatenate([committed] * 2)
+                                 if use_cfg else committed)
     tokens = set_window(s.tokens, start, new_block)
     done = ~jnp.any(new_block == mask_token_id)
     return LoopState(

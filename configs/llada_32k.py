@@ -1,0 +1,19 @@
+"""UltraLLaDA at 32K context, the paper's throughput setting: gen 256, steps 256, block 32.
+
+With the default random weights ("ultra_llada") the prompt is 32K random tokens; point
+--config.model at a converted UltraLLaDA checkpoint (its RoPE base is read from its config.json)
+and set --config.synthetic_prompt_length=0 with real prompts for text.
+"""
+
+from focus_jax.run_config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model = "ultra_llada"
+  c.dtype = "bfloat16"
+  c.synthetic_prompt_length = 32768 - 256
+  c.gen_length = 256
+  c.steps = 256
+  c.block_length = 32
+  return c

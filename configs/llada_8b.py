@@ -1,0 +1,15 @@
+"""LLaDA-8B-Instruct. Set --config.model to a converted checkpoint or HF directory; the default
+"llada_8b" runs random weights of the real shape (for speed, not text)."""
+
+from focus_jax.run_config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model = "llada_8b"
+  c.dtype = "bfloat16"
+  c.gen_length = 256
+  c.steps = 256
+  c.block_length = 32
+  c.sampler.remasking = "low_confidence"
+  return c

@@ -1,0 +1,81 @@
+"""Fast-dLLM's approximate KV caches as decoding modes.
+
+Both refresh at block entry: a full forward stores every layer's K/V and gives that step's
+logits. Between refreshes:
+- prefix cache: the current block and everything after it run against the cached prefix (the
+  fixed-size query set is the whole generation region; slots before the block read the cache
+  and are not written, so the result is that of running [block_start, L) alone);
+- dual cache: only the current block runs; its fresh K/V overwrite the cache, and the suffix
+  K/V stay as the last refresh left them.
+`refresh_every_step=True` turns either into vanilla decoding (the exactness tests use this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from focus_jax.decoding import cache as kv
+from focus_jax.decoding.base import Canvas, StepContext
+from focus_jax.models import family
+from focus_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachedDenoiser:
+  config: ModelConfig
+  attention_impl: str = "auto"
+  refresh_every_step: bool = False
+
+  def init_state(self, params, canvas: Canvas):
+    del params
+    return kv.KVCache.empty(self.config, canvas.tokens.shape[0], canvas.length)
+
+  def after_step(self, state, ctx, committed):
+    return state
+
+  def _step(self, params, canvas: Canvas, cache: kv.KVCache, ctx: StepContext):
+    raise NotImplementedError
+
+  def window_logits(self, params, canvas: Canvas, cache: kv.KVCache, ctx: StepContext):
+    w = ctx.masked.shape[1]
+
+    def do_refresh(c):
+      del c
+      return kv.refresh(self.config, params, canvas, ctx.block_start, w, self.attention_impl)
+
+    if self.refresh_every_step:
+      logits, cache = do_refresh(cache)
+    else:
+      logits, cache = jax.lax.cond(ctx.block_entry, do_refresh,
+                                   lambda c: self._step(params, canvas, c, ctx), cache)
+    return logits, None, cache
+
+
+class DualCacheDenoiser(_CachedDenoiser):
+
+  def _step(self, params, canvas, cache, ctx):
+    b, w = ctx.masked.shape
+    src = jnp.broadcast_to(family.source_positions(self.config, ctx.block_start, w), (b, w))
+    ones = jnp.ones((b, w), bool)
+    hidden, cache, _ = kv.cached_forward(self.config, params, canvas, cache,
+                                         kv.QuerySet(src, ones, ones), self.attention_impl)
+    return kv.logits_at(self.config, params, hidden), cache
+
+
+class PrefixCacheDenoiser(_CachedDenoiser):
+
+  def _step(self, params, canvas, cache, ctx):
+    b, w = ctx.masked.shape
+    shift = 1 if self.config.logit_shift else 0
+    gen = canvas.length - canvas.prompt_length
+    positions = jnp.maximum(jnp.arange(gen, dtype=jnp.int32) + canvas.prompt_length - shift, 0)
+    positions = jnp.broadcast_to(positions, (b, gen))
+    write = positions >= ctx.block_start - shift
+    queries = kv.QuerySet(positions, jnp.ones((b, gen), bool), write)
+    hidden, cache, _ = kv.cached_forward(self.config, params, canvas, cache, queries,
+                                         self.attention_impl)
+    rows = jax.lax.dynamic_slice_in_dim(hidden, ctx.block_start - canvas.prompt_length, w, axis=1)
+    return kv.logits_at(self.config, params, rows), cache

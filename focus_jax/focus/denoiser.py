@@ -1,0 +1,165 @@
+"""Focus-dLLM as a decoding mode: approximate KV cache + past-confidence focus + sparse layers.
+
+Block entry: a full forward refreshes every layer's K/V (as the dual cache does) and the
+representative keys of the prompt blocks. Other steps run only I_active (see indicator.py)
+through the model: dense attention in layers < l_dense (and Dream's dense tail), sinks found at
+layer l_dense - 1, block-pruned sparse attention above (see attention.py). Logits, and so new
+confidences, exist only for the active positions; the sampler commits only among them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from focus_jax.decoding import cache as kv
+from focus_jax.decoding.base import Canvas, StepContext
+from focus_jax.focus import indicator, pruning
+from focus_jax.focus.attention import FocusAttend, LayerCarry
+from focus_jax.focus.config import FocusConfig
+from focus_jax.models import family
+from focus_jax.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class FocusState:
+  cache: kv.KVCache
+  representatives: tuple[Any, ...]  # per layer [B, NB, Hkv, D] (sparse layers) or None
+  block_valid: jax.Array  # [B, NB]
+  stats: dict[str, jax.Array]  # diagnostics accumulators (empty when off)
+  last_focus: jax.Array  # [B, W] I_focus of the last sparse step (diagnostics)
+  last_active: jax.Array  # [B, W]
+
+
+def _new_stats(n_layers: int) -> dict[str, jax.Array]:
+  z = jnp.zeros((), jnp.float32)
+  return {"sparse_steps": z, "refresh_steps": z, "committed": z, "committed_in_focus": z,
+          "committed_in_active": z, "retained_mass_sum": jnp.zeros((n_layers,), jnp.float32),
+          "kv_tokens_sum": jnp.zeros((n_layers,), jnp.float32)}
+
+
+def summarize(stats: dict[str, Any]) -> dict[str, Any]:
+  """Recall of the indicator, retained attention mass and KV tokens per layer, from the sums."""
+  steps = max(float(stats["sparse_steps"]), 1.0)
+  committed = max(float(stats["committed"]), 1.0)
+  return {"sparse_steps": float(stats["sparse_steps"]),
+          "refresh_steps": float(stats["refresh_steps"]),
+          "recall_focus": float(stats["committed_in_focus"]) / committed,
+          "recall_active": float(stats["committed_in_active"]) / committed,
+          "retained_mass_per_layer": [float(x) / steps for x in stats["retained_mass_sum"]],
+          "kv_tokens_per_layer": [float(x) / steps for x in stats["kv_tokens_sum"]]}
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusDenoiser:
+  config: ModelConfig
+  focus: FocusConfig = FocusConfig()
+  attention_impl: str = "auto"
+
+  def __post_init__(self):
+    self.focus.check(self.config.n_layers)
+
+  def _sparse_layers(self):
+    return [not self.focus.is_dense(l, self.config.n_layers) for l in range(self.config.n_layers)]
+
+  def _prompt_start(self, canvas: Canvas) -> jax.Array:
+    b = canvas.tokens.shape[0]
+    if canvas.attention_mask is None:
+      return jnp.zeros((b,), jnp.int32)
+    return canvas.prompt_length - jnp.sum(canvas.attention_mask[:, :canvas.prompt_length],
+                                          axis=1).astype(jnp.int32)
+
+  def _representatives(self, cache: kv.KVCache, canvas: Canvas):
+    _, key_valid = kv.canvas_masks(self.config, canvas)
+    reps, block_valid = [], None
+    for layer, sparse in enumerate(self._sparse_layers()):
+      if not sparse:
+        reps.append(None)
+        continue
+      rep, block_valid = pruning.representative_keys(
+          cache.k[layer], key_valid, canvas.prompt_length, self.focus.prompt_block_size,
+          self.focus.representative)
+      reps.append(rep)
+    if block_valid is None:  # no sparse layer
+      nb = pruning.num_prompt_blocks(canvas.prompt_length, self.focus.prompt_block_size)
+      block_valid = jnp.zeros((canvas.tokens.shape[0], nb), bool)
+    return tuple(reps), block_valid
+
+  def init_state(self, params, canvas: Canvas) -> FocusState:
+    del params
+    b, w = canvas.tokens.shape[0], canvas.block_length
+    cache = kv.KVCache.empty(self.config, b, canvas.length)
+    reps, block_valid = self._representatives(cache, canvas)
+    stats = _new_stats(self.config.n_layers) if self.focus.diagnostics else {}
+    none = jnp.zeros((b, w), bool)
+    return FocusState(cache, reps, block_valid, stats, none, none)
+
+  def window_logits(self, params, canvas: Canvas, state: FocusState, ctx: StepContext):
+    b, w = ctx.masked.shape
+
+    def refresh(s: FocusState):
+      logits, cache = kv.refresh(self.config, params, canvas, ctx.block_start, w,
+                                 self.attention_impl)
+      reps, block_valid = self._representatives(cache, canvas)
+      stats = dict(s.stats)
+      if stats:
+        stats["refresh_steps"] = stats["refresh_steps"] + 1
+      return logits, jnp.ones((b, w), bool), s.replace(cache=cache, representatives=reps,
+                                                       block_valid=block_valid, stats=stats)
+
+    def sparse(s: FocusState):
+      return self._sparse_step(params, canvas, s, ctx)
+
+    return jax.lax.cond(ctx.block_entry, refresh, sparse, state)
+
+  def _sparse_step(self, params, canvas: Canvas, state: FocusState, ctx: StepContext):
+    cfg, mcfg = self.focus, self.config
+    b, w = ctx.masked.shape
+    if cfg.whole_block_active:
+      focus = ctx.masked
+      active = jnp.ones((b, w), bool)
+    else:
+      focus = indicator.focus_set(ctx.prev_confidence, ctx.masked, ctx.planned_unmask, cfg.rho)
+      active = indicator.widen(focus, cfg.window)
+    capacity = min(w, cfg.active_capacity or w)
+    slots, valid = indicator.active_slots(active, focus, ctx.masked, capacity)
+    # Dream: the logits of position j come from position j-1, so that is the query to run.
+    positions = jnp.maximum(ctx.block_start + slots - (1 if mcfg.logit_shift else 0), 0)
+    queries = kv.QuerySet(positions=positions, valid=valid, write=valid)
+    _, key_valid = kv.canvas_masks(mcfg, canvas)
+    attend = FocusAttend(
+        focus=cfg, n_layers=mcfg.n_layers, query_valid=valid,
+        query_focus=valid & jnp.take_along_axis(focus, slots, axis=1), key_valid=key_valid,
+        prompt_start=self._prompt_start(canvas), prompt_length=canvas.prompt_length,
+        representatives=state.representatives, block_valid=state.block_valid,
+        attention_impl=self.attention_impl)
+    carry = LayerCarry.initial(b, cfg.n_sink, mcfg.n_layers)
+    hidden, cache, carry = kv.cached_forward(mcfg, params, canvas, state.cache, queries,
+                                             self.attention_impl, attend=attend, carry=carry)
+    slot_logits = kv.logits_at(mcfg, params, hidden)  # [B, A, V]
+    rows = jnp.arange(b)[:, None]
+    target = jnp.where(valid, slots, w)  # invalid slots are dropped
+    logits = jnp.zeros((b, w, slot_logits.shape[-1]), jnp.float32).at[rows, target].set(
+        slot_logits, mode="drop")
+    computed = jnp.zeros((b, w), bool).at[rows, target].set(True, mode="drop")
+    stats = dict(state.stats)
+    if stats:
+      stats["sparse_steps"] = stats["sparse_steps"] + 1
+      stats["retained_mass_sum"] = stats["retained_mass_sum"] + carry.retained_mass
+      stats["kv_tokens_sum"] = stats["kv_tokens_sum"] + carry.kv_tokens
+    return logits, computed, state.replace(cache=cache, stats=stats, last_focus=focus,
+                                           last_active=active & computed)
+
+  def after_step(self, state: FocusState, ctx: StepContext, committed: jax.Array) -> FocusState:
+    if not self.focus.diagnostics:
+      return state
+    sparse = (~ctx.block_entry).astype(jnp.float32)
+    stats = dict(state.stats)
+    stats["committed"] += sparse * jnp.sum(committed)
+    stats["committed_in_focus"] += sparse * jnp.sum(committed & state.last_focus)
+    stats["committed_in_active"] += sparse * jnp.sum(committed & state.last_active)
+    return state.replace(stats=stats)

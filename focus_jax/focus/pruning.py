@@ -1,0 +1,86 @@
+"""Sink-aware block pruning of the prompt (Focus-dLLM, mechanism 3).
+
+The prompt is cut into aligned blocks of `block_size` keys; each block has one representative
+key (computed at the cache refresh, since prompt keys do not change between refreshes). In a
+sparse layer, block relevance is the attention of the focus queries over the representative keys;
+the top alpha fraction of prompt blocks is kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def num_prompt_blocks(prompt_length: int, block_size: int) -> int:
+  return -(-prompt_length // block_size)
+
+
+def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length: int,
+                        block_size: int, kind: str):
+  """k [B, L, Hkv, D] -> (representatives [B, NB, Hkv, D], block_valid [B, NB]).
+
+  Only valid prompt keys count (left padding and the response region are excluded); a block with
+  no valid key is invalid.
+  """
+  b, length, hkv, d = k.shape
+  nb = num_prompt_blocks(prompt_length, block_size)
+  span = nb * block_size
+  pos = jnp.arange(span)
+  valid = jnp.broadcast_to(pos < prompt_length, (b, span))
+  keys = k[:, :min(span, length)]
+  if span > length:
+    keys = jnp.pad(keys, ((0, 0), (0, span - length), (0, 0), (0, 0)))
+  if key_valid is not None:
+    kv_valid = key_valid[:, :min(span, length)]
+    if span > length:
+      kv_valid = jnp.pad(kv_valid, ((0, 0), (0, span - length)))
+    valid = valid & kv_valid
+  keys = keys.reshape(b, nb, block_size, hkv, d).astype(jnp.float32)
+  valid = valid.reshape(b, nb, block_size)
+  count = jnp.sum(valid, axis=2)
+  if kind == "mean":
+    rep = jnp.sum(jnp.where(valid[..., None, None], keys, 0.0), axis=2)
+    rep = rep / jnp.maximum(count, 1)[..., None, None]
+  else:
+    rep = jnp.max(jnp.where(valid[..., None, None], keys, -jnp.inf), axis=2)
+    rep = jnp.where(count[..., None, None] > 0, rep, 0.0)
+  return rep.astype(k.dtype), count > 0
+
+
+def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
+                    block_valid: jax.Array, selection: str) -> jax.Array:
+  """Relevance of every prompt block to the focus queries: [B, G, NB] (G = Hkv or 1).
+
+  Per query head, a softmax over blocks of q . r_b / sqrt(d); averaged over the query heads of a
+  KV group (and over all heads for a shared selection) and over the focus queries.
+  """
+  b, a, hq, d = q.shape
+  hkv = representatives.shape[2]
+  qg = q.reshape(b, a, hkv, hq // hkv, d)
+  logits = jnp.einsum("bahgd,bnhd->bhgan", qg, representatives,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+  logits = jnp.where(block_valid[:, None, None, None, :], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(block_valid[:, None, None, None, :], probs, 0.0)  # rows of all -inf
+  weight = focus.astype(jnp.float32) / jnp.maximum(jnp.sum(focus, axis=1, keepdims=True), 1)
+  relevance = jnp.einsum("bhgan,ba->bhn", probs, weight) / qg.shape[3]  # [B, Hkv, NB]
+  if selection == "shared":
+    relevance = jnp.mean(relevance, axis=1, keepdims=True)
+  return jnp.where(block_valid[:, None, :], relevance, -jnp.inf)
+
+
+def kept_blocks(num_blocks: int, alpha: float) -> int:
+  """Static number of prompt blocks a sparse layer keeps."""
+  return max(1, min(num_blocks, math.ceil(alpha * num_blocks)))
+
+
+def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float):
+  """Top alpha of the valid blocks: (indices [B, G, C] int32, counts [B, G] int32)."""
+  c = kept_blocks(relevance.shape[-1], alpha)
+  _, indices = jax.lax.top_k(relevance, c)
+  n_valid = jnp.sum(block_valid, axis=1).astype(jnp.int32)
+  counts = jnp.broadcast_to(jnp.minimum(c, n_valid)[:, None], relevance.shape[:2])
+  return indices.astype(jnp.int32), counts

@@ -1,0 +1,140 @@
+"""Strings in, text out: `load` a model and `generate` with any sampler and decoding mode.
+
+    import focus_jax
+    model = focus_jax.load("/path/to/converted-or-hf-checkpoint")   # or "tiny"
+    texts = focus_jax.generate(["What is 2+2?"], model, mode="focus", gen_length=128)
+
+Prompts are left-padded to a multiple of `pad_to` so that prompts of similar length share one
+compiled program; RoPE depends only on position differences and pads are masked, so padding does
+not change the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from focus_jax import presets, sharding
+from focus_jax.decoding import make_denoiser
+from focus_jax.models.config import ModelConfig
+from focus_jax.models.transformer import Transformer
+from focus_jax.sampling import dream_rule, generate_tokens, llada_rule
+
+
+@dataclasses.dataclass
+class Model:
+  """A model ready to generate: config, parameters on device, tokenizer."""
+
+  config: ModelConfig
+  params: Any
+  tokenizer: Any
+  name: str = ""
+
+
+def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
+         mesh: jax.sharding.Mesh | None = None) -> Model:
+  """A preset name (random weights: "tiny", "llada_8b", "ultra_llada", "dream_7b") or the path
+  of a converted checkpoint or a Hugging Face directory."""
+  mesh = mesh or sharding.make_mesh()
+  if source in presets.PRESETS:
+    config = presets.preset(source, dtype)
+    shardings = sharding.param_shardings(config, mesh)
+    init = jax.jit(Transformer(config).init_params, out_shardings=shardings)
+    params = init(jax.random.key(seed))
+    tokenizer = presets.tiny_tokenizer() if source == "tiny" else None
+    return Model(config, params, tokenizer, name=f"{source} (random weights)")
+  from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
+  from focus_jax.checkpoints_convert import load_model  # pylint: disable=g-import-not-at-top
+  config, params = load_model(source, mesh=mesh, dtype=dtype)
+  return Model(config, params, tokenization.load_tokenizer(source), name=source)
+
+
+def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int,
+                pad_to: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads to a common length rounded up to `pad_to`: (tokens [B, P], mask [B, P])."""
+  if not token_lists or any(len(t) == 0 for t in token_lists):
+    raise ValueError("every prompt must have at least one token")
+  longest = max(len(t) for t in token_lists)
+  length = -(-longest // pad_to) * pad_to
+  tokens = np.full((len(token_lists), length), pad_id, np.int32)
+  mask = np.zeros((len(token_lists), length), bool)
+  for row, ids in enumerate(token_lists):
+    tokens[row, length - len(ids):] = ids
+    mask[row, length - len(ids):] = True
+  return tokens, mask
+
+
+@dataclasses.dataclass
+class Generation:
+  texts: list[str]
+  tokens: np.ndarray  # [B, gen_length] generated ids
+  num_steps: int  # denoising steps (forward passes) taken
+  seconds: float  # wall time of the jitted call (after compilation)
+  compile_seconds: float
+  stats: dict[str, Any]
+
+
+def sampler_rule(config: ModelConfig, *, steps: int, gen_length: int, block_length: int,
+                 **sampler_options):
+  if config.family == "llada":
+    return llada_rule(config, steps=steps, gen_length=gen_length, block_length=block_length,
+                      **sampler_options)
+  return dream_rule(steps=steps, gen_length=gen_length, block_length=block_length,
+                    **sampler_options)
+
+
+def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
+                 mode: str = "vanilla", gen_length: int = 128, steps: int | None = None,
+                 block_length: int = 32, cfg_scale: float = 0.0, seed: int = 0,
+                 decoding_options: dict[str, Any] | None = None,
+                 **sampler_options) -> Generation:
+  """Token-level entry point (prompts already tokenized and padded); compiles once per shape."""
+  rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
+                      block_length=block_length, **sampler_options)
+  denoiser = make_denoiser(model.config, mode, **(decoding_options or {}))
+  args = (model.params, jnp.asarray(prompt), jnp.asarray(prompt_mask), jax.random.key(seed))
+  kwargs = dict(config=model.config, rule=rule, denoiser=denoiser, gen_length=gen_length,
+                block_length=block_length, cfg_scale=cfg_scale)
+  t0 = time.perf_counter()
+  compiled = generate_tokens.lower(*args, **kwargs).compile()
+  compile_seconds = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(compiled(*args))
+  seconds = time.perf_counter() - t0
+  tokens = np.asarray(state.tokens[:, prompt.shape[1]:])
+  stats = jax.tree.map(np.asarray, getattr(state.denoiser_state, "stats", {}))
+  return Generation(texts=[], tokens=tokens, num_steps=int(state.num_steps), seconds=seconds,
+                    compile_seconds=compile_seconds, stats=stats)
+
+
+def generate(prompts: str | Sequence[str], model: Model | str = "tiny", *, chat: bool = True,
+             pad_to: int = 64, **options) -> list[str] | Generation:
+  """Generates a completion for each prompt; returns the texts.
+
+  `options` go to `generate_ids` (mode, gen_length, steps, block_length, cfg_scale, seed,
+  decoding_options) and to the family's sampler (LLaDA: temperature, remasking, threshold,
+  logits_eos_inf, confidence_eos_eot_inf; Dream: alg, temperature, top_p, top_k, alg_temp,
+  threshold). Pass `return_details=True` for token ids, step count and timings too.
+  """
+  return_details = options.pop("return_details", False)
+  if isinstance(model, str):
+    model = load(model)
+  if model.tokenizer is None:
+    raise ValueError(f"model {model.name!r} has no tokenizer; use generate_ids with token ids")
+  from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
+  texts = [prompts] if isinstance(prompts, str) else list(prompts)
+  ids = tokenization.encode_prompts(model.tokenizer, texts, model.config.family, chat=chat)
+  pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else (
+      model.config.eos_token_id)
+  prompt, mask = pad_prompts(ids, pad_id, pad_to)
+  result = generate_ids(model, prompt, mask, **options)
+  stop = [i for i in (model.config.eos_token_id, model.config.eot_token_id) if i is not None]
+  result.texts = [tokenization.decode(model.tokenizer, row, stop_ids=stop,
+                                      mask_id=model.config.mask_token_id)
+                  for row in result.tokens]
+  return result if return_details else result.texts

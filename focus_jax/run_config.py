@@ -1,0 +1,35 @@
+"""Defaults shared by the `configs/*.py` files that `main.py` runs (ml_collections)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # A preset with random weights ("tiny", "llada_8b", "ultra_llada", "dream_7b") or the path of
+  # a converted checkpoint / Hugging Face directory.
+  c.model = "tiny"
+  c.dtype = ml_collections.config_dict.placeholder(str)  # None: the preset's or checkpoint's
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict({"data": 1, "model": 1})
+
+  c.prompts = ["Write one sentence about the sea."]
+  c.chat = True
+  # > 0: ignore `prompts` and use random token ids of this length (benchmarks; no tokenizer).
+  c.synthetic_prompt_length = 0
+  c.batch_size = 1  # rows of the synthetic prompt
+
+  c.gen_length = 64
+  c.steps = 64
+  c.block_length = 32
+  c.cfg_scale = 0.0
+  # Decoding modes run one after the other on the same prompts, for comparison.
+  c.modes = ("vanilla",)
+  # Knobs of the family's sampler (LLaDA: temperature, remasking, threshold, logits_eos_inf,
+  # confidence_eos_eot_inf; Dream: alg, temperature, top_p, top_k, alg_temp, threshold).
+  c.sampler = ml_collections.ConfigDict({"temperature": 0.0})
+  # Per-mode knobs, e.g. decoding.focus.alpha; a mode absent here gets its defaults.
+  c.decoding = ml_collections.ConfigDict()
+  c.repeats = 1  # timed runs per mode after compilation (median reported)
+  return c

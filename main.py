@@ -1,0 +1,78 @@
+"""Run a dLLM with focus-jax: `python main.py --config=configs/tiny.py [--config.field=value]`.
+
+Loads the model named by the config, generates for its prompts with each decoding mode in
+`config.modes`, and prints the texts and timings (compile, run, per step, tokens/s).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from absl import app
+from ml_collections import config_flags
+import numpy as np
+
+import focus_jax
+from focus_jax import pipeline, sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run configuration.")
+
+
+def _prompt_ids(cfg, model: pipeline.Model):
+  if cfg.synthetic_prompt_length > 0:
+    rng = np.random.default_rng(cfg.seed)
+    special = {model.config.mask_token_id, model.config.eos_token_id}
+    ids = rng.integers(0, min(model.config.vocab_size, 100000),
+                       size=(cfg.batch_size, cfg.synthetic_prompt_length))
+    ids = np.where(np.isin(ids, list(special)), 0, ids).astype(np.int32)
+    return ids, np.ones_like(ids, dtype=bool)
+  if model.tokenizer is None:
+    raise ValueError(f"{model.name} has no tokenizer: set --config.synthetic_prompt_length")
+  from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
+  ids = tokenization.encode_prompts(model.tokenizer, list(cfg.prompts), model.config.family,
+                                    chat=cfg.chat)
+  pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
+      model.config.eos_token_id)
+  return pipeline.pad_prompts(ids, pad)
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
+  model = focus_jax.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh)
+  prompt, mask = _prompt_ids(cfg, model)
+  print(f"model: {model.name} ({model.config.num_params() / 1e6:.1f}M parameters, "
+        f"{model.config.dtype}); prompt {prompt.shape[0]} x {prompt.shape[1]} tokens; "
+        f"gen {cfg.gen_length}, steps {cfg.steps}, block {cfg.block_length}")
+  rows = []
+  for mode in cfg.modes:
+    options = dict(cfg.decoding.get(mode, {}))
+    runs = [pipeline.generate_ids(model, prompt, mask, mode=mode, gen_length=cfg.gen_length,
+                                  steps=cfg.steps, block_length=cfg.block_length,
+                                  cfg_scale=cfg.cfg_scale, seed=cfg.seed,
+                                  decoding_options=options, **cfg.sampler)
+            for _ in range(max(1, cfg.repeats))]
+    result = runs[0]
+    seconds = statistics.median(r.seconds for r in runs)
+    print(f"\n=== {mode} ===")
+    if model.tokenizer is not None:
+      from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
+      stop = [i for i in (model.config.eos_token_id, model.config.eot_token_id) if i is not None]
+      for row in result.tokens:
+        print(repr(tokenization.decode(model.tokenizer, row, stop_ids=stop,
+                                       mask_id=model.config.mask_token_id)))
+    else:
+      print("generated ids (row 0):", result.tokens[0][:32].tolist(), "...")
+    for key, value in result.stats.items():
+      print(f"  {key}: {np.round(value, 4).tolist()}")
+    rows.append((mode, result.compile_seconds, seconds, result.num_steps,
+                 1000 * seconds / max(result.num_steps, 1),
+                 prompt.shape[0] * cfg.gen_length / seconds))
+  print("\nmode            compile_s    run_s   steps   ms/step    tokens/s")
+  for mode, compile_s, run_s, steps, ms, tps in rows:
+    print(f"{mode:<14} {compile_s:9.2f} {run_s:8.3f} {steps:7d} {ms:9.2f} {tps:11.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,155 @@
+"""Decoding modes inside the one jitted loop: exactness against each other, and one compile.
+
+- a dual cache (and a prefix cache) refreshed at every step is vanilla decoding, token for token;
+- Focus with every layer dense, alpha = 1 and I_active = the whole block is the dual cache;
+- Focus proper (sparse layers, sinks, pruning, a narrow I_active) decodes every block, reports its
+  diagnostics only when asked, and compiles once per configuration.
+All on padded batches of 2 with different prompt lengths, LLaDA and Dream semantics.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from focus_jax.decoding import make_denoiser
+from focus_jax.focus import summarize
+from focus_jax.models import Transformer
+from focus_jax.models import config as C
+from focus_jax.sampling import dream_rule, generate_tokens, llada_rule
+
+MASK = 120
+PROMPT, GEN, BLOCK = 100, 32, 16
+
+
+def tiny(family: str) -> C.ModelConfig:
+  make = C.llada_family if family == "llada" else C.dream_family
+  return make(vocab_size=128, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
+              mlp_hidden=128, rms_eps=1e-5, rope_theta=10000.0, max_sequence_length=1024,
+              mask_token_id=MASK, eos_token_id=1, eot_token_id=2)
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def model(request):
+  cfg = tiny(request.param)
+  params = Transformer(cfg).init_params(jax.random.key(3))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 20.0
+  return cfg, params
+
+
+def prompts(seed: int = 0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, 110, size=(2, PROMPT)).astype(np.int32)
+  mask = np.ones((2, PROMPT), bool)
+  mask[0, :37] = False  # row 0 is a shorter prompt, left-padded
+  tokens[0, :37] = 1
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def rule_for(cfg, threshold=None):
+  if cfg.family == "llada":
+    return llada_rule(cfg, steps=GEN, gen_length=GEN, block_length=BLOCK, threshold=threshold)
+  return dream_rule(steps=GEN, gen_length=GEN, block_length=BLOCK, alg="maskgit_plus",
+                    threshold=threshold)
+
+
+def decode(cfg, params, mode, seed=0, threshold=None, **options):
+  tokens, mask = prompts(seed)
+  state = generate_tokens(params, tokens, mask, jax.random.key(0), config=cfg,
+                          rule=rule_for(cfg, threshold),
+                          denoiser=make_denoiser(cfg, mode, **options), gen_length=GEN,
+                          block_length=BLOCK)
+  return np.asarray(state.tokens[:, PROMPT:]), state
+
+
+@pytest.mark.parametrize("mode", ["dual_cache", "prefix_cache"])
+def test_cache_refreshed_every_step_is_vanilla(model, mode):
+  cfg, params = model
+  vanilla, _ = decode(cfg, params, "vanilla")
+  cached, _ = decode(cfg, params, mode, refresh_every_step=True)
+  np.testing.assert_array_equal(cached, vanilla)
+  assert not (vanilla == MASK).any()
+
+
+def test_cached_modes_are_approximations(model):
+  """Without refreshes the caches are approximate: their logits differ from vanilla's (this
+  guards the exactness tests above against a cache that silently refreshes every step)."""
+  cfg, params = model
+  vanilla, _ = decode(cfg, params, "vanilla")
+  dual, _ = decode(cfg, params, "dual_cache")
+  assert not (dual == MASK).any()
+  assert (dual != vanilla).any()
+
+
+def test_focus_degenerates_to_dual_cache(model):
+  cfg, params = model
+  dual, _ = decode(cfg, params, "dual_cache")
+  focus, _ = decode(cfg, params, "focus", l_dense=cfg.n_layers, dense_tail=0, alpha=1.0,
+                    whole_block_active=True)
+  np.testing.assert_array_equal(focus, dual)
+
+
+@pytest.mark.parametrize("selection", ["shared", "per_kv_head"])
+def test_focus_sparse_decodes_with_diagnostics(model, selection):
+  cfg, params = model
+  tokens, state = decode(cfg, params, "focus", l_dense=2, dense_tail=0, alpha=0.5, n_sink=8,
+                         prompt_block_size=16, rho=2, window=3, selection=selection,
+                         diagnostics=True)
+  assert not (tokens == MASK).any()
+  stats = summarize(jax.tree.map(np.asarray, state.denoiser_state.stats))
+  assert stats["refresh_steps"] == GEN // BLOCK
+  assert stats["sparse_steps"] == int(state.num_steps) - GEN // BLOCK
+  assert 0.0 < stats["recall_focus"] <= stats["recall_active"] <= 1.0
+  mass = stats["retained_mass_per_layer"]
+  assert mass[:2] == [1.0, 1.0]  # dense layers keep everything
+  assert all(0.0 < m < 1.0 for m in mass[2:]), mass  # sparse layers drop some mass
+  kv = stats["kv_tokens_per_layer"]
+  assert kv[2] < kv[0] and kv[3] < kv[0]
+
+
+def test_focus_diagnostics_are_free_when_off(model):
+  cfg, params = model
+  _, state = decode(cfg, params, "focus", l_dense=2, dense_tail=0, prompt_block_size=16)
+  assert state.denoiser_state.stats == {}
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "dual_cache", "focus"])
+def test_threshold_parallel_decoding_in_every_mode(model, mode):
+  cfg, params = model
+  options = dict(l_dense=2, dense_tail=0, prompt_block_size=16) if mode == "focus" else {}
+  tokens, state = decode(cfg, params, mode, threshold=0.2, **options)
+  assert not (tokens == MASK).any()
+  assert int(state.num_steps) < GEN, "threshold decoding should take fewer steps than tokens"
+
+
+def test_one_compile_per_configuration(model, caplog):
+  """The whole generation (all blocks, refresh and sparse steps) is one compiled program, and new
+  prompts of the same shape reuse it."""
+  cfg, params = model
+  options = dict(l_dense=2, dense_tail=0, prompt_block_size=16, n_sink=4)
+  generate_tokens.clear_cache()
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    decode(cfg, params, "focus", seed=1, **options)
+    first = [r for r in caplog.records if "XLA compilation of jit(generate_tokens)" in r.getMessage()]
+    caplog.clear()
+    decode(cfg, params, "focus", seed=2, **options)
+    second = [r for r in caplog.records
+              if "XLA compilation of jit(generate_tokens)" in r.getMessage()]
+  assert len(first) == 1, [r.getMessage() for r in first]
+  assert not second, [r.getMessage() for r in second]
+
+
+def test_bad_focus_options_fail_early():
+  cfg = tiny("llada")
+  with pytest.raises(ValueError, match="alpha"):
+    make_denoiser(cfg, "focus", alpha=0.0)
+  with pytest.raises(ValueError, match="prompt_block_size"):
+    make_denoiser(cfg, "focus", prompt_block_size=12)
+  with pytest.raises(ValueError, match="unknown decoding mode"):
+    make_denoiser(cfg, "sparse")
+  with pytest.raises(TypeError):
+    make_denoiser(cfg, "focus", not_a_knob=1)
