@@ -175,6 +175,10 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, dtype: str = "bfloat16",
   """
   config, tensors, specs = read_checked_hf(hf_dir, dtype)
   out_dir = os.path.abspath(out_dir)
+  src = os.path.realpath(hf_dir)
+  if src == os.path.realpath(out_dir) or src.startswith(os.path.realpath(out_dir) + os.sep):
+    raise ValueError(f"out_dir {out_dir} would replace the HF checkpoint {hf_dir} it is "
+                     "converted from; choose an out_dir outside it")
   if os.path.lexists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to "
                           "replace it, or choose another out_dir")
@@ -184,9 +188,15 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, dtype: str = "bfloat16",
   try:
     _write_into(tmp, hf_dir, config, tensors, specs, progress)
     if os.path.lexists(out_dir):
+      # Two renames: the old output moves aside (and comes back if the second one fails).
       old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
       os.rename(out_dir, os.path.join(old, name))
-      os.rename(tmp, out_dir)
+      try:
+        os.rename(tmp, out_dir)
+      except BaseException:
+        os.rename(os.path.join(old, name), out_dir)
+        os.rmdir(old)
+        raise
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, out_dir)

@@ -131,6 +131,14 @@ def test_refuses_to_overwrite_unless_asked(llada_bf16, tmp_path):
   assert os.listdir(tmp_path) == ["ckpt"]
 
 
+def test_refuses_to_replace_its_own_source(llada_bf16):
+  _, src = llada_bf16
+  for out in (src, os.path.dirname(src)):
+    with pytest.raises(ValueError, match="would replace the HF checkpoint"):
+      convert_hf_checkpoint(src, out, overwrite=True, progress=False)
+  assert os.path.exists(os.path.join(src, "config.json"))
+
+
 def _broken_checkpoint(src: str, dst: str) -> None:
   """A copy of `src` with one tensor missing, two unexpected, one mis-shaped, one int."""
   state = {n: t.clone() for n, t in hf.hf_state(hf.llada_oracle(seed=3), "llada").items()}
@@ -197,6 +205,24 @@ def test_exception_midway_leaves_nothing(llada_bf16, tmp_path, monkeypatch):
   calls["n"] = 0
   monkeypatch.setattr(st, "read_tensor", flaky)
   with pytest.raises(KeyboardInterrupt):
+    convert_hf_checkpoint(src, out, overwrite=True, progress=False)
+  assert os.listdir(tmp_path) == ["ckpt"]
+  assert load_checkpoint(out)[0].dtype == "float32"
+
+
+def test_failed_final_rename_restores_old_output(llada_bf16, tmp_path, monkeypatch):
+  _, src = llada_bf16
+  out = str(tmp_path / "ckpt")
+  convert_hf_checkpoint(src, out, dtype="float32", progress=False)
+  real_rename = os.rename
+
+  def rename(a, b):
+    if os.path.basename(str(a)).startswith(".ckpt.tmp-") and str(b) == out:
+      raise OSError("simulated rename failure")
+    return real_rename(a, b)
+
+  monkeypatch.setattr(conv.os, "rename", rename)
+  with pytest.raises(OSError, match="simulated"):
     convert_hf_checkpoint(src, out, overwrite=True, progress=False)
   assert os.listdir(tmp_path) == ["ckpt"]
   assert load_checkpoint(out)[0].dtype == "float32"
