@@ -47,25 +47,24 @@ def main(argv):
         f"gen {cfg.gen_length}, steps {cfg.steps}, block {cfg.block_length}")
   rows = []
   for mode in cfg.modes:
-    options = dict(cfg.decoding.get(mode, {}))
+    options = {k: v for k, v in cfg.decoding.get(mode, {}).items() if v is not None}
+    options["attention_impl"] = cfg.attention_impl
     runs = [pipeline.generate_ids(model, prompt, mask, mode=mode, gen_length=cfg.gen_length,
                                   steps=cfg.steps, block_length=cfg.block_length,
                                   cfg_scale=cfg.cfg_scale, seed=cfg.seed,
-                                  decoding_options=options, **cfg.sampler)
+                                  decoding_options=options,
+                                  **{k: v for k, v in cfg.sampler.items() if v is not None})
             for _ in range(max(1, cfg.repeats))]
     result = runs[0]
     seconds = statistics.median(r.seconds for r in runs)
     print(f"\n=== {mode} ===")
     if model.tokenizer is not None:
-      from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
-      stop = [i for i in (model.config.eos_token_id, model.config.eot_token_id) if i is not None]
-      for row in result.tokens:
-        print(repr(tokenization.decode(model.tokenizer, row, stop_ids=stop,
-                                       mask_id=model.config.mask_token_id)))
+      for text in pipeline.decode_rows(model, result.tokens):
+        print(repr(text))
     else:
       print("generated ids (row 0):", result.tokens[0][:32].tolist(), "...")
     for key, value in result.stats.items():
-      print(f"  {key}: {np.round(value, 4).tolist()}")
+      print(f"  {key}: {np.round(np.asarray(value), 3).tolist()}")
     rows.append((mode, result.compile_seconds, seconds, result.num_steps,
                  1000 * seconds / max(result.num_steps, 1),
                  prompt.shape[0] * cfg.gen_length / seconds))

@@ -1,7 +1,7 @@
 """Dream-v0-Instruct-7B. Set --config.model to a converted checkpoint or HF directory; the default
 "dream_7b" runs random weights of the real shape."""
 
-from focus_jax.run_config import default_config
+from focus_jax.run_config import default_config, dream_sampler
 
 
 def get_config():
@@ -11,6 +11,6 @@ def get_config():
   c.gen_length = 256
   c.steps = 256
   c.block_length = 32
-  c.sampler.alg = "entropy"
-  c.sampler.alg_temp = 0.0
+  c.sampler = dream_sampler()
+  c.decoding.focus.dense_tail = 4  # Dream-7B keeps its final 4 layers dense
   return c

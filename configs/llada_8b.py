@@ -11,5 +11,4 @@ def get_config():
   c.gen_length = 256
   c.steps = 256
   c.block_length = 32
-  c.sampler.remasking = "low_confidence"
   return c

@@ -107,7 +107,10 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   state = jax.block_until_ready(compiled(*args))
   seconds = time.perf_counter() - t0
   tokens = np.asarray(state.tokens[:, prompt.shape[1]:])
-  stats = jax.tree.map(np.asarray, getattr(state.denoiser_state, "stats", {}))
+  stats = getattr(state.denoiser_state, "stats", {})
+  if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer
+    from focus_jax.focus import summarize  # pylint: disable=g-import-not-at-top
+    stats = summarize(jax.tree.map(np.asarray, stats))
   return Generation(texts=[], tokens=tokens, num_steps=int(state.num_steps), seconds=seconds,
                     compile_seconds=compile_seconds, stats=stats)
 
@@ -133,8 +136,13 @@ def generate(prompts: str | Sequence[str], model: Model | str = "tiny", *, chat:
       model.config.eos_token_id)
   prompt, mask = pad_prompts(ids, pad_id, pad_to)
   result = generate_ids(model, prompt, mask, **options)
-  stop = [i for i in (model.config.eos_token_id, model.config.eot_token_id) if i is not None]
-  result.texts = [tokenization.decode(model.tokenizer, row, stop_ids=stop,
-                                      mask_id=model.config.mask_token_id)
-                  for row in result.tokens]
+  result.texts = decode_rows(model, result.tokens)
   return result if return_details else result.texts
+
+
+def decode_rows(model: Model, tokens: np.ndarray) -> list[str]:
+  """Texts of generated rows, cut at the first eos / end-of-turn."""
+  from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
+  stop = [i for i in (model.config.eos_token_id, model.config.eot_token_id) if i is not None]
+  return [tokenization.decode(model.tokenizer, row, stop_ids=stop,
+                              mask_ids=[model.config.mask_token_id]) for row in tokens]

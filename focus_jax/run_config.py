@@ -2,7 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from focus_jax.focus.config import FocusConfig
+
+
+def llada_sampler() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "temperature": 0.0, "remasking": "low_confidence", "threshold": placeholder(float),
+      "logits_eos_inf": False, "confidence_eos_eot_inf": False})
+
+
+def dream_sampler() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "alg": "entropy", "eps": 1e-3, "temperature": 0.0, "top_p": placeholder(float),
+      "top_k": placeholder(int), "alg_temp": placeholder(float), "threshold": placeholder(float)})
+
+
+def decoding_knobs() -> ml_collections.ConfigDict:
+  """Every mode's knobs with their defaults, so any can be overridden from the command line."""
+  focus = {}
+  for f in dataclasses.fields(FocusConfig):
+    value = getattr(FocusConfig(), f.name)
+    focus[f.name] = placeholder(int) if value is None else value
+  cache = {"refresh_every_step": False}
+  return ml_collections.ConfigDict({
+      "vanilla": {}, "prefix_cache": dict(cache), "dual_cache": dict(cache), "focus": focus})
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -28,8 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.modes = ("vanilla",)
   # Knobs of the family's sampler (LLaDA: temperature, remasking, threshold, logits_eos_inf,
   # confidence_eos_eot_inf; Dream: alg, temperature, top_p, top_k, alg_temp, threshold).
-  c.sampler = ml_collections.ConfigDict({"temperature": 0.0})
-  # Per-mode knobs, e.g. decoding.focus.alpha; a mode absent here gets its defaults.
-  c.decoding = ml_collections.ConfigDict()
+  c.sampler = llada_sampler()
+  # Per-mode knobs, e.g. --config.decoding.focus.alpha=0.25.
+  c.decoding = decoding_knobs()
+  c.attention_impl = "auto"  # dense attention: "auto" (cuDNN on GPU), "xla", "cudnn"
   c.repeats = 1  # timed runs per mode after compilation (median reported)
   return c

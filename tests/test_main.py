@@ -1,0 +1,32 @@
+"""`python main.py --config=configs/tiny.py` end to end: text and a timing row for every mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_main_tiny_runs_every_mode():
+  cmd = [sys.executable, "main.py", "--config=configs/tiny.py", "--config.gen_length=32",
+         "--config.steps=32", "--config.block_length=16",
+         "--config.modes=('vanilla','prefix_cache','dual_cache','focus')",
+         "--config.decoding.focus.l_dense=2", "--config.decoding.focus.prompt_block_size=16",
+         "--config.decoding.focus.diagnostics=True"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = out.stdout
+  for mode in ("vanilla", "prefix_cache", "dual_cache", "focus"):
+    assert f"=== {mode} ===" in text
+    assert any(line.startswith(mode + " ") for line in text.splitlines()), text
+  assert "recall_focus" in text and "retained_mass_per_layer" in text
+  assert "tokens/s" in text
+
+
+def test_main_rejects_unknown_mode():
+  cmd = [sys.executable, "main.py", "--config=configs/tiny.py", "--config.modes=('sparse',)"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "unknown decoding mode 'sparse'" in out.stderr
