@@ -153,3 +153,30 @@ def test_bad_focus_options_fail_early():
     make_denoiser(cfg, "sparse")
   with pytest.raises(TypeError):
     make_denoiser(cfg, "focus", not_a_knob=1)
+
+
+@pytest.mark.parametrize("impl", ["xla_gather", "pallas_gpu", "pallas_tpu"])
+def test_all_blocks_kernel_equals_dense_attention_over_cache(impl):
+  """What GPU/TPU run for dense layers of cached steps (the split-KV kernel with every block
+  selected) is dense attention over the non-pad keys; kernels in interpret mode here."""
+  from focus_jax.decoding import cache as kv
+  from focus_jax.kernels import dense_attention
+  rng = np.random.default_rng(0)
+  b, length, prompt_len, hq, hkv, d = 2, 320, 260, 4, 2, 128  # TPU tiles: D = 128, L % 64 = 0
+  q = jnp.asarray(rng.normal(size=(b, 8, hq, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, length, hkv, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, length, hkv, d)), jnp.float32)
+  prompt_start = jnp.asarray([0, 77], jnp.int32)
+  key_valid = jnp.arange(length)[None, :] >= prompt_start[:, None]
+  want = dense_attention.xla_attention(q, k, v, key_valid=key_valid)
+  if impl == "xla_gather":
+    got = kv.all_blocks_attention(q, k, v, prompt_start, prompt_len, implementation=impl)
+  else:
+    from focus_jax.kernels import sparse_attention as sa
+    nb = -(-prompt_len // kv.DECODE_BLOCK)
+    got = sa.block_sparse_attention(
+        q, k, v, jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, 1, nb)),
+        jnp.full((b, 1), nb, jnp.int32), prompt_start, jnp.full((b,), prompt_len, jnp.int32),
+        jnp.full((b,), length, jnp.int32), block_size=kv.DECODE_BLOCK, implementation=impl,
+        interpret=True, max_response_len=length - prompt_len)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)

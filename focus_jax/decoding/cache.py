@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from focus_jax.decoding.base import Canvas
 from focus_jax.kernels import dense_attention
+from focus_jax.kernels.sparse_attention import block_sparse_attention
 from focus_jax.models import family
-from focus_jax.models.attention import SelfAttention
 from focus_jax.models.config import ModelConfig
 from focus_jax.models.transformer import Transformer
 
@@ -53,15 +53,34 @@ def canvas_masks(config: ModelConfig, canvas: Canvas):
   return positions, key_valid
 
 
-def refresh(config: ModelConfig, params, canvas: Canvas, window_start: jax.Array, window: int,
-            attention_impl: str = "auto"):
-  """Full forward: (window logits [B, W, V], KVCache of every position, final hidden [B, L, D])."""
+@dataclasses.dataclass(frozen=True)
+class RefreshAttention:
+  """Full self-attention over the call's own K/V, which also overwrite the layer's cache in place
+  (no second cache-sized buffer: at 128K the cache alone is 70 GB)."""
+
+  key_valid: jax.Array | None
+  query_valid: jax.Array | None
+  implementation: str = "auto"
+
+  def __call__(self, layer, q, k, v, layer_state, carry):
+    del layer
+    k_cache, v_cache = layer_state
+    out = dense_attention.attention(q, k, v, key_valid=self.key_valid,
+                                    query_valid=self.query_valid,
+                                    implementation=self.implementation)
+    zero = (0, 0, 0, 0)
+    return out, (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), zero),
+                 jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), zero)), carry
+
+
+def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_start: jax.Array,
+            window: int, attention_impl: str = "auto"):
+  """Full forward that rewrites every layer's K/V: (window logits [B, W, V], KVCache)."""
   positions, key_valid, query_valid = family.positions_and_masks(
       config, canvas.attention_mask, canvas.tokens.shape)
-  model = Transformer(config)
-  attention = SelfAttention(key_valid=key_valid, query_valid=query_valid, return_kv=True,
-                            implementation=attention_impl)
-  hidden, kv, _ = model.apply({"params": params}, canvas.tokens, positions, attention)
+  attention = RefreshAttention(key_valid, query_valid, attention_impl)
+  hidden, kv, _ = Transformer(config).apply({"params": params}, canvas.tokens, positions,
+                                            attention, tuple(zip(cache.k, cache.v)))
   logits = window_logits_from_hidden(config, params, hidden, window_start, window)
   return logits, KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
 
@@ -82,6 +101,46 @@ def write_rows(buffer: jax.Array, positions: jax.Array, values: jax.Array,
   return buffer.at[rows, target].set(values, mode="drop")
 
 
+def prompt_start_of(canvas: Canvas) -> jax.Array:
+  """[B] index of the first non-pad key (prompts are left-padded)."""
+  b = canvas.tokens.shape[0]
+  if canvas.attention_mask is None:
+    return jnp.zeros((b,), jnp.int32)
+  return canvas.prompt_length - jnp.sum(canvas.attention_mask[:, :canvas.prompt_length],
+                                        axis=1).astype(jnp.int32)
+
+
+# Key-block size of the split-KV kernel when it serves dense attention over the cache.
+DECODE_BLOCK = 64
+
+
+def all_blocks_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                         prompt_start: jax.Array, prompt_length: int,
+                         implementation: str = "auto") -> jax.Array:
+  """Dense attention over [prompt_start, L) as a block-sparse call with every prompt block
+  selected: the split-KV kernel then serves dense decode attention too."""
+  b, length = k_cache.shape[:2]
+  nb = -(-prompt_length // DECODE_BLOCK)
+  indices = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, 1, nb))
+  return block_sparse_attention(
+      q, k_cache, v_cache, indices, jnp.full((b, 1), nb, jnp.int32), prompt_start,
+      jnp.full((b,), prompt_length, jnp.int32), jnp.full((b,), length, jnp.int32),
+      block_size=DECODE_BLOCK, implementation=implementation,
+      max_response_len=length - prompt_length)
+
+
+def dense_over_cache(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     key_valid: jax.Array | None, prompt_start: jax.Array, prompt_length: int,
+                     implementation: str = "auto") -> jax.Array:
+  """Few queries over a whole cache. On GPU/TPU the split-KV kernel (cuDNN and XLA do not split
+  the key axis for few queries: about 1 TB/s); elsewhere the XLA path with the key mask."""
+  if (implementation == "auto" and jax.default_backend() in ("gpu", "tpu")
+      and k_cache.shape[1] >= DECODE_BLOCK):
+    return all_blocks_attention(q, k_cache, v_cache, prompt_start, prompt_length)
+  impl = "xla" if implementation == "auto" else implementation
+  return dense_attention.attention(q, k_cache, v_cache, key_valid=key_valid, implementation=impl)
+
+
 @dataclasses.dataclass(frozen=True)
 class CachedAttention:
   """Writes the query slots' K/V into the layer's cache, then attends densely over the cache.
@@ -92,6 +151,8 @@ class CachedAttention:
 
   queries: QuerySet
   key_valid: jax.Array | None
+  prompt_start: jax.Array
+  prompt_length: int
   attention_impl: str = "auto"
   attend: Callable[..., Any] | None = None
 
@@ -102,8 +163,8 @@ class CachedAttention:
     if self.attend is not None:
       out, carry = self.attend(layer, q, k_cache, v_cache, carry)
     else:
-      out = dense_attention.attention(q, k_cache, v_cache, key_valid=self.key_valid,
-                                      implementation=self.attention_impl)
+      out = dense_over_cache(q, k_cache, v_cache, self.key_valid, self.prompt_start,
+                             self.prompt_length, self.attention_impl)
     return out, (k_cache, v_cache), carry
 
 
@@ -116,7 +177,8 @@ def cached_forward(config: ModelConfig, params, canvas: Canvas, cache: KVCache,
   safe = jnp.clip(queries.positions, 0, canvas.length - 1)
   tokens = jnp.take_along_axis(canvas.tokens, safe, axis=1)
   query_positions = jnp.take_along_axis(positions, safe, axis=1)
-  attention = CachedAttention(queries, key_valid, attention_impl, attend)
+  attention = CachedAttention(queries, key_valid, prompt_start_of(canvas), canvas.prompt_length,
+                              attention_impl, attend)
   hidden, kv, carry = Transformer(config).apply(
       {"params": params}, tokens, query_positions, attention,
       tuple(zip(cache.k, cache.v)), carry)

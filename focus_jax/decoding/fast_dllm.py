@@ -43,8 +43,7 @@ class _CachedDenoiser:
     w = ctx.masked.shape[1]
 
     def do_refresh(c):
-      del c
-      return kv.refresh(self.config, params, canvas, ctx.block_start, w, self.attention_impl)
+      return kv.refresh(self.config, params, canvas, c, ctx.block_start, w, self.attention_impl)
 
     if self.refresh_every_step:
       logits, cache = do_refresh(cache)

@@ -83,10 +83,10 @@ class FocusAttend:
     extra = {}
     if cfg.n_sink:
       # A sink inside a kept block is already attended there: keep each key once.
-      kept_keys = selection_key_mask(indices, counts, self.prompt_start, response_start,
-                                     response_end, block_size=cfg.prompt_block_size,
-                                     seq_len=length)  # [B, G, L]
-      in_kept = jnp.take_along_axis(kept_keys, carry.sink_positions[:, None, :], axis=2)
+      sink_block = carry.sink_positions // cfg.prompt_block_size  # [B, N]
+      kept = jnp.arange(indices.shape[2])[None, None, :] < counts[..., None]  # [B, G, C]
+      in_kept = jnp.any((indices[:, :, None, :] == sink_block[:, None, :, None])
+                        & kept[:, :, None, :], axis=-1)  # [B, G, N]
       sink_valid = carry.sink_valid[:, :, None] & ~jnp.moveaxis(in_kept, 1, 2)  # [B, N, G]
       if cfg.selection == "shared":
         sink_valid = sink_valid[:, :, 0]

@@ -66,13 +66,6 @@ class FocusDenoiser:
   def _sparse_layers(self):
     return [not self.focus.is_dense(l, self.config.n_layers) for l in range(self.config.n_layers)]
 
-  def _prompt_start(self, canvas: Canvas) -> jax.Array:
-    b = canvas.tokens.shape[0]
-    if canvas.attention_mask is None:
-      return jnp.zeros((b,), jnp.int32)
-    return canvas.prompt_length - jnp.sum(canvas.attention_mask[:, :canvas.prompt_length],
-                                          axis=1).astype(jnp.int32)
-
   def _representatives(self, cache: kv.KVCache, canvas: Canvas):
     _, key_valid = kv.canvas_masks(self.config, canvas)
     reps, block_valid = [], None
@@ -102,7 +95,7 @@ class FocusDenoiser:
     b, w = ctx.masked.shape
 
     def refresh(s: FocusState):
-      logits, cache = kv.refresh(self.config, params, canvas, ctx.block_start, w,
+      logits, cache = kv.refresh(self.config, params, canvas, s.cache, ctx.block_start, w,
                                  self.attention_impl)
       reps, block_valid = self._representatives(cache, canvas)
       stats = dict(s.stats)
@@ -134,7 +127,7 @@ class FocusDenoiser:
     attend = FocusAttend(
         focus=cfg, n_layers=mcfg.n_layers, query_valid=valid,
         query_focus=valid & jnp.take_along_axis(focus, slots, axis=1), key_valid=key_valid,
-        prompt_start=self._prompt_start(canvas), prompt_length=canvas.prompt_length,
+        prompt_start=kv.prompt_start_of(canvas), prompt_length=canvas.prompt_length,
         representatives=state.representatives, block_valid=state.block_valid,
         attention_impl=self.attention_impl)
     carry = LayerCarry.initial(b, cfg.n_sink, mcfg.n_layers)
