@@ -28,7 +28,9 @@ def decoding_knobs() -> ml_collections.ConfigDict:
   for f in dataclasses.fields(FocusConfig):
     value = getattr(FocusConfig(), f.name)
     focus[f.name] = placeholder(int) if value is None else value
-  cache = {"refresh_every_step": False}
+  economy = {"refresh_every_blocks": 1, "reuse_prompt_kv": False}
+  focus.update(economy)
+  cache = {"refresh_every_step": False, **economy}
   return ml_collections.ConfigDict({
       "vanilla": {}, "prefix_cache": dict(cache), "dual_cache": dict(cache), "focus": focus})
 

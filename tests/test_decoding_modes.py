@@ -180,3 +180,26 @@ def test_all_blocks_kernel_equals_dense_attention_over_cache(impl):
         jnp.full((b,), length, jnp.int32), block_size=kv.DECODE_BLOCK, implementation=impl,
         interpret=True, max_response_len=length - prompt_len)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["dual_cache", "focus"])
+@pytest.mark.parametrize("economy,refreshes", [
+    ({"refresh_every_blocks": 2}, 1),  # 2 blocks: only block 0 refreshes
+    ({"reuse_prompt_kv": True}, 2),  # block 1 refreshes only the response region
+])
+def test_refresh_economy_options(model, mode, economy, refreshes):
+  cfg, params = model
+  focus = dict(l_dense=2, dense_tail=0, prompt_block_size=16, diagnostics=True)
+  options = dict(focus if mode == "focus" else {}, **economy)
+  tokens, state = decode(cfg, params, mode, **options)
+  assert not (tokens == MASK).any()
+  if mode == "focus":
+    stats = summarize(jax.tree.map(np.asarray, state.denoiser_state.stats))
+    assert stats["refresh_steps"] == refreshes
+  baseline, _ = decode(cfg, params, mode, **(focus if mode == "focus" else {}))
+  assert (tokens != baseline).any(), "skipping refreshes should be an approximation here"
+
+
+def test_refresh_economy_rejects_bad_cadence():
+  with pytest.raises(ValueError, match="every_blocks"):
+    make_denoiser(tiny("llada"), "dual_cache", refresh_every_blocks=0)

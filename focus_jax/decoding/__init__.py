@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from focus_jax.decoding.base import Canvas, Denoiser, StepContext
+from focus_jax.decoding.cache import RefreshPolicy
 from focus_jax.decoding.fast_dllm import DualCacheDenoiser, PrefixCacheDenoiser
 from focus_jax.decoding.vanilla import VanillaDenoiser
 from focus_jax.models.config import ModelConfig
@@ -16,17 +17,21 @@ DREAM_DENSE_TAIL = 4
 
 def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) -> Denoiser:
   """The denoiser of a decoding mode; `options` are that mode's knobs (Focus: FocusConfig's
-  fields plus attention_impl; caches: attention_impl, refresh_every_step)."""
+  fields plus attention_impl; caches: attention_impl, refresh_every_step; both: the refresh
+  economy `refresh_every_blocks` and `reuse_prompt_kv`, see `RefreshPolicy`)."""
+  options = dict(options)
   if mode == "vanilla":
     return VanillaDenoiser(config, **options)
+  refresh = RefreshPolicy(every_blocks=options.pop("refresh_every_blocks", 1),
+                          reuse_prompt_kv=options.pop("reuse_prompt_kv", False))
   if mode == "prefix_cache":
-    return PrefixCacheDenoiser(config, **options)
+    return PrefixCacheDenoiser(config, refresh=refresh, **options)
   if mode == "dual_cache":
-    return DualCacheDenoiser(config, **options)
+    return DualCacheDenoiser(config, refresh=refresh, **options)
   if mode == "focus":
     from focus_jax.focus import FocusConfig, FocusDenoiser  # pylint: disable=g-import-not-at-top
     impl = options.pop("attention_impl", "auto")
     if config.family == "dream":
       options.setdefault("dense_tail", DREAM_DENSE_TAIL)
-    return FocusDenoiser(config, FocusConfig(**options), impl)
+    return FocusDenoiser(config, FocusConfig(**options), impl, refresh)
   raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")

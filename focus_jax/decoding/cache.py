@@ -37,6 +37,58 @@ class KVCache:
     return cls(k=zeros, v=tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.n_layers)))
 
 
+@dataclasses.dataclass(frozen=True)
+class RefreshPolicy:
+  """When block entry refreshes the cache, and how much of it (the refresh-economy options).
+
+  At 32K the full refresh is ~80% of a cached decode's time (../shared/design/performance.md),
+  so each option trades accuracy for it; benchmarks/accuracy.py measures what it costs.
+  - every_blocks = N: a full refresh at every N-th block entry only; other entries are plain
+    cached steps (their K/V are as the last refresh left them).
+  - reuse_prompt_kv: after the first full refresh, block entries refresh only the response
+    region (its queries run against the cached prompt K/V, which are never recomputed).
+  """
+
+  every_blocks: int = 1
+  reuse_prompt_kv: bool = False
+
+  def __post_init__(self):
+    if self.every_blocks < 1:
+      raise ValueError(f"refresh every_blocks must be >= 1, got {self.every_blocks}")
+
+
+FULL_REFRESH, RESPONSE_REFRESH, CACHED_STEP = 0, 1, 2
+
+
+def step_kind(policy: RefreshPolicy, block_entry: jax.Array, block_index: jax.Array) -> jax.Array:
+  """int32 branch index: FULL_REFRESH, RESPONSE_REFRESH or CACHED_STEP."""
+  refresh_now = block_entry & (block_index % policy.every_blocks == 0)
+  if policy.reuse_prompt_kv:
+    kind = jnp.where(block_index == 0, FULL_REFRESH, RESPONSE_REFRESH)
+  else:
+    kind = jnp.int32(FULL_REFRESH)
+  return jnp.where(refresh_now, kind, CACHED_STEP).astype(jnp.int32)
+
+
+def response_queries(config: ModelConfig, canvas: Canvas, batch: int,
+                     write_from: jax.Array | None = None) -> "QuerySet":
+  """The generation region's positions (shifted by one for Dream) as a query set; K/V written
+  from `write_from` on (None: all)."""
+  shift = 1 if config.logit_shift else 0
+  gen = canvas.length - canvas.prompt_length
+  positions = jnp.maximum(jnp.arange(gen, dtype=jnp.int32) + canvas.prompt_length - shift, 0)
+  positions = jnp.broadcast_to(positions, (batch, gen))
+  write = jnp.ones((batch, gen), bool) if write_from is None else positions >= write_from
+  return QuerySet(positions, jnp.ones((batch, gen), bool), write)
+
+
+def response_window_logits(config: ModelConfig, params, canvas: Canvas, hidden: jax.Array,
+                           block_start: jax.Array, window: int) -> jax.Array:
+  """Logits of the block window from the hidden states of `response_queries`."""
+  rows = jax.lax.dynamic_slice_in_dim(hidden, block_start - canvas.prompt_length, window, axis=1)
+  return logits_at(config, params, rows)
+
+
 @flax.struct.dataclass
 class QuerySet:
   """Canvas positions a cached step runs: [B, A], with validity (invalid slots are padding)."""

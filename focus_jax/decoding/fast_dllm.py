@@ -7,7 +7,8 @@ logits. Between refreshes:
   and are not written, so the result is that of running [block_start, L) alone);
 - dual cache: only the current block runs; its fresh K/V overwrite the cache, and the suffix
   K/V stay as the last refresh left them.
-`refresh_every_step=True` turns either into vanilla decoding (the exactness tests use this).
+`refresh_every_step=True` turns either into vanilla decoding (the exactness tests use this);
+`refresh` (a `RefreshPolicy`) selects the refresh-economy options.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class _CachedDenoiser:
   config: ModelConfig
   attention_impl: str = "auto"
   refresh_every_step: bool = False
+  refresh: kv.RefreshPolicy = kv.RefreshPolicy()
 
   def init_state(self, params, canvas: Canvas):
     del params
@@ -40,16 +42,25 @@ class _CachedDenoiser:
     raise NotImplementedError
 
   def window_logits(self, params, canvas: Canvas, cache: kv.KVCache, ctx: StepContext):
-    w = ctx.masked.shape[1]
+    b, w = ctx.masked.shape
 
-    def do_refresh(c):
+    def full_refresh(c):
       return kv.refresh(self.config, params, canvas, c, ctx.block_start, w, self.attention_impl)
 
+    def response_refresh(c):
+      hidden, c, _ = kv.cached_forward(self.config, params, canvas, c,
+                                       kv.response_queries(self.config, canvas, b),
+                                       self.attention_impl)
+      return kv.response_window_logits(self.config, params, canvas, hidden, ctx.block_start,
+                                       w), c
+
     if self.refresh_every_step:
-      logits, cache = do_refresh(cache)
+      logits, cache = full_refresh(cache)
     else:
-      logits, cache = jax.lax.cond(ctx.block_entry, do_refresh,
-                                   lambda c: self._step(params, canvas, c, ctx), cache)
+      kind = kv.step_kind(self.refresh, ctx.block_entry, ctx.block_index)
+      logits, cache = jax.lax.switch(
+          kind, [full_refresh, response_refresh, lambda c: self._step(params, canvas, c, ctx)],
+          cache)
     return logits, None, cache
 
 
@@ -69,12 +80,8 @@ class PrefixCacheDenoiser(_CachedDenoiser):
   def _step(self, params, canvas, cache, ctx):
     b, w = ctx.masked.shape
     shift = 1 if self.config.logit_shift else 0
-    gen = canvas.length - canvas.prompt_length
-    positions = jnp.maximum(jnp.arange(gen, dtype=jnp.int32) + canvas.prompt_length - shift, 0)
-    positions = jnp.broadcast_to(positions, (b, gen))
-    write = positions >= ctx.block_start - shift
-    queries = kv.QuerySet(positions, jnp.ones((b, gen), bool), write)
+    queries = kv.response_queries(self.config, canvas, b, write_from=ctx.block_start - shift)
     hidden, cache, _ = kv.cached_forward(self.config, params, canvas, cache, queries,
                                          self.attention_impl)
-    rows = jax.lax.dynamic_slice_in_dim(hidden, ctx.block_start - canvas.prompt_length, w, axis=1)
-    return kv.logits_at(self.config, params, rows), cache
+    return kv.response_window_logits(self.config, params, canvas, hidden, ctx.block_start,
+                                     w), cache

@@ -59,6 +59,7 @@ class FocusDenoiser:
   config: ModelConfig
   focus: FocusConfig = FocusConfig()
   attention_impl: str = "auto"
+  refresh: kv.RefreshPolicy = kv.RefreshPolicy()
 
   def __post_init__(self):
     self.focus.check(self.config.n_layers)
@@ -94,20 +95,32 @@ class FocusDenoiser:
   def window_logits(self, params, canvas: Canvas, state: FocusState, ctx: StepContext):
     b, w = ctx.masked.shape
 
-    def refresh(s: FocusState):
+    def counted(stats):
+      stats = dict(stats)
+      if stats:
+        stats["refresh_steps"] = stats["refresh_steps"] + 1
+      return stats
+
+    def full_refresh(s: FocusState):
       logits, cache = kv.refresh(self.config, params, canvas, s.cache, ctx.block_start, w,
                                  self.attention_impl)
       reps, block_valid = self._representatives(cache, canvas)
-      stats = dict(s.stats)
-      if stats:
-        stats["refresh_steps"] = stats["refresh_steps"] + 1
-      return logits, jnp.ones((b, w), bool), s.replace(cache=cache, representatives=reps,
-                                                       block_valid=block_valid, stats=stats)
+      return logits, jnp.ones((b, w), bool), s.replace(
+          cache=cache, representatives=reps, block_valid=block_valid, stats=counted(s.stats))
+
+    def response_refresh(s: FocusState):
+      # Prompt K/V (and so the representative keys) are kept; the response is recomputed.
+      hidden, cache, _ = kv.cached_forward(self.config, params, canvas, s.cache,
+                                           kv.response_queries(self.config, canvas, b),
+                                           self.attention_impl)
+      logits = kv.response_window_logits(self.config, params, canvas, hidden, ctx.block_start, w)
+      return logits, jnp.ones((b, w), bool), s.replace(cache=cache, stats=counted(s.stats))
 
     def sparse(s: FocusState):
       return self._sparse_step(params, canvas, s, ctx)
 
-    return jax.lax.cond(ctx.block_entry, refresh, sparse, state)
+    kind = kv.step_kind(self.refresh, ctx.block_entry, ctx.block_index)
+    return jax.lax.switch(kind, [full_refresh, response_refresh, sparse], state)
 
   def _sparse_step(self, params, canvas: Canvas, state: FocusState, ctx: StepContext):
     cfg, mcfg = self.focus, self.config
@@ -150,7 +163,8 @@ class FocusDenoiser:
   def after_step(self, state: FocusState, ctx: StepContext, committed: jax.Array) -> FocusState:
     if not self.focus.diagnostics:
       return state
-    sparse = (~ctx.block_entry).astype(jnp.float32)
+    sparse = (kv.step_kind(self.refresh, ctx.block_entry, ctx.block_index)
+              == kv.CACHED_STEP).astype(jnp.float32)
     stats = dict(state.stats)
     stats["committed"] += sparse * jnp.sum(committed)
     stats["committed_in_focus"] += sparse * jnp.sum(committed & state.last_focus)

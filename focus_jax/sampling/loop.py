@@ -118,7 +118,7 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
     schedule = jax.tree.map(lambda new, old: jnp.where(entry, new, old),
                             rule.block_schedule(masked), s.schedule)
     planned = rule.planned_unmask(schedule, s.step_in_block, masked)
-    ctx = StepContext(block_start=start, block_entry=entry, masked=masked,
+    ctx = StepContext(block_start=start, block_entry=entry, block_index=s.block, masked=masked,
                       prev_confidence=jnp.where(entry, NEG_INF, s.confidence),
                       planned_unmask=planned)
     c = model_canvas(s.tokens)
