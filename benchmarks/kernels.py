@@ -1,0 +1,470 @@
+"""Block-sparse attention kernels on a GPU: correctness, tuning, and the sweep of issue 4.
+
+Run on the GPU machine (phases chosen with --phases, results as JSON under --out):
+  check  every implementation vs the float32 reference on random bf16 inputs (small shapes)
+  copy   the device copy bandwidth (bytes read + written), the ceiling for the targets
+  tune   GPU kernel tilings at 32K, alpha 0.5, 32 queries, both layouts
+  sweep  LLaDA-8B (32/32 heads) and Dream-7B (28/4) layouts, context 8K..128K, alpha, queries:
+         Pallas kernel alone (selection pre-normalised), Pallas end to end, XLA gather end to end,
+         dense cuDNN attention over the whole cache
+Timing: L layers' worth of distinct K/V buffers (enough to overflow L2) are attended in one jitted
+call, so launch overhead is amortised and no layer hits a warm cache; median of several calls after
+warm-up, `block_until_ready` around each; reported per layer.
+  python benchmarks/kernels.py --plot RESULTS.json   draws the plot next to the JSON (CPU is fine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+
+def _import_kernels():
+  """focus_jax.kernels, installed or straight from the checkout (the GPU machine has no install)."""
+  try:
+    from focus_jax.kernels import sparse_attention  # noqa: F401
+  except ImportError:
+    import types
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pkg = types.ModuleType("focus_jax")  # a bare namespace: kernels need nothing of the rest
+    pkg.__path__ = [os.path.join(root, "focus_jax"), root]  # focus_jax.kernels -> <root>/kernels
+    sys.modules["focus_jax"] = pkg
+  from focus_jax.kernels import dense_attention, sparse_attention
+  return sparse_attention, dense_attention
+
+
+LAYOUTS = {"llada8b": dict(hq=32, hkv=32, d=128), "dream7b": dict(hq=28, hkv=4, d=128)}
+GEN = 256  # the response region (generation length) after the prompt
+SMOKE = False  # --smoke: tiny shapes in interpret mode, to test this script on a CPU
+CTXS = [8192, 16384, 32768, 65536, 131072]
+TARGET_CTX = 32768
+TUNE_SET = "wide"
+
+
+def timeit(fn, args, reps: int = 7) -> tuple[float, float]:
+  """(median seconds per call, compile+first-run seconds)."""
+  import jax
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - t0
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts), first
+
+
+def make_problem(layout: str, ctx: int, alpha: float, t: int, block_size: int, layers: int,
+                 seed: int = 0, per_head: bool = True):
+  import jax
+  import jax.numpy as jnp
+  lay = LAYOUTS[layout]
+  hq, hkv, d = lay["hq"], lay["hkv"], lay["d"]
+  s_len = ctx + GEN
+  key = jax.random.PRNGKey(seed)
+  ks = []
+  vs = []
+  for i in range(layers):
+    k1, k2, key = jax.random.split(key, 3)
+    ks.append(jax.random.normal(k1, (1, s_len, hkv, d), jnp.bfloat16))
+    vs.append(jax.random.normal(k2, (1, s_len, hkv, d), jnp.bfloat16))
+  q = jax.random.normal(key, (1, t, hq, d), jnp.bfloat16)
+  nbp = ctx // block_size
+  n = max(1, round(alpha * nbp))
+  g = hkv if per_head else 1
+  rng = np.random.default_rng(seed)
+  idx = np.stack([rng.permutation(nbp)[:n] for _ in range(g)])[None].astype(np.int32)
+  cnt = np.full((1, g), n, np.int32)
+  ranges = (jnp.zeros((1,), jnp.int32), jnp.full((1,), ctx, jnp.int32),
+            jnp.full((1,), s_len, jnp.int32))
+  kv_bytes_read = (n * block_size + GEN) * hkv * d * 2 * 2  # K and V, bf16
+  io_bytes = 2 * q.size * 2
+  return dict(q=q, ks=ks, vs=vs, idx=jnp.asarray(idx), cnt=jnp.asarray(cnt), ranges=ranges,
+              n=n, s_len=s_len, bytes=kv_bytes_read + io_bytes, layers=layers)
+
+
+def layers_for(layout: str, ctx: int, target_bytes: float = 4e8) -> int:
+  lay = LAYOUTS[layout]
+  per_layer = (ctx + GEN) * lay["hkv"] * lay["d"] * 4
+  return int(min(16, max(2, math.ceil(target_bytes / per_layer))))
+
+
+def sparse_fn(sa, impl: str, block_size: int, normalized: bool, cfg: dict | None = None):
+  import jax
+
+  def run(q, ks, vs, idx, cnt, ranges):
+    outs = []
+    ps, rs, re = ranges
+    if normalized:
+      sel = sa.normalize_selection(idx, cnt, ps, rs, re, block_size=block_size,
+                                   seq_len=ks[0].shape[1])
+    for k, v in zip(ks, vs):
+      if normalized:
+        o = sa.block_sparse_attention_normalized(q, k, v, sel, block_size=block_size,
+                                                 implementation=impl, max_response_len=GEN,
+                                                 kernel_config=cfg, interpret=SMOKE)
+      else:
+        o = sa.block_sparse_attention(q, k, v, idx, cnt, ps, rs, re, block_size=block_size,
+                                      implementation=impl, max_response_len=GEN,
+                                      kernel_config=cfg, interpret=SMOKE)
+      outs.append(o)
+    return outs
+  return jax.jit(run)
+
+
+def dense_fn(da):
+  import jax
+
+  def run(q, ks, vs):
+    return [da.attention(q, k, v, implementation="cudnn") for k, v in zip(ks, vs)]
+  return jax.jit(run)
+
+
+# ------------------------------------------------------------------------------------------------
+def phase_check(sa) -> list[dict]:
+  import jax
+  import jax.numpy as jnp
+  rows = []
+  rng = np.random.default_rng(1)
+  cases = [
+      # (b, t, hq, hkv, d, s, bs, n, g, pattern, extra)
+      (2, 8, 4, 4, 128, 4096, 64, 16, "hkv", "random", False),
+      (1, 32, 32, 32, 128, 8192, 64, 40, "hkv", "random", True),
+      (2, 32, 28, 4, 128, 8448, 64, 50, "hkv", "random", True),
+      (2, 64, 28, 4, 128, 8448, 64, 50, "one", "dup", False),
+      (1, 17, 8, 2, 64, 3000, 32, 30, "hkv", "oob", True),
+      (2, 8, 8, 8, 128, 4096, 128, 8, "one", "empty", False),
+      (1, 32, 16, 4, 128, 4096, 16, 200, "hkv", "all", False),
+      (3, 5, 6, 2, 128, 2048, 64, 12, "hkv", "padded", True),
+  ]
+  if SMOKE:
+    cases = cases[-2:]
+  for (b, t, hq, hkv, d, s, bs, n, gm, pattern, extra) in cases:
+    g = hkv if gm == "hkv" else 1
+    nb = -(-s // bs)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    q = jnp.asarray(f32(b, t, hq, d), jnp.bfloat16)
+    k = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
+    v = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
+    idx = rng.integers(0, nb, (b, g, n))
+    cnt = rng.integers(n // 2, n + 1, (b, g))
+    if pattern == "dup":
+      idx[..., 1::2] = idx[..., ::2][..., : idx[..., 1::2].shape[-1]]
+    elif pattern == "oob":
+      idx = rng.integers(-5, nb + 5, (b, g, n))
+    elif pattern == "empty":
+      cnt[:] = 0
+    elif pattern == "all":
+      idx = np.broadcast_to(np.arange(n) % nb, (b, g, n)).copy()
+      cnt[:] = n
+    elif pattern == "padded":
+      cnt = rng.integers(0, n + 3, (b, g))
+    ps = rng.integers(0, s // 8, (b,))
+    rs = rng.integers(s // 2, s - 64, (b,))
+    re = np.minimum(rs + rng.integers(0, 300, (b,)), s)
+    args = [q, k, v, jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32),
+            jnp.asarray(ps, jnp.int32), jnp.asarray(rs, jnp.int32), jnp.asarray(re, jnp.int32)]
+    if extra:
+      e = 24
+      args += [jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
+               jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
+               jnp.asarray(rng.random((b, e)) < 0.6)]
+    ref = np.asarray(sa.reference_block_sparse_attention(*args, block_size=bs), np.float64)
+    for impl in ("pallas_gpu", "xla_gather"):
+      try:
+        out = np.asarray(jax.jit(lambda *a: sa.block_sparse_attention(
+            *a, block_size=bs, implementation=impl, interpret=SMOKE))(*args), np.float64)
+        err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+        ok = bool(np.all(np.isfinite(out)) and (err < 1e-2 or np.linalg.norm(ref) == 0))
+        if np.linalg.norm(ref) == 0:
+          ok = ok and float(np.abs(out).max()) == 0.0
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        err, ok = repr(e)[:300], False
+      row = dict(case=f"b{b} t{t} h{hq}/{hkv} d{d} s{s} bs{bs} n{n} g{g} {pattern} extra={extra}",
+                 impl=impl, rel_err=err, ok=ok)
+      print("CHECK", row, flush=True)
+      rows.append(row)
+  return rows
+
+
+def phase_copy() -> dict:
+  import jax
+  import jax.numpy as jnp
+  x = jax.random.normal(jax.random.PRNGKey(0), (1 << (20 if SMOKE else 30),), jnp.bfloat16)
+  f = jax.jit(lambda a: a + jnp.bfloat16(1))
+  t, _ = timeit(f, (x,), reps=10)
+  bw = 2 * x.size * 2 / t
+  print(f"COPY {bw / 1e12:.3f} TB/s ({t * 1e3:.3f} ms for 2 x 2 GiB)", flush=True)
+  return dict(copy_tb_s=bw / 1e12, seconds=t)
+
+
+def tune_configs(layout: str) -> list[dict]:
+  out = []
+  if SMOKE:
+    return [dict(block_m=32, num_splits=2, num_warps=4, num_stages=2, static_loop=True)]
+  if TUNE_SET == "diag":
+    return DIAG_CFGS[layout]
+  if layout == "llada8b":
+    for bm in (32,):
+      for sp in (4, 8, 16, 32):
+        for nw in (4, 8):
+          for ns in (2, 3):
+            out.append(dict(block_m=bm, num_splits=sp, num_warps=nw, num_stages=ns))
+  else:
+    for bm, nw in ((32, 4), (64, 4), (128, 8), (256, 8)):
+      for sp in (8, 16, 32, 64):
+        for ns in (2, 3):
+          out.append(dict(block_m=bm, num_splits=sp, num_warps=nw, num_stages=ns))
+  return out
+
+
+def phase_tune(sa, block_size: int) -> list[dict]:
+  rows = []
+  for layout in LAYOUTS:
+    layers = layers_for(layout, TARGET_CTX)
+    p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, layers)
+    args = (p["q"], p["ks"], p["vs"], p["idx"], p["cnt"], p["ranges"])
+    for cfg in [None] + tune_configs(layout):
+      try:
+        t, first = timeit(sparse_fn(sa, "pallas_gpu", block_size, True, cfg), args)
+        t /= layers
+        row = dict(layout=layout, cfg=cfg or "default", us=t * 1e6,
+                   tb_s=p["bytes"] / t / 1e12, compile_s=first)
+      except Exception as e:  # noqa: BLE001
+        row = dict(layout=layout, cfg=cfg or "default", error=repr(e)[:300])
+      print("TUNE", row, flush=True)
+      rows.append(row)
+  return rows
+
+
+DIAG_CFGS = {
+    "llada8b": [dict(block_m=32, num_splits=sp, num_warps=4, num_stages=ns, static_loop=st)
+                for st in (False, True) for sp in (8, 32) for ns in (2, 4)],
+    "dream7b": [dict(block_m=bm, num_splits=sp, num_warps=nw, num_stages=ns, static_loop=st)
+                for st in (False, True) for (bm, nw) in ((64, 4), (128, 8)) for sp in (16,)
+                for ns in (2, 4)],
+}
+
+
+def phase_diag(sa, block_size: int) -> list[dict]:
+  """Single launches per config, to be read by a profiler (ncu): kernel time apart from XLA."""
+  import jax
+  rows = []
+  for layout in LAYOUTS:
+    p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, 1)
+    args = (p["q"], p["ks"], p["vs"], p["idx"], p["cnt"], p["ranges"])
+    for cfg in DIAG_CFGS[layout]:
+      f = sparse_fn(sa, "pallas_gpu", block_size, True, cfg)
+      for _ in range(2):
+        jax.block_until_ready(f(*args))
+      rows.append(dict(layout=layout, cfg=cfg, bytes=p["bytes"]))
+      print("DIAG", rows[-1], flush=True)
+    f = sparse_fn(sa, "pallas_gpu", block_size, False, None)
+    for _ in range(2):
+      jax.block_until_ready(f(*args))
+    print("DIAG e2e default", layout, flush=True)
+    f = sparse_fn(sa, "xla_gather", block_size, False, None)
+    for _ in range(2):
+      jax.block_until_ready(f(*args))
+    print("DIAG e2e xla_gather", layout, flush=True)
+  return rows
+
+
+def phase_sweep(sa, da, block_size: int, grid: str, cfgs: dict | None) -> list[dict]:
+  rows = []
+  ctxs = CTXS
+  alphas = [0.1, 0.25, 0.5, 1.0]
+  points = []
+  for layout in LAYOUTS:
+    for ctx in ctxs:
+      for alpha in alphas:
+        for t in (8, 32, 64):
+          if grid == "full" or t == 32 or ctx == TARGET_CTX:
+            points.append((layout, ctx, alpha, t))
+  dense_cache = {}
+  for layout, ctx, alpha, t in points:
+    layers = layers_for(layout, ctx)
+    p = make_problem(layout, ctx, alpha, t, block_size, layers)
+    args = (p["q"], p["ks"], p["vs"], p["idx"], p["cnt"], p["ranges"])
+    row = dict(layout=layout, ctx=ctx, s_len=p["s_len"], alpha=alpha, queries=t,
+               block_size=block_size, blocks=p["n"], layers_timed=layers,
+               bytes_per_layer=p["bytes"])
+    cfg = (cfgs or {}).get(layout)
+    for name, impl, norm in (("pallas_kernel", "pallas_gpu", True),
+                             ("pallas_e2e", "pallas_gpu", False),
+                             ("xla_gather_e2e", "xla_gather", False)):
+      try:
+        tm, first = timeit(sparse_fn(sa, impl, block_size, norm, cfg if impl == "pallas_gpu"
+                                     else None), args, reps=5)
+        row[name + "_us"] = tm / layers * 1e6
+        row[name + "_compile_s"] = first
+      except Exception as e:  # noqa: BLE001
+        row[name + "_error"] = repr(e)[:200]
+    dk = (layout, ctx, t)
+    if dk not in dense_cache:
+      try:
+        tm, _ = timeit(dense_fn(da), (p["q"], p["ks"], p["vs"]), reps=5)
+        dense_cache[dk] = tm / layers * 1e6
+      except Exception as e:  # noqa: BLE001
+        dense_cache[dk] = repr(e)[:200]
+    if isinstance(dense_cache[dk], float):
+      row["dense_cudnn_us"] = dense_cache[dk]
+    else:
+      row["dense_cudnn_error"] = dense_cache[dk]
+    if "pallas_kernel_us" in row:
+      row["pallas_kernel_tb_s"] = p["bytes"] / (row["pallas_kernel_us"] * 1e-6) / 1e12
+    if "pallas_e2e_us" in row:
+      if "xla_gather_e2e_us" in row:
+        row["speedup_vs_xla_gather"] = row["xla_gather_e2e_us"] / row["pallas_e2e_us"]
+      if "dense_cudnn_us" in row:
+        row["speedup_vs_dense_cudnn"] = row["dense_cudnn_us"] / row["pallas_e2e_us"]
+    print("SWEEP", json.dumps(row), flush=True)
+    rows.append(row)
+    del p, args
+  return rows
+
+
+def summary(res: dict) -> None:
+  copy = res.get("copy", {}).get("copy_tb_s")
+  print("\n=== summary", res["device"], "jax", res["jax"], "===")
+  if "check" in res:
+    bad = [r for r in res["check"] if not r["ok"]]
+    print(f"check: {len(res['check']) - len(bad)}/{len(res['check'])} ok",
+          *(f"\n  FAIL {r}" for r in bad))
+  if copy:
+    print(f"copy bandwidth {copy:.2f} TB/s; target 70% = {0.7 * copy:.2f} TB/s")
+  if "tune" in res:
+    for layout in LAYOUTS:
+      tr = [r for r in res["tune"] if r["layout"] == layout and "us" in r]
+      if tr:
+        best = min(tr, key=lambda r: r["us"])
+        dflt = [r for r in tr if r["cfg"] == "default"]
+        print(f"tune {layout}: best {best['us']:.1f} us {best['tb_s']:.2f} TB/s {best['cfg']}; "
+              f"default {dflt[0]['us'] if dflt else float('nan'):.1f} us")
+  if "sweep" in res:
+    print(f"{'layout':8} {'ctx':>6} {'a':>4} {'T':>3} {'kern us':>8} {'TB/s':>5} {'e2e us':>8} "
+          f"{'xla us':>8} {'x xla':>6} {'cudnn us':>8} {'x dense':>7}")
+    for r in res["sweep"]:
+      f = lambda key, fmt: (fmt % r[key]) if key in r else "-"
+      print(f"{r['layout']:8} {r['ctx']:>6} {r['alpha']:>4} {r['queries']:>3} "
+            f"{f('pallas_kernel_us', '%8.1f')} {f('pallas_kernel_tb_s', '%5.2f')} "
+            f"{f('pallas_e2e_us', '%8.1f')} {f('xla_gather_e2e_us', '%8.1f')} "
+            f"{f('speedup_vs_xla_gather', '%6.2f')} {f('dense_cudnn_us', '%8.1f')} "
+            f"{f('speedup_vs_dense_cudnn', '%7.2f')}")
+
+
+def plot(path: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  res = json.load(open(path))
+  rows = res["sweep"]
+  fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+  for layout, ls in (("llada8b", "-"), ("dream7b", "--")):
+    for alpha, c in zip((0.1, 0.25, 0.5, 1.0), ("C0", "C1", "C2", "C3")):
+      rr = sorted([r for r in rows if r["layout"] == layout and r["alpha"] == alpha
+                   and r["queries"] == 32 and "pallas_e2e_us" in r], key=lambda r: r["ctx"])
+      if not rr:
+        continue
+      x = [r["ctx"] // 1024 for r in rr]
+      axes[0].plot(x, [r["pallas_kernel_tb_s"] for r in rr], ls, color=c, marker="o",
+                   label=f"{layout} a={alpha}")
+      axes[1].plot(x, [r.get("speedup_vs_xla_gather", np.nan) for r in rr], ls, color=c,
+                   marker="o", label=f"{layout} a={alpha}")
+      axes[2].plot(x, [r.get("speedup_vs_dense_cudnn", np.nan) for r in rr], ls, color=c,
+                   marker="o", label=f"{layout} a={alpha}")
+  copy = res.get("copy", {}).get("copy_tb_s")
+  if copy:
+    axes[0].axhline(copy, color="k", lw=0.8, label="device copy")
+    axes[0].axhline(0.7 * copy, color="k", lw=0.8, ls=":", label="70% of copy")
+  axes[1].axhline(3.0, color="k", lw=0.8, ls=":", label="3x target")
+  axes[2].axhline(1.0, color="k", lw=0.8, ls=":")
+  titles = ("Pallas kernel: TB/s over bytes it must read", "speed-up vs XLA gather (end to end)",
+            "speed-up vs dense cuDNN over whole cache")
+  for ax, title in zip(axes, titles):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (K tokens), 32 queries, bf16, block 64")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[1].set_yscale("log")
+  axes[2].set_yscale("log")
+  axes[0].legend(fontsize=7, ncol=2)
+  fig.suptitle(f"block_sparse_attention on {res['device']}, jax {res['jax']}, {res['date']}")
+  fig.tight_layout()
+  out = os.path.splitext(path)[0] + ".png"
+  fig.savefig(out, dpi=110)
+  return out
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--phases", default="check,copy,tune,sweep")
+  ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  ap.add_argument("--block-size", type=int, default=64)
+  ap.add_argument("--grid", default="partial", choices=("partial", "full"))
+  ap.add_argument("--cfg", default=None, help="JSON {layout: kernel_config} for the sweep")
+  ap.add_argument("--plot", default=None)
+  ap.add_argument("--smoke", action="store_true")
+  ap.add_argument("--tune-set", default="wide", choices=("wide", "diag"))
+  ap.add_argument("--ctxs", default=None, help="comma-separated contexts for the sweep")
+  a = ap.parse_args()
+  global CTXS, TUNE_SET
+  TUNE_SET = a.tune_set
+  if a.ctxs:
+    CTXS = [int(c) for c in a.ctxs.split(",")]
+  if a.smoke:
+    global SMOKE, TARGET_CTX
+    SMOKE, CTXS, TARGET_CTX = True, [512], 512
+  if a.plot:
+    print(plot(a.plot))
+    return
+  sa, da = _import_kernels()
+  import jax
+  dev = jax.devices()[0]
+  res = dict(device=dev.device_kind, jax=jax.__version__, platform=dev.platform,
+             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             block_size=a.block_size, generation_len=GEN, batch=1, selection="per kv head")
+  phases = a.phases.split(",")
+  name = "kernels_" + dev.device_kind.replace(" ", "_").lower() + ".json"
+  os.makedirs(a.out, exist_ok=True)
+  path = os.path.join(a.out, name)
+
+  def save():
+    with open(path, "w") as f:
+      json.dump(res, f, indent=1)
+
+  t0 = time.time()
+  if "check" in phases:
+    res["check"] = phase_check(sa)
+    save()
+  if "copy" in phases:
+    res["copy"] = phase_copy()
+    save()
+  if "tune" in phases:
+    res["tune"] = phase_tune(sa, a.block_size)
+    save()
+  if "diag" in phases:
+    res["diag"] = phase_diag(sa, a.block_size)
+    save()
+  if "sweep" in phases:
+    res["sweep"] = phase_sweep(sa, da, a.block_size, a.grid, json.loads(a.cfg) if a.cfg else None)
+    save()
+  res["wall_s"] = time.time() - t0
+  save()
+  summary(res)
+
+
+if __name__ == "__main__":
+  main()

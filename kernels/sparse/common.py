@@ -1,0 +1,233 @@
+"""Shared pieces of the block-sparse attention kernels: selection metadata, references, merges.
+
+The selection is normalised once, outside the kernel bodies (as splash attention keeps its block
+metadata apart): the kernels then walk a sorted, duplicate-free list of in-range blocks that each
+intersect the prompt range, plus the blocks covering the response range.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+# Running max of an empty softmax row: finite, so merges never compute inf - inf.
+NEG_INIT = -1e30
+
+
+class Selection(NamedTuple):
+  """Normalised selection: what the fast kernels rely on.
+
+  indices: [B, G, N] int32, the distinct selected block ids in increasing order, each in range and
+    intersecting [prompt_start, response_start); entries at and beyond `counts` repeat the last
+    valid id (0 when there is none), so a pipelined kernel re-uses the block it already holds.
+  counts: [B, G] int32, number of valid leading entries.
+  prompt_start, response_start, response_end: [B] int32, clipped so that
+    0 <= prompt_start <= response_start <= response_end <= S.
+  """
+  indices: jax.Array
+  counts: jax.Array
+  prompt_start: jax.Array
+  response_start: jax.Array
+  response_end: jax.Array
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+  return -(-seq_len // block_size)
+
+
+def clip_ranges(prompt_start, response_start, response_end, seq_len: int):
+  """Clips the runtime ranges into 0 <= ps <= rs <= re <= S (a kernel cannot raise on values)."""
+  rs = jnp.clip(response_start.astype(jnp.int32), 0, seq_len)
+  re = jnp.clip(response_end.astype(jnp.int32), rs, seq_len)
+  ps = jnp.clip(prompt_start.astype(jnp.int32), 0, rs)
+  return ps, rs, re
+
+
+def normalize_selection(block_indices: jax.Array, block_counts: jax.Array,
+                        prompt_start: jax.Array, response_start: jax.Array,
+                        response_end: jax.Array, *, block_size: int, seq_len: int) -> Selection:
+  """Dedups and sorts the ids, drops out-of-range and out-of-prompt ones, counts what is left."""
+  chex.assert_rank(block_indices, 3)
+  bsz, g, n = block_indices.shape
+  chex.assert_shape(block_counts, (bsz, g))
+  chex.assert_shape([prompt_start, response_start, response_end], (bsz,))
+  nb = num_blocks(seq_len, block_size)
+  ps, rs, re = clip_ranges(prompt_start, response_start, response_end, seq_len)
+  idx = block_indices.astype(jnp.int32)
+  pos = jnp.arange(n, dtype=jnp.int32)
+  first = (ps // block_size)[:, None, None]
+  stop = jnp.where(rs > ps, -(-rs // block_size), 0)[:, None, None]  # exclusive
+  valid = ((pos < block_counts.astype(jnp.int32)[..., None]) & (idx >= 0) & (idx < nb)
+           & (idx >= first) & (idx < stop))
+  # A block bitmap instead of sorting: O(N + nb) scatters, and the compaction comes out sorted.
+  bi = jnp.arange(bsz)[:, None, None]
+  gi = jnp.arange(g)[None, :, None]
+  hit = jnp.zeros((bsz, g, nb + 1), bool).at[bi, gi, jnp.where(valid, idx, nb)].set(True)
+  hit = hit[..., :nb]
+  counts = jnp.sum(hit, axis=-1, dtype=jnp.int32)
+  rank = jnp.cumsum(hit, axis=-1, dtype=jnp.int32) - 1
+  slot = jnp.where(hit, rank, n)  # slot n is out of range: dropped
+  ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (bsz, g, nb))
+  key = jnp.zeros((bsz, g, n), jnp.int32).at[bi, gi, slot].set(ids, mode="drop")
+  last = jnp.take_along_axis(key, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  last = jnp.where(counts[..., None] > 0, last, 0)
+  key = jnp.where(pos < counts[..., None], key, last)
+  return Selection(key, counts, ps, rs, re)
+
+
+def response_blocks(rs: jax.Array, re: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+  """First block id and number of blocks covering keys [rs, re)."""
+  first = rs // block_size
+  n = jnp.where(re > rs, (re - 1) // block_size - first + 1, 0)
+  return first, n.astype(jnp.int32)
+
+
+def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
+                 extra_k, extra_v, extra_valid, block_size):
+  """Shape checks at the public boundary; raises early with a readable message."""
+  chex.assert_rank([q, k, v], 4)
+  chex.assert_equal_shape([k, v])
+  bsz, _, hq, d = q.shape
+  _, _, hkv, dk = k.shape
+  if k.shape[0] != bsz or dk != d:
+    raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
+  if hq % hkv:
+    raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
+  chex.assert_rank(block_indices, 3)
+  g = block_indices.shape[1]
+  if block_indices.shape[0] != bsz or g not in (1, hkv):
+    raise ValueError(f"block_indices must be [B, 1 or Hkv={hkv}, N], got {block_indices.shape}")
+  chex.assert_shape(block_counts, (bsz, g))
+  chex.assert_shape([prompt_start, response_start, response_end], (bsz,))
+  if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+    raise TypeError(f"block_indices must be integer, got {block_indices.dtype}")
+  if not isinstance(block_size, int) or block_size <= 0:
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if (extra_k is None) != (extra_v is None) or (extra_k is None) != (extra_valid is None):
+    raise ValueError("extra_k, extra_v and extra_valid come together or not at all")
+  if extra_k is not None:
+    chex.assert_rank([extra_k, extra_v], 4)
+    chex.assert_equal_shape([extra_k, extra_v])
+    if extra_k.shape[0] != bsz or extra_k.shape[2:] != (hkv, d):
+      raise ValueError(f"extra_k must be [B, E, Hkv, D], got {extra_k.shape}")
+    if extra_valid.shape not in (extra_k.shape[:2], extra_k.shape[:3]):
+      raise ValueError(f"extra_valid must be [B, E] or per kv head [B, E, Hkv] = "
+                       f"{extra_k.shape[:3]}, got {extra_valid.shape}")
+
+
+def extra_valid_per_head(extra_valid: jax.Array, hkv: int) -> jax.Array:
+  """[B, E] or [B, E, Hkv] -> [B, Hkv, E]: a sink may be valid for some heads only (a head that
+  already attends to it inside a kept block must not count it twice)."""
+  if extra_valid.ndim == 2:
+    return jnp.broadcast_to(extra_valid[:, None, :], (extra_valid.shape[0], hkv,
+                                                      extra_valid.shape[1]))
+  return jnp.swapaxes(extra_valid, 1, 2)
+
+
+def default_scale(scale: float | None, d: int) -> float:
+  return 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Partial softmax results, layout [B, Hkv, R, ...] with R = G*T rows ordered (g, t).
+
+class Partial(NamedTuple):
+  """An unnormalised softmax partial: out = acc / l, with running max m."""
+  acc: jax.Array  # [B, Hkv, R, D] float32
+  m: jax.Array    # [B, Hkv, R] float32 (NEG_INIT where no key was seen)
+  l: jax.Array    # [B, Hkv, R] float32 (0 where no key was seen)
+
+
+def group_queries(q: jax.Array, hkv: int) -> jax.Array:
+  """q [B, T, Hq, D] -> [B, Hkv, G*T, D], rows (g, t): the G query heads of one kv head together."""
+  b, t, hq, d = q.shape
+  g = hq // hkv
+  return q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+
+
+def ungroup_rows(o: jax.Array, t: int) -> jax.Array:
+  """[B, Hkv, G*T, D] -> [B, T, Hq, D]."""
+  b, hkv, r, d = o.shape
+  g = r // t
+  return o.reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d)
+
+
+def merge_partials(parts: list[Partial]) -> jax.Array:
+  """Log-sum-exp merge of partials; rows that saw no key at all become zeros."""
+  m = parts[0].m
+  for p in parts[1:]:
+    m = jnp.maximum(m, p.m)
+  l = jnp.zeros_like(m)
+  acc = jnp.zeros_like(parts[0].acc)
+  for p in parts:
+    w = jnp.exp(p.m - m)
+    l = l + w * p.l
+    acc = acc + w[..., None] * p.acc
+  return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+
+def dense_partial(qg: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
+                  scale: float) -> Partial:
+  """Partial over a small dense key segment: qg [B, Hkv, R, D], k/v [B, E, Hkv, D],
+  valid [B, E] or [B, E, Hkv]."""
+  s = jnp.einsum("bhrd,behd->bhre", qg, k, preferred_element_type=jnp.float32,
+                 precision=jax.lax.Precision.HIGHEST) * scale
+  s = jnp.where(extra_valid_per_head(valid, k.shape[2])[:, :, None, :], s, -jnp.inf)
+  m = jnp.maximum(jnp.max(s, axis=-1), NEG_INIT)
+  p = jnp.exp(s - m[..., None])
+  l = jnp.sum(p, axis=-1)
+  acc = jnp.einsum("bhre,behd->bhrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                   precision=jax.lax.Precision.HIGHEST)
+  return Partial(acc, m, l)
+
+
+# ----------------------------------------------------------------------------------------------
+def selection_key_mask(block_indices, block_counts, prompt_start, response_start, response_end, *,
+                       block_size: int, seq_len: int) -> jax.Array:
+  """[B, G, S] bool: the keys the contract says a query attends to (extra keys aside)."""
+  bsz, g, n = block_indices.shape
+  nb = num_blocks(seq_len, block_size)
+  ps, rs, re = clip_ranges(prompt_start, response_start, response_end, seq_len)
+  idx = block_indices.astype(jnp.int32)
+  ok = (jnp.arange(n) < block_counts[..., None]) & (idx >= 0) & (idx < nb)
+  onehot = (idx[..., None] == jnp.arange(nb)) & ok[..., None]  # [B, G, N, nb]
+  chosen = jnp.any(onehot, axis=2)  # [B, G, nb]: a set, so duplicates count once
+  pos = jnp.arange(seq_len)
+  in_block = jnp.take(chosen, pos // block_size, axis=-1)  # [B, G, S]
+  prompt = (pos >= ps[:, None]) & (pos < rs[:, None])
+  resp = (pos >= rs[:, None]) & (pos < re[:, None])
+  return (in_block & prompt[:, None]) | resp[:, None]
+
+
+def reference_block_sparse_attention(q, k, v, block_indices, block_counts, prompt_start,
+                                     response_start, response_end, extra_k=None, extra_v=None,
+                                     extra_valid=None, *, block_size: int,
+                                     scale: float | None = None) -> jax.Array:
+  """The semantics, by a dense mask over the whole cache, in float32 (for tests; O(S) memory)."""
+  check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
+               extra_k, extra_v, extra_valid, block_size)
+  bsz, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  scale = default_scale(scale, d)
+  mask = selection_key_mask(block_indices, block_counts, prompt_start, response_start,
+                            response_end, block_size=block_size, seq_len=s_len)
+  mask = jnp.broadcast_to(mask, (bsz, hkv, s_len))
+  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  if extra_k is not None:
+    kf = jnp.concatenate([kf, extra_k.astype(jnp.float32)], axis=1)
+    vf = jnp.concatenate([vf, extra_v.astype(jnp.float32)], axis=1)
+    ev = extra_valid_per_head(extra_valid, hkv)
+    mask = jnp.concatenate([mask, ev], axis=-1)
+  qg = group_queries(q.astype(jnp.float32), hkv)  # [B, Hkv, R, D]
+  s = jnp.einsum("bhrd,bshd->bhrs", qg, kf, precision=jax.lax.Precision.HIGHEST) * scale
+  s = jnp.where(mask[:, :, None, :], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum("bhrs,bshd->bhrd", p, vf, precision=jax.lax.Precision.HIGHEST)
+  o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+  return ungroup_rows(o, t).astype(q.dtype)

@@ -1,0 +1,172 @@
+"""Block-sparse attention on GPU: a Pallas kernel with the Triton lowering (Ampere and Hopper).
+
+Decode-style split-KV. The grid is (batch * kv head, query-row tile, KV split). A program walks its
+share of the work items of its (batch, kv head): the normalised selected prompt blocks, then the
+blocks covering the response range; each item is one [block_size, D] tile of K and of V, read in
+place from the [B, S, Hkv, D] cache (the G query heads of a kv head share it: GQA without repeats).
+It writes an unnormalised partial (acc, m, l); a small XLA step merges the splits by log-sum-exp.
+Block ids are runtime inputs loaded inside the kernel (the GPU lowerings have no scalar prefetch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from focus_jax.kernels.sparse import common
+
+NUM_SMS_GUESS = 132  # H100/H200; only steers the default number of splits
+
+
+def supported(q_shape, k_shape, block_size: int) -> str | None:
+  """None when the kernel handles these shapes, else why not."""
+  d = q_shape[-1]
+  s_len = k_shape[1]
+  if d < 16 or d & (d - 1):
+    return f"head dim {d} is not a power of two >= 16"
+  if block_size < 16 or block_size & (block_size - 1):
+    return f"block_size {block_size} is not a power of two >= 16"
+  if s_len < block_size:
+    return f"cache length {s_len} is shorter than a block"
+  return None
+
+
+def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int) -> dict:
+  """Heuristic tile sizes: rows per program, and enough splits to fill the GPU a few times."""
+  rows_p2 = max(16, pl.next_power_of_2(rows))
+  block_m = min(rows_p2, 64)
+  m_tiles = rows_p2 // block_m
+  items = max(1, n_sel + n_resp_max)
+  want = 4 * NUM_SMS_GUESS
+  splits = max(1, min(-(-want // (bsz * hkv * m_tiles)), -(-items // 4), 64))
+  return dict(block_m=block_m, num_splits=splits, num_warps=4, num_stages=2)
+
+
+def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_size: int,
+            num_splits: int, seq_len: int, scale: float, n_sel: int, static_items: int):
+  bs = block_size
+  split = pl.program_id(2)
+  count = meta_ref[0]
+  ps = meta_ref[1]
+  rs = meta_ref[2]
+  re = meta_ref[3]
+  resp_first = rs // bs
+  n_resp = jnp.where(re > rs, (re - 1) // bs - resp_first + 1, 0)
+  total = count + n_resp
+  if static_items:  # a fixed trip count: each program walks `static_items` slots, masked past total
+    per = static_items
+  else:
+    per = (total + num_splits - 1) // num_splits
+  lo_item = jnp.minimum(split * per, total)
+  hi_item = jnp.minimum(lo_item + per, total)
+
+  q = q_ref[...]  # [block_m, D]
+  block_m, d = q.shape
+  offs = jnp.arange(bs, dtype=jnp.int32)
+
+  def body(i, carry):
+    acc, m, l = carry
+    if static_items:
+      live = lo_item + i < hi_item
+      i = jnp.minimum(lo_item + i, jnp.maximum(hi_item - 1, 0))
+    is_sel = i < count
+    blk_sel = sel_ref[jnp.minimum(i, n_sel - 1)]
+    blk = jnp.where(is_sel, blk_sel, resp_first + (i - count))
+    start = blk * bs
+    lo = jnp.where(is_sel, jnp.maximum(start, ps), jnp.maximum(start, rs))
+    hi = jnp.where(is_sel, jnp.minimum(start + bs, rs), jnp.minimum(start + bs, re))
+    w = jnp.minimum(start, seq_len - bs)  # the tile stays inside the cache when S % bs != 0
+    win = pl.ds(w, bs)
+    k = k_ref[win, :]
+    v = v_ref[win, :]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    pos = w + offs
+    ok = (pos >= lo) & (pos < hi)
+    if static_items:
+      ok = ok & live
+    s = jnp.where(ok[None, :], s * scale, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    corr = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    l = l * corr + jnp.sum(p, axis=1)
+    acc = acc * corr[:, None] + lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc, m_new, l
+
+  init = (jnp.zeros((block_m, d), jnp.float32), jnp.full((block_m,), common.NEG_INIT, jnp.float32),
+          jnp.zeros((block_m,), jnp.float32))
+  if static_items:
+    acc, m, l = lax.fori_loop(0, static_items, body, init)
+  else:
+    acc, m, l = lax.fori_loop(lo_item, hi_item, body, init)
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
+                   block_size: int, scale: float, block_m: int, num_splits: int, num_warps: int,
+                   num_stages: int, static_loop: bool = False, n_resp_max: int = 0,
+                   interpret: bool = False) -> common.Partial:
+  """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection."""
+  bsz, hkv, rows, d = qg.shape
+  s_len = k.shape[1]
+  g, n = sel.indices.shape[1:]
+  rows_pad = max(block_m, -(-rows // block_m) * block_m)
+  if rows_pad != rows:
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+  m_tiles = rows_pad // block_m
+  n_pad = max(2, pl.next_power_of_2(n))  # power-of-two refs are what Triton likes
+  idx = sel.indices
+  if n_pad != n:
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, n_pad - n)), mode="edge")
+  meta = jnp.stack([sel.counts,
+                    jnp.broadcast_to(sel.prompt_start[:, None], (bsz, g)),
+                    jnp.broadcast_to(sel.response_start[:, None], (bsz, g)),
+                    jnp.broadcast_to(sel.response_end[:, None], (bsz, g))], axis=-1)
+  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 4))).astype(jnp.int32)  # [B, G, 8]
+  per_head = g > 1
+
+  def gsel(bh):
+    return bh % hkv if per_head else 0
+
+  static_items = -(-(n + n_resp_max) // num_splits) if static_loop else 0
+  kernel = functools.partial(_kernel, block_size=block_size, num_splits=num_splits,
+                             seq_len=s_len, scale=scale, n_sel=n_pad, static_items=static_items)
+  grid = (bsz * hkv, m_tiles, num_splits)
+  acc, m, l = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((None, None, n_pad), lambda bh, mt, sp: (bh // hkv, gsel(bh), 0)),
+          pl.BlockSpec((None, None, 8), lambda bh, mt, sp: (bh // hkv, gsel(bh), 0)),
+          pl.BlockSpec((None, None, block_m, d), lambda bh, mt, sp: (bh // hkv, bh % hkv, mt, 0)),
+          pl.BlockSpec((None, s_len, None, d), lambda bh, mt, sp: (bh // hkv, 0, bh % hkv, 0)),
+          pl.BlockSpec((None, s_len, None, d), lambda bh, mt, sp: (bh // hkv, 0, bh % hkv, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, block_m, d),
+                       lambda bh, mt, sp: (bh // hkv, bh % hkv, sp, mt, 0)),
+          pl.BlockSpec((None, None, None, block_m), lambda bh, mt, sp: (bh // hkv, bh % hkv, sp, mt)),
+          pl.BlockSpec((None, None, None, block_m), lambda bh, mt, sp: (bh // hkv, bh % hkv, sp, mt)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((bsz, hkv, num_splits, rows_pad, d), jnp.float32),
+          jax.ShapeDtypeStruct((bsz, hkv, num_splits, rows_pad), jnp.float32),
+          jax.ShapeDtypeStruct((bsz, hkv, num_splits, rows_pad), jnp.float32),
+      ],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="block_sparse_attention_split_kv",
+  )(idx, meta, qg, k, v)
+  # Merge the splits here (one fused XLA reduction); the caller merges extra segments on top.
+  mx = jnp.max(m, axis=2)
+  w = jnp.exp(m - mx[:, :, None])
+  l_tot = jnp.sum(w * l, axis=2)
+  acc_tot = jnp.sum(w[..., None] * acc, axis=2)
+  return common.Partial(acc_tot[:, :, :rows], mx[:, :, :rows], l_tot[:, :, :rows])

@@ -1,0 +1,132 @@
+"""Block-sparse attention of a Focus step: few queries over selected prompt blocks + the response.
+
+Semantics (defined by `reference_block_sparse_attention`): each query row softmaxes over the union
+of (a) the keys of the selected prompt blocks that lie in [prompt_start, response_start),
+(b) the keys [response_start, response_end), always, and (c) the valid keys of the extra dense
+segment (the sinks, gathered by the caller). The selection is a set: duplicate ids count once,
+ids at or beyond the count and out-of-range ids (< 0 or >= ceil(S / block_size)) are ignored.
+Extra keys are separate keys: the kernel cannot tell whether a sink also lies in a selected block,
+so a caller that wants each key once marks such sinks invalid in `extra_valid`.
+A query row that sees no key at all returns zeros. Ranges are clipped into
+0 <= prompt_start <= response_start <= response_end <= S. bf16 in, float32 accumulation.
+
+Implementations: "pallas_gpu" (Pallas, Triton lowering; split-KV), "pallas_tpu" (Pallas Mosaic-TPU;
+scalar-prefetched block list), "xla_gather" (gather the blocks, then dense attention: the
+baseline), "reference" (dense mask over the whole cache; for tests). "auto" picks the Pallas kernel
+of the backend when the shapes suit it, else "xla_gather".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from focus_jax.kernels.sparse import common
+from focus_jax.kernels.sparse import gpu as _gpu
+from focus_jax.kernels.sparse import tpu as _tpu
+from focus_jax.kernels.sparse import xla_gather as _xla
+from focus_jax.kernels.sparse.common import Selection, normalize_selection
+from focus_jax.kernels.sparse.common import reference_block_sparse_attention
+
+__all__ = ["block_sparse_attention", "block_sparse_attention_normalized", "normalize_selection", "reference_block_sparse_attention",
+           "Selection", "IMPLEMENTATIONS", "resolve_implementation"]
+
+IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "xla_gather", "reference")
+
+
+def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_size: int) -> str:
+  """The implementation "auto" stands for on the current backend (explicit names pass through)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation != "auto":
+    return implementation
+  backend = jax.default_backend()
+  if backend == "gpu" and _gpu.supported(q_shape, k_shape, block_size) is None:
+    return "pallas_gpu"
+  if backend == "tpu" and _tpu.supported(q_shape, k_shape, dtype, block_size) is None:
+    return "pallas_tpu"
+  return "xla_gather"
+
+
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array,
+                           block_counts: jax.Array, prompt_start: jax.Array,
+                           response_start: jax.Array, response_end: jax.Array,
+                           extra_k: jax.Array | None = None, extra_v: jax.Array | None = None,
+                           extra_valid: jax.Array | None = None, *, block_size: int,
+                           scale: float | None = None, implementation: str = "auto",
+                           max_response_len: int | None = None,
+                           interpret: bool | object = False,
+                           kernel_config: dict | None = None) -> jax.Array:
+  """q [B,T,Hq,D], k/v [B,S,Hkv,D], block_indices [B,G,N] (G = 1 or Hkv) -> [B,T,Hq,D] in q.dtype.
+
+  Beyond the contract, all optional: `max_response_len` is a static upper bound on
+  response_end - response_start (the XLA path slices a window of that length, the TPU kernel sizes
+  its grid by it; without it both assume the whole cache, correct but slower); `interpret` runs a
+  Pallas kernel in interpret mode (True, or `pltpu.InterpretParams()` for the TPU kernel);
+  `kernel_config` overrides the GPU kernel's tiling (block_m, num_splits, num_warps, num_stages).
+  """
+  common.check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start,
+                      response_end, extra_k, extra_v, extra_valid, block_size)
+  impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
+  scale_f = common.default_scale(scale, q.shape[-1])
+  if impl == "reference":
+    return reference_block_sparse_attention(
+        q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
+        extra_k, extra_v, extra_valid, block_size=block_size, scale=scale)
+  sel = normalize_selection(block_indices, block_counts, prompt_start, response_start,
+                            response_end, block_size=block_size, seq_len=k.shape[1])
+  return block_sparse_attention_normalized(
+      q, k, v, sel, extra_k, extra_v, extra_valid, block_size=block_size, scale=scale_f,
+      implementation=impl, max_response_len=max_response_len, interpret=interpret,
+      kernel_config=kernel_config)
+
+
+def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection,
+                                      extra_k: jax.Array | None = None,
+                                      extra_v: jax.Array | None = None,
+                                      extra_valid: jax.Array | None = None, *, block_size: int,
+                                      scale: float | None = None, implementation: str = "auto",
+                                      max_response_len: int | None = None,
+                                      interpret: bool | object = False,
+                                      kernel_config: dict | None = None) -> jax.Array:
+  """`block_sparse_attention` on a selection already made by `normalize_selection`.
+
+  For callers that normalise once and attend several times, and for timing the kernels alone.
+  """
+  impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
+  if impl == "reference":
+    raise ValueError("the reference takes the raw selection: call block_sparse_attention")
+  scale_f = common.default_scale(scale, q.shape[-1])
+  bsz, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  if impl == "xla_gather":
+    return _xla.xla_gather_attention(q, k, v, sel, extra_k, extra_v, extra_valid,
+                                     block_size=block_size, scale=scale_f,
+                                     max_response_len=max_response_len)
+  nb = common.num_blocks(s_len, block_size)
+  if max_response_len is None:
+    n_resp_max = nb
+  else:
+    n_resp_max = min(nb, -(-int(max_response_len) // block_size) + 1)
+  qg = common.group_queries(q, hkv)
+  if impl == "pallas_gpu":
+    why = _gpu.supported(q.shape, k.shape, block_size)
+    if why:
+      raise ValueError(f"pallas_gpu cannot run this: {why}")
+    cfg = _gpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2],
+                              n_resp_max if max_response_len is not None else 4)
+    cfg.update(kernel_config or {})
+    if cfg.get("static_loop"):
+      cfg["n_resp_max"] = n_resp_max
+    part = _gpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,
+                               interpret=bool(interpret), **cfg)
+  else:  # pallas_tpu
+    why = _tpu.supported(q.shape, k.shape, q.dtype, block_size)
+    if why:
+      raise ValueError(f"pallas_tpu cannot run this: {why}")
+    part = _tpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,
+                               n_resp_blocks=n_resp_max, interpret=interpret)
+  parts = [part]
+  if extra_k is not None:
+    parts.append(common.dense_partial(qg, extra_k, extra_v, extra_valid, scale_f))
+  return common.ungroup_rows(common.merge_partials(parts), t).astype(q.dtype)
