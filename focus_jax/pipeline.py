@@ -22,7 +22,6 @@ import numpy as np
 from focus_jax import presets, sharding
 from focus_jax.decoding import make_denoiser
 from focus_jax.models.config import ModelConfig
-from focus_jax.models.transformer import Transformer
 from focus_jax.sampling import dream_rule, generate_tokens, llada_rule
 
 
@@ -43,9 +42,8 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
   mesh = mesh or sharding.make_mesh()
   if source in presets.PRESETS:
     config = presets.preset(source, dtype)
-    shardings = sharding.param_shardings(config, mesh)
-    init = jax.jit(Transformer(config).init_params, out_shardings=shardings)
-    params = init(jax.random.key(seed))
+    params = presets.random_params(config, jax.random.key(seed),
+                                   sharding.param_shardings(config, mesh))
     tokenizer = presets.tiny_tokenizer() if source == "tiny" else None
     return Model(config, params, tokenizer, name=f"{source} (random weights)")
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
@@ -97,7 +95,9 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
                       block_length=block_length, **sampler_options)
   denoiser = make_denoiser(model.config, mode, **(decoding_options or {}))
-  args = (model.params, jnp.asarray(prompt), jnp.asarray(prompt_mask), jax.random.key(seed))
+  # An unpadded batch needs no mask (cuDNN's unmasked path is the fast one).
+  mask = None if prompt_mask is None or np.all(prompt_mask) else jnp.asarray(prompt_mask)
+  args = (model.params, jnp.asarray(prompt), mask, jax.random.key(seed))
   kwargs = dict(config=model.config, rule=rule, denoiser=denoiser, gen_length=gen_length,
                 block_length=block_length, cfg_scale=cfg_scale)
   t0 = time.perf_counter()

@@ -89,8 +89,8 @@ class FocusDenoiser:
     cache = kv.KVCache.empty(self.config, b, canvas.length)
     reps, block_valid = self._representatives(cache, canvas)
     stats = _new_stats(self.config.n_layers) if self.focus.diagnostics else {}
-    none = jnp.zeros((b, w), bool)
-    return FocusState(cache, reps, block_valid, stats, none, none)
+    return FocusState(cache, reps, block_valid, stats, jnp.zeros((b, w), bool),
+                      jnp.zeros((b, w), bool))
 
   def window_logits(self, params, canvas: Canvas, state: FocusState, ctx: StepContext):
     b, w = ctx.masked.shape
