@@ -12,6 +12,7 @@ not change the result.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Sequence
 
@@ -49,7 +50,12 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
   from focus_jax.checkpoints_convert import load_model  # pylint: disable=g-import-not-at-top
   config, params = load_model(source, mesh=mesh, dtype=dtype)
-  return Model(config, params, tokenization.load_tokenizer(source), name=source)
+  try:
+    tokenizer = tokenization.load_tokenizer(source)
+  except FileNotFoundError as e:  # weights shipped without tokenizer files
+    logging.warning("%s: no tokenizer (%s); generate_ids still works with token ids", source, e)
+    tokenizer = None
+  return Model(config, params, tokenizer, name=source)
 
 
 def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int,

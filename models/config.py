@@ -146,6 +146,14 @@ def from_hf_config(hf_dir: str, dtype: str = "bfloat16") -> ModelConfig:
   with open(path) as f:
     hf = json.load(f)
   model_type = hf.get("model_type", "")
+  if hf.get("rope_scaling"):
+    raise ValueError(f"{path}: rope_scaling={hf['rope_scaling']!r} is not supported (only a plain "
+                     "rope_theta); convert a checkpoint whose RoPE base is in rope_theta")
+  for key in ("eos_token_id", "pad_token_id", "mask_token_id"):
+    if isinstance(hf.get(key), list):  # some configs list several ids: the first is the main one
+      if not hf[key]:
+        raise ValueError(f"{path}: {key} is an empty list")
+      hf[key] = hf[key][0]
   if model_type == "llada":
     d_model = _require(hf, "d_model", path)
     n_heads = _require(hf, "n_heads", path)
