@@ -48,6 +48,7 @@ SMOKE = False  # --smoke: tiny shapes in interpret mode, to test this script on 
 CTXS = [8192, 16384, 32768, 65536, 131072]
 TARGET_CTX = 32768
 TUNE_SET = "wide"
+CHECK_IMPLS = ["pallas_gpu", "xla_gather"]
 
 
 def timeit(fn, args, reps: int = 7) -> tuple[float, float]:
@@ -181,7 +182,7 @@ def phase_check(sa) -> list[dict]:
                jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
                jnp.asarray(rng.random((b, e)) < 0.6)]
     ref = np.asarray(sa.reference_block_sparse_attention(*args, block_size=bs), np.float64)
-    for impl in ("pallas_gpu", "xla_gather"):
+    for impl in CHECK_IMPLS:
       try:
         out = np.asarray(jax.jit(lambda *a: sa.block_sparse_attention(
             *a, block_size=bs, implementation=impl, interpret=SMOKE))(*args), np.float64)
@@ -236,25 +237,31 @@ def phase_tune(sa, block_size: int) -> list[dict]:
     layers = layers_for(layout, TARGET_CTX)
     p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, layers)
     args = (p["q"], p["ks"], p["vs"], p["idx"], p["cnt"], p["ranges"])
-    for cfg in [None] + tune_configs(layout):
+    jobs = [("pallas_gpu", c) for c in [None] + tune_configs(layout)]
+    if "jax_triton" in CHECK_IMPLS and TUNE_SET == "diag":
+      jobs += [("jax_triton", c) for c in tune_configs(layout) if not c.get("static_loop")
+               and not c.get("prefetch")]
+    for impl, cfg in jobs:
       try:
-        t, first = timeit(sparse_fn(sa, "pallas_gpu", block_size, True, cfg), args)
+        t, first = timeit(sparse_fn(sa, impl, block_size, True, cfg), args)
         t /= layers
-        row = dict(layout=layout, cfg=cfg or "default", us=t * 1e6,
+        row = dict(layout=layout, impl=impl, cfg=cfg or "default", us=t * 1e6,
                    tb_s=p["bytes"] / t / 1e12, compile_s=first)
       except Exception as e:  # noqa: BLE001
-        row = dict(layout=layout, cfg=cfg or "default", error=repr(e)[:300])
+        row = dict(layout=layout, impl=impl, cfg=cfg or "default", error=repr(e)[:300])
       print("TUNE", row, flush=True)
       rows.append(row)
   return rows
 
 
 DIAG_CFGS = {
-    "llada8b": [dict(block_m=32, num_splits=sp, num_warps=4, num_stages=ns, static_loop=st)
-                for st in (False, True) for sp in (8, 32) for ns in (2, 4)],
-    "dream7b": [dict(block_m=bm, num_splits=sp, num_warps=nw, num_stages=ns, static_loop=st)
-                for st in (False, True) for (bm, nw) in ((64, 4), (128, 8)) for sp in (16,)
-                for ns in (2, 4)],
+    "llada8b": [dict(block_m=32, num_splits=sp, num_warps=4, num_stages=ns, static_loop=st,
+                     prefetch=pf)
+                for st in (False, True) for pf in (False, True) for sp in (8, 32) for ns in (2, 3)],
+    "dream7b": [dict(block_m=bm, num_splits=16, num_warps=nw, num_stages=ns, static_loop=st,
+                     prefetch=pf)
+                for st in (False, True) for pf in (False, True) for (bm, nw) in ((64, 4), (128, 8))
+                for ns in (2, 3)],
 }
 
 
@@ -265,11 +272,15 @@ def phase_diag(sa, block_size: int) -> list[dict]:
   for layout in LAYOUTS:
     p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, 1)
     args = (p["q"], p["ks"], p["vs"], p["idx"], p["cnt"], p["ranges"])
-    for cfg in DIAG_CFGS[layout]:
-      f = sparse_fn(sa, "pallas_gpu", block_size, True, cfg)
+    for impl, cfg in [("pallas_gpu", c) for c in DIAG_CFGS[layout]] + [
+        ("jax_triton", c) for c in DIAG_CFGS[layout] if not c.get("static_loop")
+        and not c.get("prefetch")]:
+      if impl == "jax_triton" and "jax_triton" not in CHECK_IMPLS:
+        continue
+      f = sparse_fn(sa, impl, block_size, True, cfg)
       for _ in range(2):
         jax.block_until_ready(f(*args))
-      rows.append(dict(layout=layout, cfg=cfg, bytes=p["bytes"]))
+      rows.append(dict(layout=layout, impl=impl, cfg=cfg, bytes=p["bytes"]))
       print("DIAG", rows[-1], flush=True)
     f = sparse_fn(sa, "pallas_gpu", block_size, False, None)
     for _ in range(2):
@@ -346,13 +357,11 @@ def summary(res: dict) -> None:
   if copy:
     print(f"copy bandwidth {copy:.2f} TB/s; target 70% = {0.7 * copy:.2f} TB/s")
   if "tune" in res:
-    for layout in LAYOUTS:
-      tr = [r for r in res["tune"] if r["layout"] == layout and "us" in r]
-      if tr:
-        best = min(tr, key=lambda r: r["us"])
-        dflt = [r for r in tr if r["cfg"] == "default"]
-        print(f"tune {layout}: best {best['us']:.1f} us {best['tb_s']:.2f} TB/s {best['cfg']}; "
-              f"default {dflt[0]['us'] if dflt else float('nan'):.1f} us")
+    for r in sorted(res["tune"], key=lambda r: (r["layout"], r.get("us", 1e9))):
+      c = r["cfg"]
+      c = c if isinstance(c, str) else " ".join(f"{k[:6]}={int(v)}" for k, v in c.items())
+      print(f"tune {r['layout']:8} {r.get('impl', ''):10} {r.get('us', float('nan')):8.1f} us "
+            f"{r.get('tb_s', float('nan')):5.2f} TB/s  {c} {r.get('error', '')[:80]}")
   if "sweep" in res:
     print(f"{'layout':8} {'ctx':>6} {'a':>4} {'T':>3} {'kern us':>8} {'TB/s':>5} {'e2e us':>8} "
           f"{'xla us':>8} {'x xla':>6} {'cudnn us':>8} {'x dense':>7}")
@@ -422,6 +431,11 @@ def main() -> None:
   a = ap.parse_args()
   global CTXS, TUNE_SET
   TUNE_SET = a.tune_set
+  try:
+    import jax_triton  # noqa: F401  (optional: carried as a wheel to the GPU machine)
+    CHECK_IMPLS.append("jax_triton")
+  except ImportError:
+    pass
   if a.ctxs:
     CTXS = [int(c) for c in a.ctxs.split(",")]
   if a.smoke:

@@ -11,7 +11,8 @@ A query row that sees no key at all returns zeros. Ranges are clipped into
 0 <= prompt_start <= response_start <= response_end <= S. bf16 in, float32 accumulation.
 
 Implementations: "pallas_gpu" (Pallas, Triton lowering; split-KV), "pallas_tpu" (Pallas Mosaic-TPU;
-scalar-prefetched block list), "xla_gather" (gather the blocks, then dense attention: the
+scalar-prefetched block list), "jax_triton" (the split-KV kernel hand-written in Triton; needs the
+optional jax_triton package and a CUDA GPU), "xla_gather" (gather the blocks, then dense attention: the
 baseline), "reference" (dense mask over the whole cache; for tests). "auto" picks the Pallas kernel
 of the backend when the shapes suit it, else "xla_gather".
 """
@@ -31,7 +32,7 @@ from focus_jax.kernels.sparse.common import reference_block_sparse_attention
 __all__ = ["block_sparse_attention", "block_sparse_attention_normalized", "normalize_selection", "reference_block_sparse_attention",
            "Selection", "IMPLEMENTATIONS", "resolve_implementation"]
 
-IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "xla_gather", "reference")
+IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "jax_triton", "xla_gather", "reference")
 
 
 def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_size: int) -> str:
@@ -109,17 +110,21 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   else:
     n_resp_max = min(nb, -(-int(max_response_len) // block_size) + 1)
   qg = common.group_queries(q, hkv)
-  if impl == "pallas_gpu":
+  if impl in ("pallas_gpu", "jax_triton"):
     why = _gpu.supported(q.shape, k.shape, block_size)
     if why:
-      raise ValueError(f"pallas_gpu cannot run this: {why}")
+      raise ValueError(f"{impl} cannot run this: {why}")
     cfg = _gpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2],
                               n_resp_max if max_response_len is not None else 4)
     cfg.update(kernel_config or {})
     if cfg.get("static_loop"):
       cfg["n_resp_max"] = n_resp_max
-    part = _gpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,
-                               interpret=bool(interpret), **cfg)
+    if impl == "jax_triton":
+      from focus_jax.kernels.sparse import triton_kernel as _triton
+      part = _triton.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f, **cfg)
+    else:
+      part = _gpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,
+                                 interpret=bool(interpret), **cfg)
   else:  # pallas_tpu
     why = _tpu.supported(q.shape, k.shape, q.dtype, block_size)
     if why:

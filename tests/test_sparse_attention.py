@@ -3,6 +3,8 @@ brute force, and the selection normaliser's guarantees. Pallas kernels run in in
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,6 +15,11 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from focus_jax.kernels import sparse_attention as sa
+
+
+def _jit(fn, **static):
+  """One XLA compile per test instead of op-by-op dispatch (much faster on CPU)."""
+  return jax.jit(functools.partial(fn, **static))
 
 
 def _interpret_params():
@@ -174,8 +181,8 @@ def test_matches_reference(impl, kw, case):
   if kw.get("interpret") == "params":
     kw["interpret"] = _interpret_params()
   args, bs = make_case(100 + case, **CASES[case])
-  ref = sa.reference_block_sparse_attention(*args, block_size=bs)
-  out = sa.block_sparse_attention(*args, block_size=bs, implementation=impl, **kw)
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(*args)
+  out = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl, **kw)(*args)
   assert out.shape == args[0].shape and out.dtype == args[0].dtype
   assert bool(jnp.all(jnp.isfinite(out)))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
@@ -188,9 +195,9 @@ def test_matches_reference(impl, kw, case):
 def test_cache_not_multiple_of_block_size():
   # The last block is partial: the GPU kernel clamps its tile into the cache, the XLA path pads.
   args, bs = make_case(7, s=300, bs=32, n=8, pattern="all")
-  ref = sa.reference_block_sparse_attention(*args, block_size=bs)
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(*args)
   for impl, kw in (("xla_gather", {}), ("pallas_gpu", {"interpret": True})):
-    out = sa.block_sparse_attention(*args, block_size=bs, implementation=impl, **kw)
+    out = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl, **kw)(*args)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
@@ -198,8 +205,9 @@ def test_cache_not_multiple_of_block_size():
                                      ("pallas_tpu", {"interpret": True})])
 def test_bf16_and_scale(impl, kw):
   args, bs = make_case(11, hq=8, hkv=2, t=8, dtype=jnp.bfloat16)
-  ref = sa.reference_block_sparse_attention(*args, block_size=bs, scale=0.05)
-  out = sa.block_sparse_attention(*args, block_size=bs, scale=0.05, implementation=impl, **kw)
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs, scale=0.05)(*args)
+  out = _jit(sa.block_sparse_attention, block_size=bs, scale=0.05, implementation=impl,
+             **kw)(*args)
   assert out.dtype == jnp.bfloat16
   err = np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref, np.float32))
   assert err / np.linalg.norm(np.asarray(ref, np.float32)) < 1e-2
@@ -208,15 +216,16 @@ def test_bf16_and_scale(impl, kw):
 def test_gpu_kernel_tilings_and_normalized_entry():
   # Several row tiles and splits (more splits than items too), through the pre-normalised entry.
   args, bs = make_case(13, hq=8, hkv=2, t=12, n=5)
-  ref = sa.reference_block_sparse_attention(*args, block_size=bs)
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(*args)
   q, k, v, idx, cnt, ps, rs, re, *extra = args
   sel = sa.normalize_selection(idx, cnt, ps, rs, re, block_size=bs, seq_len=k.shape[1])
-  for cfg in (dict(block_m=16, num_splits=1), dict(block_m=16, num_splits=7),
-              dict(block_m=16, num_splits=3, static_loop=True),
+  for cfg in (dict(block_m=16, num_splits=3, static_loop=True),
+              dict(block_m=16, num_splits=5, prefetch=True),
+              dict(block_m=16, num_splits=4, static_loop=True, prefetch=True),
               dict(block_m=32, num_splits=64)):
-    out = sa.block_sparse_attention_normalized(q, k, v, sel, *extra, block_size=bs,
-                                               implementation="pallas_gpu", interpret=True,
-                                               kernel_config=cfg)
+    out = _jit(sa.block_sparse_attention_normalized, block_size=bs,
+               implementation="pallas_gpu", interpret=True, kernel_config=cfg)(
+                   q, k, v, sel, *extra)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
@@ -228,7 +237,7 @@ def test_jit_and_auto_on_cpu():
                                                "auto", args[0].shape, args[1].shape,
                                                args[0].dtype, bs))
   f = jax.jit(lambda *a: sa.block_sparse_attention(*a, block_size=bs))
-  ref = sa.reference_block_sparse_attention(*args, block_size=bs)
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(*args)
   np.testing.assert_allclose(np.asarray(f(*args)), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 

@@ -48,7 +48,8 @@ def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int) -
 
 
 def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_size: int,
-            num_splits: int, seq_len: int, scale: float, n_sel: int, static_items: int):
+            num_splits: int, seq_len: int, scale: float, n_sel: int, static_items: int,
+            prefetch: bool):
   bs = block_size
   split = pl.program_id(2)
   count = meta_ref[0]
@@ -69,26 +70,29 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, bl
   block_m, d = q.shape
   offs = jnp.arange(bs, dtype=jnp.int32)
 
-  def body(i, carry):
-    acc, m, l = carry
-    if static_items:
-      live = lo_item + i < hi_item
-      i = jnp.minimum(lo_item + i, jnp.maximum(hi_item - 1, 0))
+  def slot(j):
+    """Loop counter -> (item index, clamped to a real tile; whether the slot holds an item)."""
+    i = lo_item + j if static_items else j
+    live = i < hi_item
+    return jnp.minimum(i, jnp.maximum(total - 1, 0)), live
+
+  def tile(i):
+    """Item -> (tile start, first and last+1 key of the item inside the tile)."""
     is_sel = i < count
-    blk_sel = sel_ref[jnp.minimum(i, n_sel - 1)]
-    blk = jnp.where(is_sel, blk_sel, resp_first + (i - count))
+    blk = jnp.where(is_sel, sel_ref[jnp.minimum(i, n_sel - 1)], resp_first + (i - count))
     start = blk * bs
     lo = jnp.where(is_sel, jnp.maximum(start, ps), jnp.maximum(start, rs))
     hi = jnp.where(is_sel, jnp.minimum(start + bs, rs), jnp.minimum(start + bs, re))
     w = jnp.minimum(start, seq_len - bs)  # the tile stays inside the cache when S % bs != 0
-    win = pl.ds(w, bs)
-    k = k_ref[win, :]
-    v = v_ref[win, :]
+    return w, lo, hi
+
+  def load(w):
+    return k_ref[pl.ds(w, bs), :], v_ref[pl.ds(w, bs), :]
+
+  def attend(acc, m, l, k, v, w, lo, hi, live):
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     pos = w + offs
-    ok = (pos >= lo) & (pos < hi)
-    if static_items:
-      ok = ok & live
+    ok = (pos >= lo) & (pos < hi) & live
     s = jnp.where(ok[None, :], s * scale, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     corr = jnp.exp(m - m_new)
@@ -100,10 +104,29 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, bl
 
   init = (jnp.zeros((block_m, d), jnp.float32), jnp.full((block_m,), common.NEG_INIT, jnp.float32),
           jnp.zeros((block_m,), jnp.float32))
-  if static_items:
-    acc, m, l = lax.fori_loop(0, static_items, body, init)
+  j_lo, j_hi = (0, static_items) if static_items else (lo_item, hi_item)
+
+  if not prefetch:
+    def body(j, carry):
+      i, live = slot(j)
+      w, lo, hi = tile(i)
+      k, v = load(w)
+      return attend(*carry, k, v, w, lo, hi, live)
+    acc, m, l = lax.fori_loop(j_lo, j_hi, body, init)
   else:
-    acc, m, l = lax.fori_loop(lo_item, hi_item, body, init)
+    # Register double-buffering: the next item's K/V loads are issued before this item's math,
+    # so a dependent (index -> address -> tile) load chain never stalls the loop.
+    def body(j, carry):
+      acc, m, l, k, v, w, lo, hi, live = carry
+      i_n, live_n = slot(j + 1)
+      w_n, lo_n, hi_n = tile(i_n)
+      k_n, v_n = load(w_n)
+      acc, m, l = attend(acc, m, l, k, v, w, lo, hi, live)
+      return acc, m, l, k_n, v_n, w_n, lo_n, hi_n, live_n
+    i0, live0 = slot(j_lo)
+    w0, lo0, hi0 = tile(i0)
+    k0, v0 = load(w0)
+    acc, m, l, *_ = lax.fori_loop(j_lo, j_hi, body, (*init, k0, v0, w0, lo0, hi0, live0))
   acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
@@ -111,8 +134,8 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, bl
 
 def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
                    block_size: int, scale: float, block_m: int, num_splits: int, num_warps: int,
-                   num_stages: int, static_loop: bool = False, n_resp_max: int = 0,
-                   interpret: bool = False) -> common.Partial:
+                   num_stages: int, static_loop: bool = False, prefetch: bool = False,
+                   n_resp_max: int = 0, interpret: bool = False) -> common.Partial:
   """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection."""
   bsz, hkv, rows, d = qg.shape
   s_len = k.shape[1]
@@ -137,7 +160,8 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
 
   static_items = -(-(n + n_resp_max) // num_splits) if static_loop else 0
   kernel = functools.partial(_kernel, block_size=block_size, num_splits=num_splits,
-                             seq_len=s_len, scale=scale, n_sel=n_pad, static_items=static_items)
+                             seq_len=s_len, scale=scale, n_sel=n_pad, static_items=static_items,
+                             prefetch=prefetch)
   grid = (bsz * hkv, m_tiles, num_splits)
   acc, m, l = pl.pallas_call(
       kernel,
