@@ -126,7 +126,7 @@ def main(argv):
                           block_length=FLAGS.block, **sampler)
       b, w = FLAGS.batch, FLAGS.block
       state = denoiser.init_state(params, canvas)
-      ctx = StepContext(block_start=jnp.int32(context), block_entry=jnp.bool_(True),
+      ctx = StepContext(block_start=jnp.int32(context), block_entry=True,
                         block_index=jnp.int32(0), masked=jnp.ones((b, w), bool), prev_confidence=jnp.linspace(
                             0, 1, w)[None].repeat(b, 0), planned_unmask=jnp.ones((b,), jnp.int32))
       step = jax.jit(lambda p, s, c: denoiser.window_logits(p, canvas, s, c)[::2],
@@ -142,7 +142,7 @@ def main(argv):
           # The entry of a later block: a full refresh, or what the refresh economy makes of it.
           later = ctx.replace(block_index=jnp.int32(1), block_start=jnp.int32(context + w))
           row["later_entry_s"], state = timed_steps(step, params, state, later, repeats=3)
-          sparse_ctx = ctx.replace(block_entry=jnp.bool_(False))
+          sparse_ctx = ctx.replace(block_entry=False)
           row["sparse_step_s"], state = timed_steps(step, params, state, sparse_ctx, repeats=10)
           del state
           args = (params, prompt, prompt_mask, jax.random.key(0))

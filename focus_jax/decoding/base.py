@@ -38,11 +38,12 @@ class StepContext:
   """What a denoiser may know about the step it serves."""
 
   block_start: jax.Array  # int32 scalar: canvas index of the current block's first position
-  block_entry: jax.Array  # bool scalar: first step of the block (caches refresh here)
   block_index: jax.Array  # int32 scalar: which block of the generation region
   masked: jax.Array  # [B, W] bool: still-masked positions of the block window
   prev_confidence: jax.Array  # [B, W] float32: last step's confidences (-inf where unknown)
   planned_unmask: jax.Array  # [B] int32: tokens the sampler plans to unmask this step (k)
+  # Static: the block's first step (caches refresh here), traced separately from the others.
+  block_entry: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 class Denoiser(Protocol):

@@ -60,14 +60,26 @@ class RefreshPolicy:
 FULL_REFRESH, RESPONSE_REFRESH, CACHED_STEP = 0, 1, 2
 
 
-def step_kind(policy: RefreshPolicy, block_entry: jax.Array, block_index: jax.Array) -> jax.Array:
-  """int32 branch index: FULL_REFRESH, RESPONSE_REFRESH or CACHED_STEP."""
-  refresh_now = block_entry & (block_index % policy.every_blocks == 0)
+def entry_kind(policy: RefreshPolicy, block_index: jax.Array) -> int | jax.Array:
+  """What a block's entry step does: FULL_REFRESH, RESPONSE_REFRESH or CACHED_STEP.
+
+  A Python int under the default policy (the entry then needs no conditional), else a traced
+  int32 for `lax.switch` (once per block).
+  """
+  if policy.every_blocks == 1 and not policy.reuse_prompt_kv:
+    return FULL_REFRESH
+  full = jnp.int32(FULL_REFRESH)
   if policy.reuse_prompt_kv:
-    kind = jnp.where(block_index == 0, FULL_REFRESH, RESPONSE_REFRESH)
-  else:
-    kind = jnp.int32(FULL_REFRESH)
-  return jnp.where(refresh_now, kind, CACHED_STEP).astype(jnp.int32)
+    full = jnp.where(block_index == 0, FULL_REFRESH, RESPONSE_REFRESH)
+  return jnp.where(block_index % policy.every_blocks == 0, full, CACHED_STEP).astype(jnp.int32)
+
+
+def run_entry(policy: RefreshPolicy, block_index: jax.Array, branches, operand):
+  """Runs branches[entry_kind] on the operand (statically when the kind is static)."""
+  kind = entry_kind(policy, block_index)
+  if isinstance(kind, int):
+    return branches[kind](operand)
+  return jax.lax.switch(kind, branches, operand)
 
 
 def response_queries(config: ModelConfig, canvas: Canvas, batch: int,

@@ -54,13 +54,16 @@ class _CachedDenoiser:
       return kv.response_window_logits(self.config, params, canvas, hidden, ctx.block_start,
                                        w), c
 
+    def step(c):
+      return self._step(params, canvas, c, ctx)
+
     if self.refresh_every_step:
       logits, cache = full_refresh(cache)
+    elif ctx.block_entry:
+      logits, cache = kv.run_entry(self.refresh, ctx.block_index,
+                                   [full_refresh, response_refresh, step], cache)
     else:
-      kind = kv.step_kind(self.refresh, ctx.block_entry, ctx.block_index)
-      logits, cache = jax.lax.switch(
-          kind, [full_refresh, response_refresh, lambda c: self._step(params, canvas, c, ctx)],
-          cache)
+      logits, cache = step(cache)
     return logits, None, cache
 
 

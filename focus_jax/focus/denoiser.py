@@ -119,8 +119,10 @@ class FocusDenoiser:
     def sparse(s: FocusState):
       return self._sparse_step(params, canvas, s, ctx)
 
-    kind = kv.step_kind(self.refresh, ctx.block_entry, ctx.block_index)
-    return jax.lax.switch(kind, [full_refresh, response_refresh, sparse], state)
+    if not ctx.block_entry:
+      return sparse(state)
+    return kv.run_entry(self.refresh, ctx.block_index, [full_refresh, response_refresh, sparse],
+                        state)
 
   def _sparse_step(self, params, canvas: Canvas, state: FocusState, ctx: StepContext):
     cfg, mcfg = self.focus, self.config
@@ -163,8 +165,10 @@ class FocusDenoiser:
   def after_step(self, state: FocusState, ctx: StepContext, committed: jax.Array) -> FocusState:
     if not self.focus.diagnostics:
       return state
-    sparse = (kv.step_kind(self.refresh, ctx.block_entry, ctx.block_index)
-              == kv.CACHED_STEP).astype(jnp.float32)
+    sparse = jnp.float32(1.0)
+    if ctx.block_entry:
+      sparse = (jnp.asarray(kv.entry_kind(self.refresh, ctx.block_index))
+                == kv.CACHED_STEP).astype(jnp.float32)
     stats = dict(state.stats)
     stats["committed"] += sparse * jnp.sum(committed)
     stats["committed_in_focus"] += sparse * jnp.sum(committed & state.last_focus)

@@ -1,10 +1,10 @@
 """The denoising loop shared by every sampler and decoding mode: one `lax.while_loop`.
 
-The canvas is [prompt | MASK x gen_length], decoded block by block (semi-autoregressive). Each
-iteration is one denoising step of the current block:
+The canvas is [prompt | MASK x gen_length], decoded block by block (semi-autoregressive). An outer
+loop walks the blocks; each block runs its entry step (where caches refresh), then an inner
+loop of steps until no masked position is left in the block. Each step:
   1. the `Denoiser` computes the block's logits (full forward, cached, or Focus-sparse);
-  2. the sampler's `UnmaskRule` picks tokens and which masked positions to commit;
-  3. when no masked position is left in the block, the loop moves to the next block.
+  2. the sampler's `UnmaskRule` picks tokens and which masked positions to commit.
 Moving on when the block is empty (rather than after a fixed step count) is what the fixed
 schedules reach anyway, and it is what threshold parallel decoding needs. Everything is carried
 functionally in `LoopState`; there is no host sync inside.
@@ -107,24 +107,21 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
       confidence=jnp.full((b, w), NEG_INF, jnp.float32), rng=rng, num_steps=jnp.int32(0),
       denoiser_state=denoiser.init_state(params, model_canvas(canvas.tokens)))
 
-  def cond(s: LoopState):
-    return (s.block < num_blocks) & (s.num_steps < max_steps)
-
-  def body(s: LoopState):
+  def one_step(s: LoopState, entry: bool) -> LoopState:
+    """One denoising step of the current block; `entry` (static) marks the block's first."""
     start = canvas.prompt_length + s.block * w
     block_tokens = window(s.tokens, start, w)
     masked = block_tokens == mask_token_id
-    entry = s.step_in_block == 0
-    schedule = jax.tree.map(lambda new, old: jnp.where(entry, new, old),
-                            rule.block_schedule(masked), s.schedule)
-    planned = rule.planned_unmask(schedule, s.step_in_block, masked)
+    schedule = rule.block_schedule(masked) if entry else s.schedule
+    step = jnp.int32(0) if entry else s.step_in_block
+    planned = rule.planned_unmask(schedule, step, masked)
+    prev_confidence = jnp.full((b, w), NEG_INF, jnp.float32) if entry else s.confidence
     ctx = StepContext(block_start=start, block_entry=entry, block_index=s.block, masked=masked,
-                      prev_confidence=jnp.where(entry, NEG_INF, s.confidence),
-                      planned_unmask=planned)
+                      prev_confidence=prev_confidence, planned_unmask=planned)
     c = model_canvas(s.tokens)
     if use_cfg:
       ctx = ctx.replace(masked=jnp.concatenate([masked, masked]),
-                        prev_confidence=jnp.concatenate([ctx.prev_confidence] * 2),
+                        prev_confidence=jnp.concatenate([prev_confidence] * 2),
                         planned_unmask=jnp.concatenate([planned, planned]))
     logits, computed, dstate = denoiser.window_logits(params, c, s.denoiser_state, ctx)
     if use_cfg:
@@ -134,19 +131,29 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
     rng, step_rng = jax.random.split(s.rng)
     # Only positions whose logits were recomputed may be committed (Focus runs a subset).
     candidates = masked if computed is None else masked & computed
-    new_block, confidence = rule.apply(step_rng, logits, block_tokens, candidates, schedule,
-                                       s.step_in_block)
+    new_block, confidence = rule.apply(step_rng, logits, block_tokens, candidates, schedule, step)
     if computed is not None:  # keep the last known confidence where nothing was recomputed
-      confidence = jnp.where(computed, confidence, jnp.where(masked, ctx.prev_confidence[:b],
-                                                             NEG_INF))
+      confidence = jnp.where(computed, confidence, jnp.where(masked, prev_confidence, NEG_INF))
     committed = new_block != block_tokens
     dstate = denoiser.after_step(dstate, ctx, jnp.concatenate([committed] * 2)
                                  if use_cfg else committed)
-    tokens = set_window(s.tokens, start, new_block)
-    done = ~jnp.any(new_block == mask_token_id)
     return LoopState(
-        tokens=tokens, block=s.block + done.astype(jnp.int32),
-        step_in_block=jnp.where(done, 0, s.step_in_block + 1), schedule=schedule,
-        confidence=confidence, rng=rng, num_steps=s.num_steps + 1, denoiser_state=dstate)
+        tokens=set_window(s.tokens, start, new_block), block=s.block, step_in_block=step + 1,
+        schedule=schedule, confidence=confidence, rng=rng, num_steps=s.num_steps + 1,
+        denoiser_state=dstate)
 
-  return jax.lax.while_loop(cond, body, state)
+  def block_masked(s: LoopState) -> jax.Array:
+    start = canvas.prompt_length + s.block * w
+    return jnp.any(window(s.tokens, start, w) == mask_token_id)
+
+  def block_body(s: LoopState) -> LoopState:
+    # The entry step (where caches refresh) is straight-line code and the block's other steps
+    # an inner loop: a conditional choosing between them would take the KV cache as an operand
+    # of each branch, and XLA then copies the whole cache on every step.
+    s = one_step(s, entry=True)
+    s = jax.lax.while_loop(lambda s: block_masked(s) & (s.num_steps < max_steps),
+                           lambda s: one_step(s, entry=False), s)
+    return s.replace(block=s.block + 1, step_in_block=jnp.int32(0))
+
+  return jax.lax.while_loop(lambda s: (s.block < num_blocks) & (s.num_steps < max_steps),
+                            block_body, state)
