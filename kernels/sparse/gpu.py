@@ -37,14 +37,18 @@ def supported(q_shape, k_shape, block_size: int) -> str | None:
 
 
 def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int) -> dict:
-  """Heuristic tile sizes: rows per program, and enough splits to fill the GPU a few times."""
+  """Tile sizes from the H100 tuning at 32K (benchmarks/results/kernels_*.json, "tune").
+
+  Rows per program up to 64 (a GQA group of 28 heads x 32 queries takes 4 row tiles), about two
+  programs per SM (more splits only add merge work and tail effects), 3 pipeline stages.
+  """
   rows_p2 = max(16, pl.next_power_of_2(rows))
   block_m = min(rows_p2, 64)
-  m_tiles = rows_p2 // block_m
+  m_tiles = -(-rows // block_m)
   items = max(1, n_sel + n_resp_max)
-  want = 4 * NUM_SMS_GUESS
+  want = 2 * NUM_SMS_GUESS
   splits = max(1, min(-(-want // (bsz * hkv * m_tiles)), -(-items // 4), 64))
-  return dict(block_m=block_m, num_splits=splits, num_warps=4, num_stages=2)
+  return dict(block_m=block_m, num_splits=splits, num_warps=4, num_stages=3)
 
 
 def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_size: int,
