@@ -93,6 +93,12 @@ def step_bytes(cfg, context: int, mode: str, focus_knobs: dict) -> float:
   return weights + kv_per_token_layer * context * (dense + alpha * (cfg.n_layers - dense))
 
 
+def save(results):
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump({"date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=1)
+
+
 def main(argv):
   del argv
   cfg = presets.preset(FLAGS.model)
@@ -101,7 +107,7 @@ def main(argv):
   copy_tbps = FLAGS.copy_tbps or (4.3 if "H200" in gpu else 2.88)
   focus_knobs = parse_knobs(FLAGS.focus)
   t0 = time.perf_counter()
-  params = presets.random_params(cfg, jax.random.key(0))
+  params = presets.random_params(cfg, 0)
   jax.block_until_ready(params)
   print(f"{gpu}: {FLAGS.model} random params in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
@@ -163,6 +169,7 @@ def main(argv):
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         print(row["error"], flush=True)
         results.append(row)
+        save(results)
         continue
       row["tokens_per_s"] = FLAGS.batch * FLAGS.gen / row["seconds"]
       stats = device.memory_stats() or {}
@@ -185,9 +192,7 @@ def main(argv):
       results.append(row)
       print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                         for k, v in row.items()}), flush=True)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump({"date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=1)
+      save(results)  # after every row: a run cut short keeps what it measured
   print("\ncontext variant                       tok/s  compile_s  refresh_s  sparse_ms  floor_tok/s  peak_GiB")
   for r in results:
     if "error" in r:

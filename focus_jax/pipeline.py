@@ -43,8 +43,7 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
   mesh = mesh or sharding.make_mesh()
   if source in presets.PRESETS:
     config = presets.preset(source, dtype)
-    params = presets.random_params(config, jax.random.key(seed),
-                                   sharding.param_shardings(config, mesh))
+    params = presets.random_params(config, seed, sharding.param_shardings(config, mesh))
     tokenizer = presets.tiny_tokenizer() if source == "tiny" else None
     return Model(config, params, tokenizer, name=f"{source} (random weights)")
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top

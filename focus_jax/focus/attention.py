@@ -16,9 +16,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning, sinks
 from focus_jax.focus.config import FocusConfig
-from focus_jax.kernels import dense_attention
 from focus_jax.kernels.sparse_attention import block_sparse_attention
 from focus_jax.kernels.sparse.common import selection_key_mask
 
@@ -62,8 +62,8 @@ class FocusAttend:
                                               self.focus.n_sink)
         carry = carry.replace(sink_positions=positions, sink_valid=valid)
       else:
-        out = dense_attention.attention(q, k_cache, v_cache, key_valid=self.key_valid,
-                                        implementation=self.attention_impl)
+        out = kv.dense_over_cache(q, k_cache, v_cache, self.key_valid, self.prompt_start,
+                                  self.prompt_length, self.attention_impl)
       if self.focus.diagnostics:
         n_keys = k_cache.shape[1] if self.key_valid is None else jnp.mean(
             jnp.sum(self.key_valid, axis=1))

@@ -1,0 +1,97 @@
+"""Where a cached step's time goes: a device trace of a few steps, summed by kernel name.
+
+    python benchmarks/profile_step.py --model=llada_8b --context=32768 --modes=focus,dual_cache
+
+Writes a JSON of the top kernels per mode (total microseconds over the traced steps) and prints
+a table. Uses JAX's Perfetto trace (no TensorBoard needed).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+from focus_jax import presets
+from focus_jax.decoding import StepContext, make_denoiser
+from focus_jax.sampling import loop
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "llada_8b", "preset")
+flags.DEFINE_integer("context", 32768, "prompt length")
+flags.DEFINE_list("modes", ["focus", "dual_cache"], "modes (knobs as in e2e.py: mode+k=v)")
+flags.DEFINE_integer("steps", 5, "traced steps")
+flags.DEFINE_string("out", "benchmarks/results/profile_step.json", "JSON output")
+
+
+def kernel_times(trace_dir: str) -> dict[str, float]:
+  """Sums the durations of device events by name from the Perfetto JSON trace."""
+  files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
+  if not files:
+    raise FileNotFoundError(f"no Perfetto trace under {trace_dir}")
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {p for p, name in pids.items() if "/device:" in name}
+  if not device:  # CPU runs: host events (for checking this script without a GPU)
+    device = set(pids)
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device:
+      totals[e["name"]] += float(e.get("dur", 0))
+  return dict(totals)
+
+
+def main(argv):
+  del argv
+  cfg = presets.preset(FLAGS.model)
+  params = presets.random_params(cfg, 0)
+  prompt = jnp.zeros((1, FLAGS.context), jnp.int32) + 7
+  canvas = loop.make_canvas(prompt, None, 256, 32, cfg.mask_token_id)
+  report = {}
+  for spec in FLAGS.modes:
+    mode, *extra = spec.split("+")
+    options = dict(kv.split("=") for kv in extra)
+    denoiser = make_denoiser(cfg, mode, **options)
+    ctx = StepContext(block_start=jnp.int32(FLAGS.context), block_index=jnp.int32(0),
+                      masked=jnp.ones((1, 32), bool),
+                      prev_confidence=jnp.linspace(0, 1, 32)[None],
+                      planned_unmask=jnp.ones((1,), jnp.int32), block_entry=True)
+    step = jax.jit(lambda p, s, c: denoiser.window_logits(p, canvas, s, c)[::2],
+                   donate_argnums=(1,))
+    _, state = step(params, denoiser.init_state(params, canvas), ctx)
+    sparse = ctx.replace(block_entry=False)
+    _, state = jax.block_until_ready(step(params, state, sparse))
+    trace_dir = tempfile.mkdtemp()
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(FLAGS.steps):
+      _, state = step(params, state, sparse)
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    totals = kernel_times(trace_dir)
+    per_step = {k: v / FLAGS.steps for k, v in totals.items()}
+    total = sum(per_step.values())
+    top = sorted(per_step.items(), key=lambda kv: -kv[1])[:25]
+    report[spec] = {"device_us_per_step": total, "kernels_per_step": len(per_step),
+                    "top_us_per_step": top}
+    print(f"\n{spec}: {total / 1000:.2f} ms of kernels per step, {len(per_step)} distinct")
+    for name, us in top:
+      print(f"  {us:9.1f} us  {name[:100]}")
+    del state
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump({"gpu": jax.devices()[0].device_kind, "context": FLAGS.context, "modes": report},
+              f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
