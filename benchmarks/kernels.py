@@ -48,7 +48,7 @@ SMOKE = False  # --smoke: tiny shapes in interpret mode, to test this script on 
 CTXS = [8192, 16384, 32768, 65536, 131072]
 TARGET_CTX = 32768
 TUNE_SET = "wide"
-CHECK_IMPLS = ["pallas_gpu", "xla_gather"]
+CHECK_IMPLS = ["pallas_gpu"]
 
 
 def timeit(fn, args, reps: int = 7) -> tuple[float, float]:
@@ -375,6 +375,7 @@ def phase_sweep(sa, da, block_size: int, grid: str, cfgs: dict | None, out_path=
         for t in (8, 32, 64):
           if grid == "full" or t == 32 or ctx == TARGET_CTX:
             points.append((layout, ctx, alpha, t))
+  points.sort(key=lambda x: (x[1] != TARGET_CTX, x[3] != 32))  # the target's rows first
   dense_cache = {}
   overhead = None
   for layout, ctx, alpha, t in points:
@@ -542,21 +543,18 @@ def main() -> None:
       json.dump(res, f, indent=1)
 
   t0 = time.time()
-  if "check" in phases:
-    res["check"] = phase_check(sa)
-    save()
-  if "copy" in phases:
-    res["copy"] = phase_copy()
-    save()
-  if "tune" in phases:
-    res["tune"] = phase_tune(sa, a.block_size)
-    save()
-  if "diag" in phases:
-    res["diag"] = phase_diag(sa, a.block_size)
-    save()
-  if "sweep" in phases:
-    res["sweep"] = phase_sweep(sa, da, a.block_size, a.grid, json.loads(a.cfg) if a.cfg else None,
-                               path, res)
+  for ph in phases:
+    if ph == "check":
+      res["check"] = phase_check(sa)
+    elif ph == "copy":
+      res["copy"] = phase_copy()
+    elif ph == "tune":
+      res["tune"] = phase_tune(sa, a.block_size)
+    elif ph == "diag":
+      res["diag"] = phase_diag(sa, a.block_size)
+    elif ph == "sweep":
+      res["sweep"] = phase_sweep(sa, da, a.block_size, a.grid,
+                                 json.loads(a.cfg) if a.cfg else None, path, res)
     save()
   res["wall_s"] = time.time() - t0
   save()
