@@ -6,7 +6,8 @@ of (a) the keys of the selected prompt blocks that lie in [prompt_start, respons
 segment (the sinks, gathered by the caller). The selection is a set: duplicate ids count once,
 ids at or beyond the count and out-of-range ids (< 0 or >= ceil(S / block_size)) are ignored.
 Extra keys are separate keys: the kernel cannot tell whether a sink also lies in a selected block,
-so a caller that wants each key once marks such sinks invalid in `extra_valid`.
+so a caller that wants each key once marks such sinks invalid in `extra_valid` ([B, E], or
+[B, E, Hkv] when the validity differs per kv head).
 A query row that sees no key at all returns zeros. Ranges are clipped into
 0 <= prompt_start <= response_start <= response_end <= S. bf16 in, float32 accumulation.
 

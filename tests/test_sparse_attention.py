@@ -258,3 +258,30 @@ def test_clear_errors():
     sa.block_sparse_attention(*args, block_size=24, implementation="pallas_gpu", interpret=True)
   with pytest.raises(ValueError, match="pallas_tpu cannot"):
     sa.block_sparse_attention(*args, block_size=12, implementation="pallas_tpu", interpret=True)
+
+
+@pytest.mark.parametrize("impl,kw", [("xla_gather", {}), ("pallas_gpu", {"interpret": True}),
+                                     ("pallas_tpu", {"interpret": True})])
+def test_per_kv_head_extra_valid(impl, kw):
+  """Sinks may be valid for some kv heads only (Focus drops a sink from the heads whose kept
+  blocks already contain it): [B, E, Hkv] validity equals running each head with its own."""
+  rng = np.random.default_rng(3)
+  b, t, hq, hkv, d, s, bs, e = 2, 4, 4, 2, 128, 256, 32, 6
+  q = jnp.asarray(rng.normal(size=(b, t, hq, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, s, hkv, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, s, hkv, d)), jnp.float32)
+  ek = jnp.asarray(rng.normal(size=(b, e, hkv, d)), jnp.float32)
+  ev = jnp.asarray(rng.normal(size=(b, e, hkv, d)), jnp.float32)
+  valid = jnp.asarray(rng.random((b, e, hkv)) < 0.5)
+  idx = jnp.asarray([[[0, 2, 3]], [[1, 4, 5]]], jnp.int32)
+  args = (idx, jnp.full((b, 1), 3, jnp.int32), jnp.asarray([0, 9], jnp.int32),
+          jnp.full((b,), 224, jnp.int32), jnp.full((b,), s, jnp.int32))
+  got = sa.block_sparse_attention(q, k, v, *args, ek, ev, valid, block_size=bs,
+                                  implementation=impl, max_response_len=s - 224, **kw)
+  g = hq // hkv
+  for h in range(hkv):  # kv head h serves query heads h*g .. (h+1)*g - 1
+    want = sa.reference_block_sparse_attention(
+        q[:, :, h * g:(h + 1) * g], k[:, :, h:h + 1], v[:, :, h:h + 1], *args,
+        ek[:, :, h:h + 1], ev[:, :, h:h + 1], valid[:, :, h], block_size=bs)
+    np.testing.assert_allclose(np.asarray(got[:, :, h * g:(h + 1) * g]), np.asarray(want),
+                               atol=1e-4, rtol=1e-4)
