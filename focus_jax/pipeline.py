@@ -34,6 +34,7 @@ class Model:
   params: Any
   tokenizer: Any
   name: str = ""
+  mesh: jax.sharding.Mesh | None = None
 
 
 def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
@@ -45,7 +46,7 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
     config = presets.preset(source, dtype)
     params = presets.random_params(config, seed, sharding.param_shardings(config, mesh))
     tokenizer = presets.tiny_tokenizer() if source == "tiny" else None
-    return Model(config, params, tokenizer, name=f"{source} (random weights)")
+    return Model(config, params, tokenizer, name=f"{source} (random weights)", mesh=mesh)
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
   from focus_jax.checkpoints_convert import load_model  # pylint: disable=g-import-not-at-top
   config, params = load_model(source, mesh=mesh, dtype=dtype)
@@ -54,7 +55,7 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
   except FileNotFoundError as e:  # weights shipped without tokenizer files
     logging.warning("%s: no tokenizer (%s); generate_ids still works with token ids", source, e)
     tokenizer = None
-  return Model(config, params, tokenizer, name=source)
+  return Model(config, params, tokenizer, name=source, mesh=mesh)
 
 
 def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int,
@@ -99,7 +100,10 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   """Token-level entry point (prompts already tokenized and padded); compiles once per shape."""
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
                       block_length=block_length, **sampler_options)
-  denoiser = make_denoiser(model.config, mode, **(decoding_options or {}))
+  options = dict(decoding_options or {})
+  if model.mesh is not None:
+    options.setdefault("cache_sharding", sharding.kv_sharding(model.mesh))
+  denoiser = make_denoiser(model.config, mode, **options)
   # An unpadded batch needs no mask (cuDNN's unmasked path is the fast one).
   mask = None if prompt_mask is None or np.all(prompt_mask) else jnp.asarray(prompt_mask)
   args = (model.params, jnp.asarray(prompt), mask, jax.random.key(seed))

@@ -203,3 +203,39 @@ def test_refresh_economy_options(model, mode, economy, refreshes):
 def test_refresh_economy_rejects_bad_cadence():
   with pytest.raises(ValueError, match="every_blocks"):
     make_denoiser(tiny("llada"), "dual_cache", refresh_every_blocks=0)
+
+
+def test_caches_and_params_follow_the_mesh():
+  """On a 2-device mesh (model axis) parameters and every KV cache buffer are sharded over the
+  KV heads, and Focus still decodes (a subprocess, for the forced host device count)."""
+  import subprocess
+  import sys
+  code = """
+import jax, jax.numpy as jnp, numpy as np
+assert jax.device_count() == 2, jax.devices()
+import focus_jax
+from focus_jax import pipeline, sharding
+from focus_jax.decoding import make_denoiser
+from focus_jax.sampling import loop
+mesh = sharding.make_mesh(data=1, model=2)
+model = focus_jax.load("tiny", mesh=mesh)
+kernel = model.params["layers_0"]["k_proj"]["kernel"]
+assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 2, kernel.sharding
+canvas = loop.make_canvas(jnp.ones((1, 128), jnp.int32), None, 32, 16, model.config.mask_token_id)
+d = make_denoiser(model.config, "focus", cache_sharding=sharding.kv_sharding(mesh))
+state = jax.jit(lambda: d.init_state(model.params, canvas))()
+for buf in state.cache.k + state.cache.v:
+  assert buf.sharding.is_equivalent_to(sharding.kv_sharding(mesh), 4), buf.sharding
+  assert buf.addressable_shards[0].data.shape[2] == model.config.n_kv_heads // 2
+out = pipeline.generate_ids(model, np.ones((1, 128), np.int32), np.ones((1, 128), bool),
+                            mode="focus", gen_length=32, steps=32, block_length=16,
+                            decoding_options={"l_dense": 2, "prompt_block_size": 16})
+assert out.tokens.shape == (1, 32) and not (out.tokens == model.config.mask_token_id).any()
+print("ok")
+"""
+  import os
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=600)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

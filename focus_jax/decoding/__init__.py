@@ -21,6 +21,7 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
   economy `refresh_every_blocks` and `reuse_prompt_kv`, see `RefreshPolicy`)."""
   options = dict(options)
   if mode == "vanilla":
+    options.pop("cache_sharding", None)  # vanilla keeps no cache
     return VanillaDenoiser(config, **options)
   refresh = RefreshPolicy(every_blocks=options.pop("refresh_every_blocks", 1),
                           reuse_prompt_kv=options.pop("reuse_prompt_kv", False))
@@ -31,7 +32,8 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
   if mode == "focus":
     from focus_jax.focus import FocusConfig, FocusDenoiser  # pylint: disable=g-import-not-at-top
     impl = options.pop("attention_impl", "auto")
+    cache_sharding = options.pop("cache_sharding", None)
     if config.family == "dream":
       options.setdefault("dense_tail", DREAM_DENSE_TAIL)
-    return FocusDenoiser(config, FocusConfig(**options), impl, refresh)
+    return FocusDenoiser(config, FocusConfig(**options), impl, refresh, cache_sharding)
   raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")

@@ -31,10 +31,16 @@ class KVCache:
   v: tuple[jax.Array, ...]
 
   @classmethod
-  def empty(cls, config: ModelConfig, batch: int, length: int) -> KVCache:
+  def empty(cls, config: ModelConfig, batch: int, length: int, sharding=None) -> KVCache:
+    """Zeroed buffers, placed with `sharding` (batch over "data", KV heads over "model")."""
     shape = (batch, length, config.n_kv_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.n_layers))
-    return cls(k=zeros, v=tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.n_layers)))
+
+    def zeros():
+      z = jnp.zeros(shape, config.jnp_dtype)
+      return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
+
+    return cls(k=tuple(zeros() for _ in range(config.n_layers)),
+               v=tuple(zeros() for _ in range(config.n_layers)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ logits. Between refreshes:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +31,12 @@ class _CachedDenoiser:
   attention_impl: str = "auto"
   refresh_every_step: bool = False
   refresh: kv.RefreshPolicy = kv.RefreshPolicy()
+  cache_sharding: Any = None  # a NamedSharding for [B, L, Hkv, D] (focus_jax.sharding)
 
   def init_state(self, params, canvas: Canvas):
     del params
-    return kv.KVCache.empty(self.config, canvas.tokens.shape[0], canvas.length)
+    return kv.KVCache.empty(self.config, canvas.tokens.shape[0], canvas.length,
+                            self.cache_sharding)
 
   def after_step(self, state, ctx, committed):
     return state

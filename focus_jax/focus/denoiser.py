@@ -60,6 +60,7 @@ class FocusDenoiser:
   focus: FocusConfig = FocusConfig()
   attention_impl: str = "auto"
   refresh: kv.RefreshPolicy = kv.RefreshPolicy()
+  cache_sharding: Any = None  # a NamedSharding for [B, L, Hkv, D] (focus_jax.sharding)
 
   def __post_init__(self):
     self.focus.check(self.config.n_layers)
@@ -86,7 +87,7 @@ class FocusDenoiser:
   def init_state(self, params, canvas: Canvas) -> FocusState:
     del params
     b, w = canvas.tokens.shape[0], canvas.block_length
-    cache = kv.KVCache.empty(self.config, b, canvas.length)
+    cache = kv.KVCache.empty(self.config, b, canvas.length, self.cache_sharding)
     reps, block_valid = self._representatives(cache, canvas)
     stats = _new_stats(self.config.n_layers) if self.focus.diagnostics else {}
     return FocusState(cache, reps, block_valid, stats, jnp.zeros((b, w), bool),
