@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_jax import presets
-from focus_jax.decoding import StepContext, make_denoiser
+from focus_jax import presets, step_timing
+from focus_jax.decoding import make_denoiser
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning
 from focus_jax.sampling import generate_tokens, loop
@@ -60,17 +60,6 @@ def parse_knobs(text: str) -> dict:
     else:
       out[key] = {"true": True, "false": False}.get(value.lower(), value)
   return out
-
-
-def timed_steps(step, params, state, ctx, repeats: int):
-  """Median time of `step` (state donated and threaded through, as in the loop); new state."""
-  _, state = jax.block_until_ready(step(params, state, ctx))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    _, state = jax.block_until_ready(step(params, state, ctx))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), state
 
 
 def flops_forward(cfg, tokens: int, context: int) -> float:
@@ -130,27 +119,19 @@ def main(argv):
         sampler["alg"] = "maskgit_plus" if FLAGS.threshold else "entropy"
       rule = sampler_rule(cfg, steps=FLAGS.steps, gen_length=FLAGS.gen,
                           block_length=FLAGS.block, **sampler)
-      b, w = FLAGS.batch, FLAGS.block
-      state = denoiser.init_state(params, canvas)
-      ctx = StepContext(block_start=jnp.int32(context), block_entry=True,
-                        block_index=jnp.int32(0), masked=jnp.ones((b, w), bool), prev_confidence=jnp.linspace(
-                            0, 1, w)[None].repeat(b, 0), planned_unmask=jnp.ones((b,), jnp.int32))
-      step = jax.jit(lambda p, s, c: denoiser.window_logits(p, canvas, s, c)[::2],
-                     donate_argnums=(1,))
       try:
         if mode == "vanilla":
-          row["step_s"], state = timed_steps(step, params, state, ctx, repeats=3)
+          step = step_timing.jitted_step(denoiser, canvas)
+          row["step_s"], _ = step_timing.median_step_seconds(
+              step, params, denoiser.init_state(params, canvas),
+              step_timing.entry_context(canvas, FLAGS.batch), repeats=3)
           row["seconds"] = row["step_s"] * FLAGS.steps
           row["extrapolated_from_one_step"] = True
-          del state
         else:
-          row["refresh_s"], state = timed_steps(step, params, state, ctx, repeats=3)
-          # The entry of a later block: a full refresh, or what the refresh economy makes of it.
-          later = ctx.replace(block_index=jnp.int32(1), block_start=jnp.int32(context + w))
-          row["later_entry_s"], state = timed_steps(step, params, state, later, repeats=3)
-          sparse_ctx = ctx.replace(block_entry=False)
-          row["sparse_step_s"], state = timed_steps(step, params, state, sparse_ctx, repeats=10)
-          del state
+          times = step_timing.step_times(denoiser, params, canvas, repeats=10)
+          row["refresh_s"] = times["refresh_s"]
+          row["later_entry_s"] = times["later_entry_s"]
+          row["sparse_step_s"] = times["cached_step_s"]
           args = (params, prompt, prompt_mask, jax.random.key(0))
           kwargs = dict(config=cfg, rule=rule, denoiser=denoiser, gen_length=FLAGS.gen,
                         block_length=FLAGS.block)

@@ -19,8 +19,8 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from focus_jax import presets
-from focus_jax.decoding import StepContext, make_denoiser
+from focus_jax import presets, step_timing
+from focus_jax.decoding import make_denoiser
 from focus_jax.sampling import loop
 
 FLAGS = flags.FLAGS
@@ -62,12 +62,8 @@ def main(argv):
     mode, *extra = spec.split("+")
     options = dict(kv.split("=") for kv in extra)
     denoiser = make_denoiser(cfg, mode, **options)
-    ctx = StepContext(block_start=jnp.int32(FLAGS.context), block_index=jnp.int32(0),
-                      masked=jnp.ones((1, 32), bool),
-                      prev_confidence=jnp.linspace(0, 1, 32)[None],
-                      planned_unmask=jnp.ones((1,), jnp.int32), block_entry=True)
-    step = jax.jit(lambda p, s, c: denoiser.window_logits(p, canvas, s, c)[::2],
-                   donate_argnums=(1,))
+    ctx = step_timing.entry_context(canvas, 1)
+    step = step_timing.jitted_step(denoiser, canvas)
     _, state = step(params, denoiser.init_state(params, canvas), ctx)
     sparse = ctx.replace(block_entry=False)
     _, state = jax.block_until_ready(step(params, state, sparse))

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_jax import presets, sharding
+from focus_jax import presets, sharding, step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.models.config import ModelConfig
-from focus_jax.sampling import dream_rule, generate_tokens, llada_rule
+from focus_jax.sampling import dream_rule, generate_tokens, llada_rule, loop
 
 
 @dataclasses.dataclass
@@ -117,9 +117,15 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   seconds = time.perf_counter() - t0
   tokens = np.asarray(state.tokens[:, prompt.shape[1]:])
   stats = getattr(state.denoiser_state, "stats", {})
-  if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer
+  if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer, time split
     from focus_jax.focus import summarize  # pylint: disable=g-import-not-at-top
     stats = summarize(jax.tree.map(np.asarray, stats))
+    canvas = loop.make_canvas(args[1], mask, gen_length, block_length,
+                              model.config.mask_token_id)
+    times = step_timing.step_times(denoiser, model.params, canvas)
+    stats.update(times)
+    stats["seconds_in_refresh_steps"] = stats["refresh_steps"] * times["refresh_s"]
+    stats["seconds_in_sparse_steps"] = stats["sparse_steps"] * times["cached_step_s"]
   return Generation(texts=[], tokens=tokens, num_steps=int(state.num_steps), seconds=seconds,
                     compile_seconds=compile_seconds, stats=stats)
 

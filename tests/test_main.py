@@ -22,6 +22,7 @@ def test_main_tiny_runs_every_mode():
     assert f"=== {mode} ===" in text
     assert any(line.startswith(mode + " ") for line in text.splitlines()), text
   assert "recall_focus" in text and "retained_mass_per_layer" in text
+  assert "seconds_in_refresh_steps" in text and "seconds_in_sparse_steps" in text
   assert "tokens/s" in text
 
 

@@ -36,10 +36,13 @@ class FocusState:
 
 
 def _new_stats(n_layers: int) -> dict[str, jax.Array]:
-  z = jnp.zeros((), jnp.float32)
-  return {"sparse_steps": z, "refresh_steps": z, "committed": z, "committed_in_focus": z,
-          "committed_in_active": z, "retained_mass_sum": jnp.zeros((n_layers,), jnp.float32),
-          "kv_tokens_sum": jnp.zeros((n_layers,), jnp.float32)}
+  # Distinct buffers: the state is donated between steps, and one array twice can't be.
+  scalars = ("sparse_steps", "refresh_steps", "committed", "committed_in_focus",
+             "committed_in_active")
+  stats = {name: jnp.zeros((), jnp.float32) for name in scalars}
+  stats["retained_mass_sum"] = jnp.zeros((n_layers,), jnp.float32)
+  stats["kv_tokens_sum"] = jnp.zeros((n_layers,), jnp.float32)
+  return stats
 
 
 def summarize(stats: dict[str, Any]) -> dict[str, Any]:
