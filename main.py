@@ -1,4 +1,4 @@
-"""Run a dLLM with focus-jax: `python main.py --config=configs/tiny.py [--config.field=value]`.
+"""Run a dLLM with focus-jax: `python main.py [--config=configs/tiny.py] [--config.field=value]`.
 
 Loads the model named by the config, generates for its prompts with each decoding mode in
 `config.modes`, and prints the texts and timings (compile, run, per step, tokens/s).
@@ -15,7 +15,27 @@ import numpy as np
 import focus_jax
 from focus_jax import pipeline, sharding
 
+# The default stays the random tiny model until a trained demo_model/ is shipped (issue 6: the
+# training runs so far did not learn the tasks); configs/demo.py runs the task prompts.
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run configuration.")
+
+
+def _task_prompt(cfg, model: pipeline.Model):
+  """A freshly generated task prompt, its padding mask and the expected answer ids."""
+  from focus_jax.training import tasks  # pylint: disable=g-import-not-at-top
+  ex = tasks.make_example(cfg.task, cfg.seed, cfg.task_prompt_length, cfg.task_depth)
+  if model.tokenizer is not None:  # the text goes through the model's own tokenizer
+    ids = model.tokenizer(ex.prompt_text, add_special_tokens=False)["input_ids"]
+    if list(ids) != ex.prompt.tolist():
+      raise ValueError(f"{model.name}: its tokenizer does not match the task vocabulary; "
+                       "--config.task needs the demo model (demo_model/)")
+  words = ex.prompt_text.split()
+  print(f"task {cfg.task!r}, {len(words)} prompt tokens, needle depth {ex.depth:.2f}:\n  "
+        f"{' '.join(words[:24])} ... {' '.join(words[-16:])}\nexpected answer: {ex.answer_text}")
+  pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
+      model.config.eos_token_id)
+  prompt, mask = pipeline.pad_prompts([ex.prompt.tolist()] * cfg.batch_size, pad)
+  return prompt, mask, ex
 
 
 def _prompt_ids(cfg, model: pipeline.Model):
@@ -41,7 +61,11 @@ def main(argv):
   cfg = _CONFIG.value
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   model = focus_jax.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh)
-  prompt, mask = _prompt_ids(cfg, model)
+  example = None
+  if cfg.task:
+    prompt, mask, example = _task_prompt(cfg, model)
+  else:
+    prompt, mask = _prompt_ids(cfg, model)
   print(f"model: {model.name} ({model.config.num_params() / 1e6:.1f}M parameters, "
         f"{model.config.dtype}); prompt {prompt.shape[0]} x {prompt.shape[1]} tokens; "
         f"gen {cfg.gen_length}, steps {cfg.steps}, block {cfg.block_length}")
@@ -63,14 +87,21 @@ def main(argv):
         print(repr(text))
     else:
       print("generated ids (row 0):", result.tokens[0][:32].tolist(), "...")
+    correct = None
+    if example is not None:
+      from focus_jax.training import tasks  # pylint: disable=g-import-not-at-top
+      correct = all(tasks.exact_match(row, example.answer) for row in result.tokens)
+      print(f"  correct: {'yes' if correct else 'NO'} (expected {example.answer_text!r})")
     for key, value in result.stats.items():
       print(f"  {key}: {np.round(np.asarray(value), 3).tolist()}")
     rows.append((mode, result.compile_seconds, seconds, result.num_steps,
                  1000 * seconds / max(result.num_steps, 1),
-                 prompt.shape[0] * cfg.gen_length / seconds))
-  print("\nmode            compile_s    run_s   steps   ms/step    tokens/s")
-  for mode, compile_s, run_s, steps, ms, tps in rows:
-    print(f"{mode:<14} {compile_s:9.2f} {run_s:8.3f} {steps:7d} {ms:9.2f} {tps:11.2f}")
+                 prompt.shape[0] * cfg.gen_length / seconds, correct))
+  print("\nmode            compile_s    run_s   steps   ms/step    tokens/s" +
+        ("  correct" if example is not None else ""))
+  for mode, compile_s, run_s, steps, ms, tps, ok in rows:
+    print(f"{mode:<14} {compile_s:9.2f} {run_s:8.3f} {steps:7d} {ms:9.2f} {tps:11.2f}" +
+          ("" if ok is None else f"  {'yes' if ok else 'NO'}"))
 
 
 if __name__ == "__main__":
