@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_jax import presets, step_timing
+from focus_jax import memory, presets, step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning
@@ -120,6 +120,8 @@ def main(argv):
       rule = sampler_rule(cfg, steps=FLAGS.steps, gen_length=FLAGS.gen,
                           block_length=FLAGS.block, **sampler)
       try:
+        row["memory_estimate_gib"] = memory.check_fits(
+            cfg, FLAGS.batch, context + FLAGS.gen, mode).total / memory.GIB
         if mode == "vanilla":
           step = step_timing.jitted_step(denoiser, canvas)
           row["step_s"], _ = step_timing.median_step_seconds(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_jax import presets, sharding, step_timing
+from focus_jax import memory, presets, sharding, step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.models.config import ModelConfig
 from focus_jax.sampling import dream_rule, generate_tokens, llada_rule, loop
@@ -100,6 +100,9 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   """Token-level entry point (prompts already tokenized and padded); compiles once per shape."""
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
                       block_length=block_length, **sampler_options)
+  devices = 1 if model.mesh is None else model.mesh.size
+  memory.check_fits(model.config, prompt.shape[0] * (2 if cfg_scale else 1),
+                    prompt.shape[1] + gen_length, mode, devices)
   options = dict(decoding_options or {})
   if model.mesh is not None:
     options.setdefault("cache_sharding", sharding.kv_sharding(model.mesh))
