@@ -1,15 +1,21 @@
-"""A CPU slice of benchmarks/accuracy.py: the shipped demo model must answer its tasks in dense
-and Focus decoding, so the accuracy yardstick never silently breaks."""
+"""The accuracy yardstick (benchmarks/accuracy.py) end to end on a CPU slice.
+
+No trained demo model is shipped yet (issue 6 is open), so the slice runs on a random model of
+the demo architecture exported in LLaDA's HF layout by the training export and loaded through
+the same HF path a real checkpoint takes. It checks the harness, not the model: every task and
+variant is scored, hits agree with a direct exact-match check, and the Focus diagnostics are in
+range. Accuracy itself needs the trained model.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 
-import pytest
+import jax
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(ROOT, "demo_model")
 
 
 def _accuracy_module():
@@ -20,18 +26,29 @@ def _accuracy_module():
   return module
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(MODEL, "config.json")),
-                    reason="demo_model/ not shipped")
-def test_demo_model_answers_in_dense_and_focus():
+def test_accuracy_harness_on_an_exported_model(tmp_path):
   import focus_jax
+  from focus_jax.models.transformer import Transformer
+  from focus_jax.training import export, train
+  cfg = train.demo_config(d_model=64, n_layers=3, n_heads=2, mlp_hidden=128)
+  params = Transformer(cfg).init_params(jax.random.key(0))
+  export.export_hf(params, cfg, str(tmp_path))
+  model = focus_jax.load(str(tmp_path), dtype="float32")
+  assert model.tokenizer is not None and model.config.n_layers == 3
+
   acc = _accuracy_module()
-  model = focus_jax.load(MODEL, dtype="float32")
-  examples = acc.build_examples([1024], [0.5], seeds=1, per_task=1)  # passkey, kv, vt
-  result = acc.run(model, examples, ["vanilla", "focus"], block_length=16)
+  examples = acc.build_examples([512], [0.5], seeds=1, per_task=1)  # passkey, kv, vt
+  variants = ["vanilla", "focus", "focus+reuse_prompt_kv"]
+  variants = [v for v in variants if v in acc.variants()]
+  assert "focus" in variants and "vanilla" in variants
+  result = acc.run(model, examples, variants, block_length=16, log=lambda line: None)
+  scored = [r for r in result["records"] if r["task"] != "_time"]
+  assert {(r["variant"], r["task"]) for r in scored} == {
+      (v, t) for v in variants for t in ("passkey", "kv", "vt")}
+  assert all(isinstance(r["hit"], (bool, np.bool_)) for r in scored)
   summary = acc.summarize(result)
-  hits = {(r["variant"], r["task"]): r["hit"] for r in result["records"] if r["task"] != "_time"}
-  assert hits[("vanilla", "passkey")] and hits[("focus", "passkey")], hits
-  assert hits[("vanilla", "kv")] and hits[("focus", "kv")], hits
-  assert summary["overall"]["focus"] >= summary["overall"]["vanilla"] - 1 / 3, summary["overall"]
-  diag = summary["diagnostics"][0]
-  assert 0.5 <= diag["recall_active"] <= 1.0 and 0.0 < diag["retained_mass_sparse_mean"] <= 1.0
+  assert set(summary["overall"]) == set(variants)
+  assert all(0.0 <= x <= 1.0 for x in summary["overall"].values())
+  diag = [d for d in summary["diagnostics"] if d["variant"] == "focus"][0]
+  assert 0.0 < diag["recall_focus"] <= diag["recall_active"] <= 1.0
+  assert diag["retained_mass_per_layer"][0] == 1.0  # the dense layer keeps everything
