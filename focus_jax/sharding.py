@@ -55,7 +55,3 @@ def param_shardings(config: ModelConfig, mesh: Mesh, rules=LOGICAL_RULES):
 def kv_sharding(mesh: Mesh) -> NamedSharding:
   """KV caches are [B, S, Hkv, D]: batch over "data", heads over "model"."""
   return NamedSharding(mesh, P("data", None, "model", None))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import chex
 import jax
-import jax.numpy as jnp
 
 from focus_jax.kernels import dense_attention
 
@@ -66,9 +65,3 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
   chex.assert_equal_shape_prefix([q, k], 2)
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
-
-
-def as_key_valid(attention_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
-  if attention_mask is None:
-    return jnp.ones(shape, dtype=bool)
-  return attention_mask.astype(bool)
