@@ -163,14 +163,17 @@ def from_hf_config(hf_dir: str, dtype: str = "bfloat16") -> ModelConfig:
       raise ValueError(f"{path}: LLaDA checkpoints with biases are not supported")
     if hf.get("weight_tying"):
       raise ValueError(f"{path}: weight_tying=true is not supported (released LLaDA is untied)")
+    vocab = hf.get("embedding_size") or _require(hf, "vocab_size", path)
     return llada_family(
-        vocab_size=hf.get("embedding_size") or _require(hf, "vocab_size", path),
+        vocab_size=vocab,
         d_model=d_model, n_layers=_require(hf, "n_layers", path), n_heads=n_heads,
         n_kv_heads=n_kv, head_dim=d_model // n_heads, mlp_hidden=mlp,
         rms_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=_require(hf, "rope_theta", path),
         max_sequence_length=hf.get("max_sequence_length", 4096),
         mask_token_id=hf.get("mask_token_id", LLADA_MASK_ID),
-        eos_token_id=hf.get("eos_token_id", LLADA_EOS_ID), eot_token_id=LLADA_EOT_ID,
+        eos_token_id=hf.get("eos_token_id", LLADA_EOS_ID),
+        # <|eot_id|> of the released vocabulary; a smaller vocabulary must name its own.
+        eot_token_id=hf.get("eot_token_id", LLADA_EOT_ID if vocab > LLADA_EOT_ID else None),
         pad_token_id=hf.get("pad_token_id", LLADA_EOS_ID), dtype=dtype)
   if model_type == "Dream" or model_type == "dream":
     hidden = _require(hf, "hidden_size", path)

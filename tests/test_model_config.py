@@ -48,3 +48,10 @@ def test_unsupported_configs_fail_with_the_reason(tmp_path, change, match):
 def test_missing_config_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="Hugging Face checkpoint"):
     from_hf_config(str(tmp_path))
+
+
+def test_eot_id_only_when_the_vocabulary_has_it(tmp_path):
+  assert from_hf_config(write(tmp_path, LLADA)).eot_token_id is None  # 104-token vocabulary
+  assert from_hf_config(write(tmp_path, dict(LLADA, eot_token_id=3))).eot_token_id == 3
+  big = dict(LLADA, vocab_size=126464, embedding_size=126464)
+  assert from_hf_config(write(tmp_path, big)).eot_token_id == 126348
