@@ -231,3 +231,12 @@ def reference_block_sparse_attention(q, k, v, block_indices, block_counts, promp
   o = jnp.einsum("bhrs,bshd->bhrd", p, vf, precision=jax.lax.Precision.HIGHEST)
   o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
   return ungroup_rows(o, t).astype(q.dtype)
+
+
+def pad_query_rows(qg: jax.Array, block_m: int) -> jax.Array:
+  """Pads the row axis of qg [B, Hkv, R, D] to a multiple of the kernels' row tile."""
+  rows = qg.shape[2]
+  rows_pad = max(block_m, -(-rows // block_m) * block_m)
+  if rows_pad == rows:
+    return qg
+  return jnp.pad(qg, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))

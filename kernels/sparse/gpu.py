@@ -144,9 +144,8 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   bsz, hkv, rows, d = qg.shape
   s_len = k.shape[1]
   g, n = sel.indices.shape[1:]
-  rows_pad = max(block_m, -(-rows // block_m) * block_m)
-  if rows_pad != rows:
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+  qg = common.pad_query_rows(qg, block_m)
+  rows_pad = qg.shape[2]
   m_tiles = rows_pad // block_m
   n_pad = max(2, pl.next_power_of_2(n))  # power-of-two refs are what Triton likes
   idx = sel.indices
