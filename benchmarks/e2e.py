@@ -69,17 +69,17 @@ def flops_forward(cfg, tokens: int, context: int) -> float:
   return 2 * layer_params * tokens + attn
 
 
-def step_bytes(cfg, context: int, mode: str, focus_knobs: dict) -> float:
-  """Bytes a cached step must read: the layer weights, the LM head, and the KV it attends."""
-  weights = 2 * (cfg.num_params() - cfg.vocab_size * cfg.d_model)  # bf16, embedding not read
-  kv_per_token_layer = 2 * cfg.n_kv_heads * cfg.head_dim * 2
-  if mode != "focus":
+def step_bytes(cfg, context: int, denoiser) -> float:
+  """Bytes a cached step must read: the layer weights, the LM head, and the KV it attends
+  (Focus: dense layers whole, sparse layers alpha of it, from the denoiser's own knobs)."""
+  width = jnp.dtype(cfg.jnp_dtype).itemsize
+  weights = width * (cfg.num_params() - cfg.vocab_size * cfg.d_model)  # embedding not read
+  kv_per_token_layer = 2 * cfg.n_kv_heads * cfg.head_dim * width
+  focus = getattr(denoiser, "focus", None)
+  if focus is None:
     return weights + kv_per_token_layer * context * cfg.n_layers
-  l_dense = focus_knobs.get("l_dense", 6)
-  tail = focus_knobs.get("dense_tail", 4 if cfg.family == "dream" else 0)
-  alpha = focus_knobs.get("alpha", 0.5)
-  dense = min(cfg.n_layers, l_dense + tail)
-  return weights + kv_per_token_layer * context * (dense + alpha * (cfg.n_layers - dense))
+  dense = sum(focus.is_dense(l, cfg.n_layers) for l in range(cfg.n_layers))
+  return weights + kv_per_token_layer * context * (dense + focus.alpha * (cfg.n_layers - dense))
 
 
 def save(results):
@@ -159,7 +159,7 @@ def main(argv):
       row["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
       full = flops_forward(cfg, context + FLAGS.gen, context + FLAGS.gen) * FLAGS.batch
       refresh_floor = full / (FLAGS.matmul_tflops * 1e12)
-      sparse_floor = step_bytes(cfg, context + FLAGS.gen, mode, focus_knobs) / (copy_tbps * 1e12)
+      sparse_floor = step_bytes(cfg, context + FLAGS.gen, denoiser) / (copy_tbps * 1e12)
       row["refresh_floor_s"] = refresh_floor
       row["sparse_step_floor_s"] = sparse_floor
       if "refresh_s" in row:

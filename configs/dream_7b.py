@@ -12,5 +12,4 @@ def get_config():
   c.steps = 256
   c.block_length = 32
   c.sampler = dream_sampler()
-  c.decoding.focus.dense_tail = 4  # Dream-7B keeps its final 4 layers dense
   return c

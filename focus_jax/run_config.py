@@ -27,7 +27,9 @@ def decoding_knobs() -> ml_collections.ConfigDict:
   focus = {}
   for f in dataclasses.fields(FocusConfig):
     value = getattr(FocusConfig(), f.name)
-    focus[f.name] = placeholder(int) if value is None else value
+    # dense_tail is left unset so make_denoiser applies the family's default (Dream: 4).
+    unset = value is None or f.name == "dense_tail"
+    focus[f.name] = placeholder(int) if unset else value
   economy = {"refresh_every_blocks": 1, "reuse_prompt_kv": False}
   focus.update(economy)
   cache = {"refresh_every_step": False, **economy}

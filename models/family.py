@@ -64,6 +64,12 @@ def forward_logits(config: ModelConfig, params, tokens: jax.Array,
   if logits_window is None:
     logits = model.apply({"params": params}, hidden, method=Transformer.logits)
     return align_logits(config, logits)
-  start, length = logits_window
-  hidden = jnp.take(hidden, source_positions(config, start, length), axis=1)
-  return model.apply({"params": params}, hidden, method=Transformer.logits)
+  return window_logits(config, params, hidden, *logits_window)
+
+
+def window_logits(config: ModelConfig, params, hidden: jax.Array, start: jax.Array | int,
+                  length: int) -> jax.Array:
+  """float32 logits of canvas positions [start, start+length) from a canvas's final hidden
+  states: only those rows (shifted for Dream) go through the LM head."""
+  rows = jnp.take(hidden, source_positions(config, start, length), axis=1)
+  return Transformer(config).apply({"params": params}, rows, method=Transformer.logits)

@@ -239,3 +239,42 @@ print("ok")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=600)
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_forward_returns_each_layers_kv_as_the_refresh_stores_it(model):
+  """`SelfAttention(return_kv=True)` hands back every layer's K/V; a cache refresh writes the
+  same values in place."""
+  from focus_jax.decoding import cache as kv
+  from focus_jax.models import SelfAttention, family
+  from focus_jax.sampling import loop
+  cfg, params = model
+  tokens, mask = prompts(4)
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  positions, key_valid, query_valid = family.positions_and_masks(cfg, canvas.attention_mask,
+                                                                 canvas.tokens.shape)
+  _, layer_kv, _ = Transformer(cfg).apply(
+      {"params": params}, canvas.tokens, positions,
+      SelfAttention(key_valid=key_valid, query_valid=query_valid, return_kv=True))
+  logits, cache = kv.refresh(cfg, params, canvas, kv.KVCache.empty(cfg, 2, canvas.length),
+                             jnp.int32(PROMPT), BLOCK)
+  assert len(layer_kv) == cfg.n_layers
+  for (k, v), kc, vc in zip(layer_kv, cache.k, cache.v):
+    np.testing.assert_allclose(np.asarray(kc), np.asarray(k), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vc), np.asarray(v), atol=1e-6)
+  full = family.forward_logits(cfg, params, canvas.tokens, canvas.attention_mask)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, PROMPT:PROMPT + BLOCK]),
+                             atol=1e-4)
+
+
+def test_dream_config_gets_its_dense_tail():
+  """Dream-7B's dense final layers come from the family default, also through the run config."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "dream_7b.py")
+  spec = importlib.util.spec_from_file_location("dream_cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  knobs = {k: v for k, v in mod.get_config().decoding.focus.items() if v is not None}
+  assert make_denoiser(tiny("dream"), "focus", **knobs).focus.dense_tail == 4
+  assert make_denoiser(tiny("llada"), "focus", **knobs).focus.dense_tail == 0

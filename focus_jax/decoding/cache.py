@@ -151,15 +151,8 @@ def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_
   attention = RefreshAttention(key_valid, query_valid, attention_impl)
   hidden, kv, _ = Transformer(config).apply({"params": params}, canvas.tokens, positions,
                                             attention, tuple(zip(cache.k, cache.v)))
-  logits = window_logits_from_hidden(config, params, hidden, window_start, window)
+  logits = family.window_logits(config, params, hidden, window_start, window)
   return logits, KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
-
-
-def window_logits_from_hidden(config: ModelConfig, params, hidden: jax.Array,
-                              window_start: jax.Array, window: int) -> jax.Array:
-  """LM head over the hidden states that predict canvas positions [start, start+W)."""
-  rows = jnp.take(hidden, family.source_positions(config, window_start, window), axis=1)
-  return Transformer(config).apply({"params": params}, rows, method=Transformer.logits)
 
 
 def write_rows(buffer: jax.Array, positions: jax.Array, values: jax.Array,
