@@ -5,7 +5,9 @@ For every (context, mode): compile time, tokens/s of the whole jitted generation
 each time against its floor (../shared/design/performance.md): a refresh against its FLOPs at
 the measured matmul rate, a cached step against the bytes it must read at the measured copy
 bandwidth. Vanilla (a full forward every step) is timed per step and extrapolated: running 256
-full forwards at 32K would cost minutes of device time and measure nothing new.
+full forwards at 32K would cost minutes of device time and measure nothing new. Peak memory
+is the process's running peak (JAX cannot reset it), so run the largest configuration of a
+context first when its peak matters.
 
     python benchmarks/e2e.py --model=llada_8b --contexts=8192,32768 --modes=dual_cache,focus
 """
@@ -34,15 +36,21 @@ flags.DEFINE_string("model", "llada_8b", "preset: llada_8b, ultra_llada, dream_7
 flags.DEFINE_list("contexts", ["8192", "32768"], "prompt lengths")
 flags.DEFINE_list("modes", ["dual_cache", "focus"],
                   "decoding modes (vanilla: per step); a mode may carry knobs: "
-                  "focus+reuse_prompt_kv=true+refresh_every_blocks=2")
+                  "focus+reuse_prompt_kv=true+refresh_every_blocks=2, and per-variant schedule "
+                  "knobs block=, batch=, threshold= (else --block, --batch, --threshold)")
 flags.DEFINE_integer("gen", 256, "generation length")
 flags.DEFINE_integer("steps", 256, "denoising steps")
 flags.DEFINE_integer("block", 32, "block length")
 flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_float("threshold", 0.0, "> 0: threshold parallel decoding")
 flags.DEFINE_integer("repeats", 2, "timed generations per configuration")
+flags.DEFINE_integer("generate_up_to", 1 << 30, "contexts up to this time the whole jitted "
+                     "generation; longer ones (64K, 128K: minutes per generation) take tokens/s "
+                     "from the timed steps (first refresh + later entries + cached steps) and say "
+                     "so; threshold decoding always generates (its step count is data-dependent)")
+flags.DEFINE_integer("entry_repeats", 3, "timed repeats of a block-entry step")
 flags.DEFINE_string("focus", "", "Focus knobs, e.g. alpha=0.5,l_dense=6")
-flags.DEFINE_string("out", "benchmarks/results/e2e.json", "JSON output")
+flags.DEFINE_string("out", "benchmarks/results/e2e.json", "JSON output (read by plot_e2e.py)")
 flags.DEFINE_float("matmul_tflops", 797.0, "measured bf16 matmul ceiling (H100/H200 alike)")
 flags.DEFINE_float("copy_tbps", 0.0, "measured copy bandwidth; 0: by GPU name (2.88 H100, 4.3 H200)")
 
@@ -69,17 +77,37 @@ def flops_forward(cfg, tokens: int, context: int) -> float:
   return 2 * layer_params * tokens + attn
 
 
-def step_bytes(cfg, context: int, denoiser) -> float:
-  """Bytes a cached step must read: the layer weights, the LM head, and the KV it attends
-  (Focus: dense layers whole, sparse layers alpha of it, from the denoiser's own knobs)."""
+def step_bytes(cfg, context: int, denoiser, batch: int = 1) -> float:
+  """Bytes a cached step must read: the layer weights, the LM head (once for the batch), and
+  every row's KV it attends (Focus: dense layers whole, sparse layers alpha of it, from the
+  denoiser's own knobs)."""
   width = jnp.dtype(cfg.jnp_dtype).itemsize
   weights = width * (cfg.num_params() - cfg.vocab_size * cfg.d_model)  # embedding not read
   kv_per_token_layer = 2 * cfg.n_kv_heads * cfg.head_dim * width
   focus = getattr(denoiser, "focus", None)
   if focus is None:
-    return weights + kv_per_token_layer * context * cfg.n_layers
+    return weights + batch * kv_per_token_layer * context * cfg.n_layers
   dense = sum(focus.is_dense(l, cfg.n_layers) for l in range(cfg.n_layers))
-  return weights + kv_per_token_layer * context * (dense + focus.alpha * (cfg.n_layers - dense))
+  return weights + batch * kv_per_token_layer * context * (
+      dense + focus.alpha * (cfg.n_layers - dense))
+
+
+def time_generation(params, prompt, prompt_mask, cfg, rule, denoiser, block: int) -> dict:
+  """Compile time and the median wall time of the whole jitted generation."""
+  args = (params, prompt, prompt_mask, jax.random.key(0))
+  kwargs = dict(config=cfg, rule=rule, denoiser=denoiser, gen_length=FLAGS.gen,
+                block_length=block)
+  t0 = time.perf_counter()
+  compiled = generate_tokens.lower(*args, **kwargs).compile()
+  out = {"compile_s": time.perf_counter() - t0}
+  runs = []
+  for _ in range(FLAGS.repeats):
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(compiled(*args))
+    runs.append(time.perf_counter() - t0)
+  out["seconds"] = statistics.median(runs)
+  out["num_steps"] = int(result.num_steps)
+  return out
 
 
 def save(results):
@@ -100,66 +128,65 @@ def main(argv):
   jax.block_until_ready(params)
   print(f"{gpu}: {FLAGS.model} random params in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
-  rng = np.random.default_rng(0)
   for context in map(int, FLAGS.contexts):
-    prompt = jnp.asarray(rng.integers(0, 100000, size=(FLAGS.batch, context)), jnp.int32)
-    prompt_mask = None  # unpadded: no mask, as pipeline.generate_ids passes it
-    canvas = loop.make_canvas(prompt, prompt_mask, FLAGS.gen, FLAGS.block, cfg.mask_token_id)
     for spec in FLAGS.modes:
       mode, *extra = spec.split("+")
-      row = dict(model=FLAGS.model, gpu=gpu, jax=jax.__version__, context=context,
-                 gen=FLAGS.gen, steps=FLAGS.steps, block=FLAGS.block, batch=FLAGS.batch,
-                 mode=mode, variant=spec, threshold=FLAGS.threshold or None,
-                 focus=focus_knobs if mode == "focus" else None)
       options = dict(focus_knobs) if mode == "focus" else {}
       options.update(parse_knobs(",".join(extra)))
+      # Schedule knobs of this variant (the rest go to the denoiser).
+      block = int(options.pop("block", FLAGS.block))
+      batch = int(options.pop("batch", FLAGS.batch))
+      threshold = float(options.pop("threshold", FLAGS.threshold))
+      generate = context <= FLAGS.generate_up_to or bool(threshold)
+      row = dict(model=FLAGS.model, gpu=gpu, jax=jax.__version__, context=context,
+                 gen=FLAGS.gen, steps=FLAGS.steps, block=block, batch=batch,
+                 mode=mode, variant=spec, threshold=threshold or None,
+                 focus=focus_knobs if mode == "focus" else None, repeats=FLAGS.repeats)
+      rng = np.random.default_rng([context, batch])
+      prompt = jnp.asarray(rng.integers(0, 100000, size=(batch, context)), jnp.int32)
+      prompt_mask = None  # unpadded: no mask, as pipeline.generate_ids passes it
+      canvas = loop.make_canvas(prompt, prompt_mask, FLAGS.gen, block, cfg.mask_token_id)
       denoiser = make_denoiser(cfg, mode, **options)
-      sampler = {"threshold": FLAGS.threshold} if FLAGS.threshold else {}
+      sampler = {"threshold": threshold} if threshold else {}
       if cfg.family == "dream":
-        sampler["alg"] = "maskgit_plus" if FLAGS.threshold else "entropy"
-      rule = sampler_rule(cfg, steps=FLAGS.steps, gen_length=FLAGS.gen,
-                          block_length=FLAGS.block, **sampler)
+        sampler["alg"] = "maskgit_plus" if threshold else "entropy"
+      rule = sampler_rule(cfg, steps=FLAGS.steps, gen_length=FLAGS.gen, block_length=block,
+                          **sampler)
       try:
         row["memory_estimate_gib"] = memory.check_fits(
-            cfg, FLAGS.batch, context + FLAGS.gen, mode).total / memory.GIB
+            cfg, batch, context + FLAGS.gen, mode).total / memory.GIB
         if mode == "vanilla":
           step = step_timing.jitted_step(denoiser, canvas)
           row["step_s"], _ = step_timing.median_step_seconds(
               step, params, denoiser.init_state(params, canvas),
-              step_timing.entry_context(canvas, FLAGS.batch), repeats=3)
+              step_timing.entry_context(canvas, batch), repeats=3)
           row["seconds"] = row["step_s"] * FLAGS.steps
           row["extrapolated_from_one_step"] = True
         else:
-          times = step_timing.step_times(denoiser, params, canvas, repeats=10)
+          times = step_timing.step_times(denoiser, params, canvas, repeats=10,
+                                         entry_repeats=FLAGS.entry_repeats)
           row["refresh_s"] = times["refresh_s"]
           row["later_entry_s"] = times["later_entry_s"]
           row["sparse_step_s"] = times["cached_step_s"]
-          args = (params, prompt, prompt_mask, jax.random.key(0))
-          kwargs = dict(config=cfg, rule=rule, denoiser=denoiser, gen_length=FLAGS.gen,
-                        block_length=FLAGS.block)
-          t0 = time.perf_counter()
-          compiled = generate_tokens.lower(*args, **kwargs).compile()
-          row["compile_s"] = time.perf_counter() - t0
-          runs = []
-          for _ in range(FLAGS.repeats):
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(compiled(*args))
-            runs.append(time.perf_counter() - t0)
-          row["seconds"] = statistics.median(runs)
-          row["num_steps"] = int(out.num_steps)
-          del out, compiled
+          if generate:
+            row.update(time_generation(params, prompt, prompt_mask, cfg, rule, denoiser, block))
+          else:
+            blocks = FLAGS.gen // block
+            row["seconds"] = (row["refresh_s"] + (blocks - 1) * row["later_entry_s"]
+                              + (FLAGS.steps - blocks) * row["sparse_step_s"])
+            row["extrapolated_from_steps"] = True
       except Exception as e:  # pylint: disable=broad-except
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         print(row["error"], flush=True)
         results.append(row)
         save(results)
         continue
-      row["tokens_per_s"] = FLAGS.batch * FLAGS.gen / row["seconds"]
+      row["tokens_per_s"] = batch * FLAGS.gen / row["seconds"]
       stats = device.memory_stats() or {}
       row["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
-      full = flops_forward(cfg, context + FLAGS.gen, context + FLAGS.gen) * FLAGS.batch
+      full = flops_forward(cfg, context + FLAGS.gen, context + FLAGS.gen) * batch
       refresh_floor = full / (FLAGS.matmul_tflops * 1e12)
-      sparse_floor = step_bytes(cfg, context + FLAGS.gen, denoiser) / (copy_tbps * 1e12)
+      sparse_floor = step_bytes(cfg, context + FLAGS.gen, denoiser, batch) / (copy_tbps * 1e12)
       row["refresh_floor_s"] = refresh_floor
       row["sparse_step_floor_s"] = sparse_floor
       if "refresh_s" in row:
@@ -167,10 +194,11 @@ def main(argv):
         row["sparse_step_vs_floor"] = row["sparse_step_s"] / sparse_floor
       else:
         row["step_vs_floor"] = row["step_s"] / refresh_floor
-      blocks = FLAGS.gen // FLAGS.block
-      floor_total = (FLAGS.steps * refresh_floor if mode == "vanilla" else
-                     blocks * refresh_floor + (FLAGS.steps - blocks) * sparse_floor)
-      row["floor_tokens_per_s"] = FLAGS.batch * FLAGS.gen / floor_total
+      blocks = FLAGS.gen // block
+      steps_run = row.get("num_steps", FLAGS.steps)  # fewer under threshold decoding
+      floor_total = (steps_run * refresh_floor if mode == "vanilla" else
+                     blocks * refresh_floor + (steps_run - blocks) * sparse_floor)
+      row["floor_tokens_per_s"] = batch * FLAGS.gen / floor_total
       row["vs_floor"] = row["seconds"] / floor_total
       results.append(row)
       print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)

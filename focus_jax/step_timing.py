@@ -48,22 +48,24 @@ def median_step_seconds(step, params, state, ctx: StepContext, repeats: int):
   return statistics.median(times), state
 
 
-def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5) -> dict[str, float]:
+def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5,
+               entry_repeats: int | None = None) -> dict[str, float]:
   """{"refresh_s", "later_entry_s", "cached_step_s"} of this denoiser on this canvas.
 
   later_entry_s is a later block's entry: a full refresh, or what the refresh economy makes of
-  it (a response-only refresh, or a plain cached step).
+  it (a response-only refresh, or a plain cached step). Entry steps are timed
+  `entry_repeats` times (default max(3, repeats // 2)); at 128K one refresh takes seconds.
   """
+  entry_repeats = entry_repeats or max(3, repeats // 2)
   b = canvas.tokens.shape[0]
   step = jitted_step(denoiser, canvas)
   state = denoiser.init_state(params, canvas)
   ctx = entry_context(canvas, b)
   out = {}
-  out["refresh_s"], state = median_step_seconds(step, params, state, ctx, max(3, repeats // 2))
+  out["refresh_s"], state = median_step_seconds(step, params, state, ctx, entry_repeats)
   later = ctx.replace(block_index=jnp.int32(1),
                       block_start=jnp.int32(canvas.prompt_length + canvas.block_length))
-  out["later_entry_s"], state = median_step_seconds(step, params, state, later,
-                                                    max(3, repeats // 2))
+  out["later_entry_s"], state = median_step_seconds(step, params, state, later, entry_repeats)
   out["cached_step_s"], state = median_step_seconds(step, params, state,
                                                     ctx.replace(block_entry=False), repeats)
   return out
