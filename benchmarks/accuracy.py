@@ -99,9 +99,10 @@ def run(model, examples: dict[int, list], variant_names: list[str], block_length
                                     steps=tasks.GEN_LENGTH, block_length=block_length,
                                     decoding_options=dict(options))
         seconds += res.seconds
-        for row, e in zip(res.tokens, chunk):
+        for i, (row, e) in enumerate(zip(res.tokens, chunk)):
           records.append({"variant": name, "length": length, "task": e.task,
-                          "depth": round(e.depth, 3), "hit": tasks.exact_match(row, e.answer)})
+                          "depth": round(e.depth, 3), "hit": tasks.exact_match(row, e.answer),
+                          "example": r0 + i, "tokens": np.asarray(row).tolist()})
         if res.stats:
           n_stats += 1
           for k in ("recall_focus", "recall_active"):
@@ -156,7 +157,25 @@ def summarize(result: dict[str, Any], focus_cfg: dict[str, Any] | None = None) -
     if r["task"] == "_time":
       times.setdefault(r["variant"], {})[str(r["length"])] = r["seconds"]
   return {"exact_match": em, "overall": overall, "niah": niah, "diagnostics": diags,
-          "seconds": times}
+          "seconds": times, "agreement": agreement(recs)}
+
+
+def agreement(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+  """{variant: {reference: share of generated tokens equal to the reference's, position by
+  position}} for the dense references vanilla and dual_cache: what an approximation changes,
+  with or without a model that solves the tasks."""
+  out: dict[str, dict[str, float]] = {}
+  key = lambda r: (r["length"], r["example"])  # noqa: E731
+  for ref in ("vanilla", "dual_cache"):
+    base = {key(r): np.asarray(r["tokens"]) for r in records if r["variant"] == ref}
+    if not base:
+      continue
+    for v in sorted({r["variant"] for r in records}):
+      same = [np.mean(np.asarray(r["tokens"]) == base[key(r)]) for r in records
+              if r["variant"] == v and key(r) in base]
+      if same:
+        out.setdefault(v, {})[ref] = float(np.mean(same))
+  return out
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -174,8 +193,14 @@ def markdown(summary: dict[str, Any]) -> str:
       lines.append(f"| {v} | {t} | " + " | ".join("-" if c is None else f"{100 * c:.1f}"
                                                    for c in cells)
                    + f" | {100 * np.mean(vals):.1f} |")
-  lines += ["", "| variant | overall exact match (%) |", "| --- | --- |"]
-  lines += [f"| {v} | {100 * x:.1f} |" for v, x in summary["overall"].items()]
+  agree = summary.get("agreement", {})
+  refs = [r for r in ("vanilla", "dual_cache") if any(r in a for a in agree.values())]
+  head = ["variant", "overall exact match (%)"] + [f"tokens = {r} (%)" for r in refs]
+  lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for v, x in summary["overall"].items():
+    cells = [v, f"{100 * x:.1f}"] + [
+        f"{100 * agree[v][r]:.1f}" if r in agree.get(v, {}) else "-" for r in refs]
+    lines.append("| " + " | ".join(cells) + " |")
   if summary["diagnostics"]:
     lines += ["", "| variant | length | recall I_focus | recall I_active | retained mass "
               "(sparse layers) |", "| --- | --- | --- | --- | --- |"]

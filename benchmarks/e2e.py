@@ -141,7 +141,8 @@ def main(argv):
       row = dict(model=FLAGS.model, gpu=gpu, jax=jax.__version__, context=context,
                  gen=FLAGS.gen, steps=FLAGS.steps, block=block, batch=batch,
                  mode=mode, variant=spec, threshold=threshold or None,
-                 focus=focus_knobs if mode == "focus" else None, repeats=FLAGS.repeats)
+                 focus=focus_knobs if mode == "focus" else None, repeats=FLAGS.repeats,
+                 xla_flags=os.environ.get("XLA_FLAGS") or None)
       rng = np.random.default_rng([context, batch])
       prompt = jnp.asarray(rng.integers(0, 100000, size=(batch, context)), jnp.int32)
       prompt_mask = None  # unpadded: no mask, as pipeline.generate_ids passes it

@@ -52,3 +52,9 @@ def test_accuracy_harness_on_an_exported_model(tmp_path):
   diag = [d for d in summary["diagnostics"] if d["variant"] == "focus"][0]
   assert 0.0 < diag["recall_focus"] <= diag["recall_active"] <= 1.0
   assert diag["retained_mass_per_layer"][0] == 1.0  # the dense layer keeps everything
+  # Token agreement with the dense reference: vanilla agrees with itself; every variant has a
+  # share in [0, 1]; the table shows it.
+  agree = summary["agreement"]
+  assert agree["vanilla"]["vanilla"] == 1.0
+  assert all(0.0 <= a["vanilla"] <= 1.0 for a in agree.values()) and set(agree) == set(variants)
+  assert "tokens = vanilla (%)" in acc.markdown(summary)

@@ -22,6 +22,20 @@ Status (issue 6): no run so far has learned the tasks, so no demo_model/ is ship
   unembedding must align one by one, so the value vocabulary (900) is the likely bottleneck: the
   next run should draw values from a few dozen words (or digits, with positional copying) and
   start from short contexts.
+- Second session, the diagnosis (exploratory scripts, not kept): values made slot-tagged words
+  ("a0".."p9": slot j of an answer is always one of ten words) with 10-16-word answers, SFT loss
+  only. Six H100 variants (d256-384, 6-10 layers, 4-8 heads, lr 1e-3 to 3e-3, RoPE theta 1e4 and
+  5e5, weight decay 0 and 0.1), ~4000 steps each at 256 tokens: value accuracy at positions whose
+  left neighbour is visible stayed at 9-13% (chance 10%), greedy exact match 0; passkey alone
+  reached 28%. Half the rows in pretraining form (whole row masked): no change by 1200 steps.
+  CPU probes: a content lookup wanted at every response position (the one value word of the
+  prompt) is learned in under 100 steps by 2 layers of width 64; the same lookup wanted only at
+  response position 0 stays at chance for 400 steps, with Bernoulli or exact-count masking (so not
+  the variance of the 1/t weight). The bottleneck is telling response positions apart (their
+  offset from the prompt's end, or which neighbour is the left one) on an all-mask canvas under
+  bidirectional attention with RoPE only; neither the lookup nor the size of the value vocabulary.
+  Next: teach local positional heads first with a dense auxiliary task (every position predicts
+  from its neighbours, e.g. counting sequences), then the lookup; or a far longer budget.
 """
 
 from __future__ import annotations
