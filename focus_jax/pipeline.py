@@ -119,7 +119,7 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   state = jax.block_until_ready(compiled(*args))
   seconds = time.perf_counter() - t0
   tokens = np.asarray(state.tokens[:, prompt.shape[1]:])
-  stats = getattr(state.denoiser_state, "stats", {})
+  stats = state.stats
   if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer, time split
     from focus_jax.focus import summarize  # pylint: disable=g-import-not-at-top
     stats = summarize(jax.tree.map(np.asarray, stats))

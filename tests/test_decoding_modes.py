@@ -100,7 +100,7 @@ def test_focus_sparse_decodes_with_diagnostics(model, selection):
                          prompt_block_size=16, rho=2, window=3, selection=selection,
                          diagnostics=True)
   assert not (tokens == MASK).any()
-  stats = summarize(jax.tree.map(np.asarray, state.denoiser_state.stats))
+  stats = summarize(jax.tree.map(np.asarray, state.stats))
   assert stats["refresh_steps"] == GEN // BLOCK
   assert stats["sparse_steps"] == int(state.num_steps) - GEN // BLOCK
   assert 0.0 < stats["recall_focus"] <= stats["recall_active"] <= 1.0
@@ -114,7 +114,27 @@ def test_focus_sparse_decodes_with_diagnostics(model, selection):
 def test_focus_diagnostics_are_free_when_off(model):
   cfg, params = model
   _, state = decode(cfg, params, "focus", l_dense=2, dense_tail=0, prompt_block_size=16)
-  assert state.denoiser_state.stats == {}
+  assert state.stats == {}
+
+
+@pytest.mark.parametrize("mode", ["dual_cache", "focus"])
+def test_generation_hands_back_no_kv_cache(model, mode):
+  """The jitted generation's outputs are the canvas, the step count and the (small) diagnostics:
+  a KV cache among them would stay allocated for as long as the caller keeps the result."""
+  cfg, params = model
+  tokens, mask = prompts(0)
+  options = dict(l_dense=2, dense_tail=0, prompt_block_size=16, diagnostics=True) \
+      if mode == "focus" else {}
+  out = jax.eval_shape(lambda p, t, m: generate_tokens(
+      p, t, m, jax.random.key(0), config=cfg, rule=rule_for(cfg, None),
+      denoiser=make_denoiser(cfg, mode, **options), gen_length=GEN, block_length=BLOCK),
+      params, tokens, mask)
+  canvas_bytes = tokens.shape[0] * (PROMPT + GEN) * 4
+  out_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(out))
+  cache_bytes = 2 * cfg.n_layers * tokens.shape[0] * (PROMPT + GEN) * cfg.n_kv_heads \
+      * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
+  assert out.tokens.shape == (tokens.shape[0], PROMPT + GEN)
+  assert out_bytes < canvas_bytes + 4096 < cache_bytes, (out_bytes, canvas_bytes, cache_bytes)
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "dual_cache", "focus"])
@@ -194,7 +214,7 @@ def test_refresh_economy_options(model, mode, economy, refreshes):
   tokens, state = decode(cfg, params, mode, **options)
   assert not (tokens == MASK).any()
   if mode == "focus":
-    stats = summarize(jax.tree.map(np.asarray, state.denoiser_state.stats))
+    stats = summarize(jax.tree.map(np.asarray, state.stats))
     assert stats["refresh_steps"] == refreshes
   baseline, _ = decode(cfg, params, mode, **(focus if mode == "focus" else {}))
   assert (tokens != baseline).any(), "skipping refreshes should be an approximation here"

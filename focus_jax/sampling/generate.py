@@ -11,6 +11,7 @@ import functools
 from typing import Any
 
 import chex
+import flax
 import jax
 
 from focus_jax.decoding.base import Denoiser
@@ -18,6 +19,19 @@ from focus_jax.models.config import ModelConfig
 from focus_jax.sampling import loop
 from focus_jax.sampling.dream import DreamRule
 from focus_jax.sampling.llada import LLaDARule
+
+
+@flax.struct.dataclass
+class GenerateOutput:
+  """What a generation hands back: the canvas, the step count and the denoiser's diagnostics.
+
+  Not the loop state: returning it would make the KV cache (16 GiB at 32K for LLaDA-8B) an
+  output of the jitted call, alive for as long as the caller keeps the result.
+  """
+
+  tokens: jax.Array  # [B, prompt + gen_length] the final canvas
+  num_steps: jax.Array  # int32: denoising steps (forward passes) taken
+  stats: dict[str, jax.Array]  # Focus diagnostics accumulators; empty when off or not Focus
 
 
 def steps_per_block(steps: int, gen_length: int, block_length: int) -> int:
@@ -56,7 +70,7 @@ def dream_rule(*, steps: int, gen_length: int, block_length: int | None = None,
 def generate_tokens(params: Any, prompt: jax.Array, prompt_mask: jax.Array | None,
                     rng: jax.Array, *, config: ModelConfig, rule: LLaDARule | DreamRule,
                     denoiser: Denoiser, gen_length: int, block_length: int,
-                    cfg_scale: float = 0.0) -> loop.LoopState:
+                    cfg_scale: float = 0.0) -> GenerateOutput:
   """Denoises [prompt | MASK x gen_length]; `.tokens` of the result is the final canvas."""
   chex.assert_rank(prompt, 2)
   if prompt.shape[1] + gen_length > config.max_sequence_length:
@@ -65,4 +79,6 @@ def generate_tokens(params: Any, prompt: jax.Array, prompt_mask: jax.Array | Non
   if cfg_scale and not isinstance(rule, LLaDARule):
     raise ValueError("cfg_scale is LLaDA's classifier-free guidance; Dream has none")
   canvas = loop.make_canvas(prompt, prompt_mask, gen_length, block_length, config.mask_token_id)
-  return loop.run(params, canvas, denoiser, rule, rng, config.mask_token_id, cfg_scale)
+  final = loop.run(params, canvas, denoiser, rule, rng, config.mask_token_id, cfg_scale)
+  return GenerateOutput(tokens=final.tokens, num_steps=final.num_steps,
+                        stats=getattr(final.denoiser_state, "stats", {}))
