@@ -138,6 +138,7 @@ def main(argv):
       batch = int(options.pop("batch", FLAGS.batch))
       threshold = float(options.pop("threshold", FLAGS.threshold))
       generate = context <= FLAGS.generate_up_to or bool(threshold)
+      blocks = FLAGS.gen // block
       row = dict(model=FLAGS.model, gpu=gpu, jax=jax.__version__, context=context,
                  gen=FLAGS.gen, steps=FLAGS.steps, block=block, batch=batch,
                  mode=mode, variant=spec, threshold=threshold or None,
@@ -172,7 +173,6 @@ def main(argv):
           if generate:
             row.update(time_generation(params, prompt, prompt_mask, cfg, rule, denoiser, block))
           else:
-            blocks = FLAGS.gen // block
             row["seconds"] = (row["refresh_s"] + (blocks - 1) * row["later_entry_s"]
                               + (FLAGS.steps - blocks) * row["sparse_step_s"])
             row["extrapolated_from_steps"] = True
@@ -195,7 +195,6 @@ def main(argv):
         row["sparse_step_vs_floor"] = row["sparse_step_s"] / sparse_floor
       else:
         row["step_vs_floor"] = row["step_s"] / refresh_floor
-      blocks = FLAGS.gen // block
       steps_run = row.get("num_steps", FLAGS.steps)  # fewer under threshold decoding
       floor_total = (steps_run * refresh_floor if mode == "vanilla" else
                      blocks * refresh_floor + (steps_run - blocks) * sparse_floor)

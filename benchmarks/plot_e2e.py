@@ -1,6 +1,6 @@
 """Throughput against context length from `e2e.py` results, next to the paper's numbers.
 
-    python benchmarks/plot_e2e.py benchmarks/results/e2e_h100_2026-11-23.json ... \
+    python benchmarks/plot_e2e.py benchmarks/results/e2e_h100.json benchmarks/results/e2e_h200.json \
         --out=benchmarks/results/e2e_throughput.png
 
 One line per (GPU, variant) over the rows with the paper's schedule (gen 256, steps 256, block
