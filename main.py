@@ -1,4 +1,4 @@
-"""Run a dLLM with focus-jax: `python main.py [--config=configs/tiny.py] [--config.field=value]`.
+"""Run a dLLM with focus-jax: `python main.py [--config=configs/demo.py] [--config.field=value]`.
 
 Loads the model named by the config, generates for its prompts with each decoding mode in
 `config.modes`, and prints the texts and timings (compile, run, per step, tokens/s).
@@ -15,9 +15,9 @@ import numpy as np
 import focus_jax
 from focus_jax import pipeline, sharding
 
-# The default stays the random tiny model until a trained demo_model/ is shipped (issue 6: the
-# training runs so far did not learn the tasks); configs/demo.py runs the task prompts.
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run configuration.")
+# The default runs the demo dLLM trained here (demo_model/) on a freshly generated long-context
+# question, dense and Focus side by side; configs/tiny.py is a random tiny model.
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run configuration.")
 
 
 def _task_prompt(cfg, model: pipeline.Model):

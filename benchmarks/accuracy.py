@@ -35,13 +35,13 @@ flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Passkey needle d
 flags.DEFINE_integer("seeds", 2, "Passkey examples per (length, depth) cell.")
 flags.DEFINE_integer("per_task", 8, "kv and vt examples per length.")
 flags.DEFINE_list("variants", [], "Variants to run (default: all of VARIANTS).")
-flags.DEFINE_integer("block_length", 16, "Generation block length (gen_length is 32).")
+flags.DEFINE_integer("block_length", 4, "Generation block length (gen_length is 16).")
 flags.DEFINE_integer("max_rows", 64, "Rows per generate call.")
 flags.DEFINE_string("dtype", "", "Parameter dtype; empty: bfloat16 on GPU, float32 on CPU.")
 flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "accuracy"),
                     "Output path prefix.")
 
-# Focus on the demo model's 10 layers: 2 dense (sinks from layer 1), the reported rho, window
+# Focus on the demo model's 8 layers: 2 dense (sinks from layer 1), the reported rho, window
 # and alpha, and a 64-token prompt block.
 FOCUS = {"l_dense": 2, "diagnostics": True}
 
@@ -61,6 +61,9 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
     out[f"dual_cache+{name}"] = ("dual_cache", opts)
   for name, opts in economy.items():
     out[f"focus+{name}"] = ("focus", {**FOCUS, **opts})
+  # Every prompt block kept (alpha 1): what the sparse-layer query restriction alone costs, so
+  # the pruning's own cost is the gap to plain focus.
+  out["focus+alpha=1"] = ("focus", {**FOCUS, "alpha": 1.0})
   order = ["vanilla", "dual_cache"] + [f"dual_cache+{n}" for n in economy] + ["focus"]
   return {k: out[k] for k in order + [k for k in out if k not in order]}
 
@@ -78,7 +81,7 @@ def build_examples(lengths: list[int], depths: list[float], seeds: int, per_task
   return out
 
 
-def run(model, examples: dict[int, list], variant_names: list[str], block_length: int = 16,
+def run(model, examples: dict[int, list], variant_names: list[str], block_length: int = 4,
         max_rows: int = 64, log=print) -> dict[str, Any]:
   """Decodes every example with every variant; returns the per-example hits and diagnostics."""
   from focus_jax import pipeline  # pylint: disable=g-import-not-at-top
@@ -242,6 +245,7 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import focus_jax  # pylint: disable=g-import-not-at-top
+  from focus_jax.training import tasks  # pylint: disable=g-import-not-at-top
   dtype = FLAGS.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
   model = focus_jax.load(FLAGS.model, dtype=dtype)
   names = FLAGS.variants or list(variants())
@@ -255,7 +259,7 @@ def main(argv):
       "model": os.path.relpath(FLAGS.model, ROOT) if FLAGS.model.startswith(ROOT) else FLAGS.model,
       "dtype": dtype, "device": str(jax.devices()[0].device_kind), "lengths": lengths,
       "depths": depths, "seeds": FLAGS.seeds, "per_task": FLAGS.per_task,
-      "gen_length": 32, "steps": 32, "block_length": FLAGS.block_length, "focus": FOCUS,
+      "gen_length": tasks.GEN_LENGTH, "steps": tasks.GEN_LENGTH, "block_length": FLAGS.block_length, "focus": FOCUS,
       "variants": {n: variants()[n] for n in names}, "seconds": time.perf_counter() - t0,
       "command": " ".join(sys.argv)}
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)

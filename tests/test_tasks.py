@@ -26,26 +26,45 @@ def test_lengths_answer_in_context_and_deterministic(task, length):
   np.testing.assert_array_equal(ex.answer, again.answer)
   assert not np.array_equal(ex.prompt, other.prompt)
   assert tasks.ANSWER_LEN[0] <= len(ex.answer) <= tasks.ANSWER_LEN[1]
-  assert np.isin(ex.answer, tasks.VALUE_IDS).all()
-  assert len(_contains(ex.prompt, ex.answer)) == 1  # exactly once: no ambiguity
+  pool = tasks.NAME_IDS if task == "vt" else tasks.VALUE_IDS
+  assert np.isin(ex.answer, pool).all() and len(set(ex.answer.tolist())) == len(ex.answer)
+  if task != "vt":
+    assert len(_contains(ex.prompt, ex.answer)) == 1  # exactly once: no ambiguity
   assert not np.isin(ex.prompt, [tasks.MASK_ID, tasks.EOS_ID]).any()
   words = ex.prompt_text.split()
   assert "answer" in words[-8:]
 
 
-def test_question_names_the_right_needle():
+def _next_after(prompt: np.ndarray, word: int, offset: int) -> list[int]:
+  """The words at `offset` from every occurrence of `word` in the prompt's body (not the
+  question, which starts at the last "question")."""
+  body = prompt[:np.nonzero(prompt == tasks.WORD_ID["question"])[0][-1]]
+  return [int(body[i + offset]) for i in np.nonzero(body == word)[0]
+          if 0 <= i + offset < len(body)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_answer_word_follows_from_its_left_neighbour(seed):
+  """The property the tasks are built on: the anchor (the prompt's last word) and then each
+  answer word occur once in the context, and the next answer word sits at a fixed offset from
+  that occurrence (+1 for passkey and kv, -2 for variable tracking's "var NEXT = PREV .", where
+  the only other match is the word before PREV's own "var", never a name)."""
+  for task, offset, pool in (("passkey", 1, tasks.VALUE_IDS), ("kv", 1, tasks.VALUE_IDS),
+                             ("vt", -2, tasks.NAME_IDS)):
+    ex = tasks.make_example(task, seed, 1024)
+    left = int(ex.prompt[-1])
+    for word in ex.answer:
+      found = [w for w in _next_after(ex.prompt, left, offset) if np.isin(w, pool)]
+      assert found == [int(word)], (task, tasks.VOCAB[left])
+      left = int(word)
+
+
+def test_kv_question_names_one_of_several_keys():
   kv = tasks.make_example("kv", 1, 1024)
-  key = kv.prompt[-2]  # "... answer : the value of key KEY is"
-  at = _contains(kv.prompt, np.concatenate([[key], tasks.ids("is"), kv.answer]))
-  assert len(at) == 1
-  vt = tasks.make_example("vt", 1, 1024)
-  alias = vt.prompt[-2]  # "... answer : var ALIAS ="
-  # var ALIAS = var ROOT .  and  var ROOT = answer .
-  hop = _contains(vt.prompt, np.concatenate([tasks.ids("var"), [alias], tasks.ids("= var")]))
-  assert len(hop) == 1
-  root = vt.prompt[hop[0] + 4]
-  assert len(_contains(vt.prompt, np.concatenate([tasks.ids("var"), [root], tasks.ids("="),
-                                                  vt.answer]))) == 1
+  key = kv.prompt[-1]
+  assert np.isin(key, tasks.NAME_IDS)
+  assert len(_contains(kv.prompt, np.concatenate([tasks.ids("key"), [key], kv.answer]))) == 1
+  assert np.sum(kv.prompt == tasks.WORD_ID["key"]) >= 3  # >= 2 records + the question
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
@@ -69,12 +88,13 @@ def test_training_batch_layout():
   np.testing.assert_array_equal(tokens, again)
 
 
-def test_copy_stream_spans_appear_twice():
-  tokens, target = tasks.copy_batch(np.random.default_rng(0), 3, 1024)
-  assert tokens.shape == (3, 1024) and target.any(axis=1).all()
+def test_induction_stream_repeats_one_run():
+  tokens, target = tasks.induction_batch(np.random.default_rng(0), 16, 64)
+  assert tokens.shape == (16, 64) and target.any(axis=1).all()
   for row, tgt in zip(tokens, target):
-    vals, counts = np.unique(row[tgt], return_counts=True)
-    assert (counts == 2).all() and np.isin(vals, tasks.VALUE_IDS).all()
+    second = row[tgt]
+    assert len(_contains(row, second)) == 2  # the targets copy a run found earlier in the row
+    assert len(set(second.tolist())) == len(second)
 
 
 def test_exact_match():

@@ -5,21 +5,29 @@ maps words to ids one to one and the generators can emit ids directly (fast enou
 from numpy). Every example is deterministic given (task, seed, lengths, depth).
 
 Layout of one example (LLaDA SFT style, the prompt stays clean, the response is masked):
-  prompt   = <|startoftext|> haystack-with-needles  question : ... ? answer : <lead-in>
+  prompt   = <|startoftext|> haystack-with-needles  question : ... ? answer : <anchor>
   response = answer words, then <|endoftext|> up to `gen_length`
-The answer is `ANSWER_LEN` value words (16-24 by default), so with block_length 8 it spans
-several generation blocks. The prompt ends with the words that precede the value in the needle
-("the pass key is", "the value of key KEY is", "var NAME ="), so a small model can learn the
-lookup as an induction pattern (from scratch, a bare "answer :" stayed at chance in 6K steps).
+The answer is `ANSWER_LEN` words (6-10), so with the demo's block_length 4 it spans two or three
+generation blocks.
+
+Why this shape (issue 6's diagnosis, in training/train.py): a small model trained from scratch
+learns one circuit fast, "find my left neighbour elsewhere in the prompt and copy the word at a
+fixed offset from it", and struggles to tell response positions apart on an all-mask canvas. So
+every answer word is determined by its left neighbour alone: the prompt ends with an anchor word
+that appears in exactly one needle; answer and anchor words are distinct inside an example; the
+output vocabularies are small (64 values, 64 names). Decoding then unmasks an answer left to
+right, one hop per step, and in the multi-hop task each word needs the one decoded before it.
 
 Tasks (the names are the keys of `TASKS`):
-- "passkey":  one needle "the pass key is v1 .. vn . remember it ." at a chosen depth;
-              question "what is the pass key ?".
-- "kv":       4-8 needles "the value of key KEY is v1 .. vn ." with distinct keys; the question
-              asks for one key's value (multi-key NIAH).
-- "vt":       RULER-style variable tracking with 2 hops: "var A = v1 .. vn ." and
-              "var B = var A ." (plus a distractor chain); question "what is the value of var B ?".
-Value words are drawn without replacement inside an example, so copying a value is unambiguous.
+- "passkey":  one needle "the pass key is v1 .. vn . remember it ." at a chosen depth; the prompt
+              ends "answer : the pass key is".
+- "kv":       2-4 needles "key K v1 .. vn ." with distinct keys and values (multi-key NIAH); the
+              question names one key and the prompt ends with it.
+- "vt":       RULER-style variable tracking: "var X1 = V ." then "var X2 = X1 .", "var X3 = X2 .",
+              ... (6-10 variables) plus a shorter distractor chain from another value; the
+              question asks which variables hold V, the prompt ends with V and the answer lists
+              the chain in order, X1 .. Xn (the next variable sits two words before the previous
+              one in its assignment).
 """
 
 from __future__ import annotations
@@ -33,8 +41,8 @@ import numpy as np
 
 EOS, BOS, EOT, MASK, UNK = "<|endoftext|>", "<|startoftext|>", "<|eot_id|>", "<|mdm_mask|>", "<unk>"
 SPECIALS = (EOS, BOS, EOT, MASK, UNK)
-FUNCTION_WORDS = (".", "?", ":", "=", "the", "pass", "key", "is", "remember", "it", "what",
-                  "value", "of", "var", "question", "answer")
+FUNCTION_WORDS = (".", "?", ":", "=", "the", "pass", "key", "is", "remember", "it", "what", "was",
+                  "are", "values", "of", "var", "vars", "which", "hold", "question", "answer")
 
 
 def _filler_words(n: int) -> list[str]:
@@ -46,7 +54,7 @@ def _filler_words(n: int) -> list[str]:
   return sorted(rng.choice(words, size=n, replace=False).tolist())
 
 
-def _key_names(n: int) -> list[str]:
+def _names(n: int) -> list[str]:
   """Upper-case three-letter names for keys and variables ("QZT")."""
   letters = "BCDFGHJKLMNPQRSTVWXZ"
   names = ["".join(t) for t in itertools.product(letters, repeat=3)]
@@ -54,23 +62,23 @@ def _key_names(n: int) -> list[str]:
   return sorted(rng.choice(names, size=n, replace=False).tolist())
 
 
-N_FILLER, N_KEYS, N_VALUES = 512, 256, 900
+N_FILLER, N_NAMES, N_VALUES = 512, 64, 64
 FILLER = _filler_words(N_FILLER)
-KEYS = _key_names(N_KEYS)
-VALUES = [str(v) for v in range(100, 100 + N_VALUES)]  # "100" .. "999"
-VOCAB: list[str] = list(SPECIALS) + list(FUNCTION_WORDS) + FILLER + KEYS + VALUES
+NAMES = _names(N_NAMES)
+VALUES = [str(v) for v in range(10, 10 + N_VALUES)]  # "10" .. "73"
+VOCAB: list[str] = list(SPECIALS) + list(FUNCTION_WORDS) + FILLER + NAMES + VALUES
 WORD_ID = {w: i for i, w in enumerate(VOCAB)}
 assert len(WORD_ID) == len(VOCAB), "vocabulary words must be unique"
 
 EOS_ID, BOS_ID, EOT_ID, MASK_ID, UNK_ID = (WORD_ID[s] for s in SPECIALS)
 FILLER_IDS = np.array([WORD_ID[w] for w in FILLER], np.int32)
-KEY_IDS = np.array([WORD_ID[w] for w in KEYS], np.int32)
+NAME_IDS = np.array([WORD_ID[w] for w in NAMES], np.int32)
 VALUE_IDS = np.array([WORD_ID[w] for w in VALUES], np.int32)
 PERIOD_ID = WORD_ID["."]
 
 TASKS = ("passkey", "kv", "vt")
-GEN_LENGTH = 32  # response region: answer + eos padding
-ANSWER_LEN = (16, 24)  # inclusive range of answer lengths (value words)
+GEN_LENGTH = 16  # response region: answer + eos padding
+ANSWER_LEN = (6, 10)  # inclusive range of answer lengths (words)
 
 
 def ids(words: str) -> np.ndarray:
@@ -127,49 +135,52 @@ def _answer_len(rng: np.random.Generator) -> int:
   return int(rng.integers(ANSWER_LEN[0], ANSWER_LEN[1] + 1))
 
 
-def _build(task: str, rng: np.random.Generator, prompt_len: int,
-           depth: float | None) -> Example:
-  vals = VALUE_IDS[rng.permutation(len(VALUE_IDS))]  # distinct value words for this example
-  vcur = 0
+class _Distinct:
+  """Draws words of one pool without replacement inside an example."""
 
-  def take_value():
-    nonlocal vcur
-    n = _answer_len(rng)
-    out = vals[vcur:vcur + n]
-    vcur += n
+  def __init__(self, rng: np.random.Generator, pool: np.ndarray):
+    self._words, self._at = pool[rng.permutation(len(pool))], 0
+
+  def take(self, n: int) -> np.ndarray:
+    if self._at + n > len(self._words):
+      raise ValueError(f"an example needs more than {len(self._words)} distinct words")
+    out = self._words[self._at:self._at + n]
+    self._at += n
     return out
 
+
+def _build(task: str, rng: np.random.Generator, prompt_len: int,
+           depth: float | None) -> Example:
+  values, names = _Distinct(rng, VALUE_IDS), _Distinct(rng, NAME_IDS)
   if task == "passkey":
-    answer = take_value()
+    answer = values.take(_answer_len(rng))
     needles = [np.concatenate([ids("the pass key is"), answer, ids(". remember it .")])]
-    question = ids("question : what is the pass key ? answer : the pass key is")
+    question = ids("question : what was the pass key ? answer : the pass key is")
     depths = [rng.uniform() if depth is None else depth]
   elif task == "kv":
-    n_pairs = min(int(rng.integers(4, 9)), max(2, (prompt_len - 40) // 40))
-    keys = KEY_IDS[rng.choice(len(KEY_IDS), size=n_pairs, replace=False)]
-    values = [take_value() for _ in range(n_pairs)]
-    needles = [np.concatenate([ids("the value of key"), [k], ids("is"), v, ids(".")])
-               for k, v in zip(keys, values)]
+    n_pairs = int(rng.integers(2, 5))
+    keys = names.take(n_pairs)
+    records = [values.take(_answer_len(rng)) for _ in range(n_pairs)]
+    needles = [np.concatenate([ids("key"), [k], v, ids(".")]) for k, v in zip(keys, records)]
     depths = list(rng.uniform(size=n_pairs))
     if depth is not None:
       depths[0] = depth
-    answer = values[0]
-    question = np.concatenate([ids("question : what is the value of key"), [keys[0]],
-                               ids("? answer : the value of key"), [keys[0]], ids("is")])
+    answer = records[0]
+    question = np.concatenate([ids("question : what are the values of key"), [keys[0]],
+                               ids("? answer :"), [keys[0]]])
   elif task == "vt":
-    names = KEY_IDS[rng.choice(len(KEY_IDS), size=4, replace=False)]  # 2 chains of 2 variables
-    values = [take_value(), take_value()]
-    needles, depths = [], []
-    for c in range(2):
-      root, alias = names[2 * c], names[2 * c + 1]
-      needles.append(np.concatenate([ids("var"), [root], ids("="), values[c], ids(".")]))
-      needles.append(np.concatenate([ids("var"), [alias], ids("= var"), [root], ids(".")]))
-      depths += list(rng.uniform(size=2))
+    answer = names.take(_answer_len(rng))
+    decoy = names.take(int(rng.integers(2, 5)))
+    value, decoy_value = values.take(2)
+    needles = []
+    for chain, start in ((answer, value), (decoy, decoy_value)):
+      needles += [np.concatenate([ids("var"), [x], ids("="), [prev], ids(".")])
+                  for prev, x in zip(np.concatenate([[start], chain[:-1]]), chain)]
+    depths = list(rng.uniform(size=len(needles)))
     if depth is not None:
       depths[0] = depth
-    answer = values[0]
-    question = np.concatenate([ids("question : what is the value of var"), [names[1]],
-                               ids("? answer : var"), [names[1]], ids("=")])
+    question = np.concatenate([ids("question : which vars hold"), [value], ids("? answer :"),
+                               [value]])
   else:
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
   n_hay = prompt_len - 1 - len(question) - sum(len(n) for n in needles)
@@ -217,29 +228,28 @@ def exact_match(generated: np.ndarray, answer: np.ndarray) -> bool:
   return len(got) == len(answer) and bool(np.all(got == answer))
 
 
-def copy_batch(rng: np.random.Generator, batch: int, seq_len: int,
-               n_pairs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens [B, L], target [B, L] bool) of the auxiliary copy stream.
+def induction_batch(rng: np.random.Generator, batch: int, seq_len: int,
+                    gen_length: int = GEN_LENGTH) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [B, L], target [B, L] bool) of the dense induction stream.
 
-  Each row is haystack with `n_pairs` spans of 8-24 value words, every span present twice at
-  random places; `target` marks the span tokens, the only predictable ones. Trained with masks
-  over the whole row (LLaDA's pretraining form), it gives thousands of copy targets per batch,
-  so the lookup ("the token after the same context elsewhere") is learned fast; the SFT stream
-  then only has to point it at the queried needle.
+  Each row is filler, a run of distinct value and name words, more filler, then the same run
+  again, then filler; `target` marks the second copy. Trained like the SFT stream (only the
+  targets are masked, the rest stays clean), every masked word whose left (or right) neighbour
+  is visible is predictable by the same circuit the tasks need, at random offsets (so a fixed
+  relative position cannot solve it), with ten times the targets per row of the SFT stream.
   """
-  n_pairs = n_pairs or min(36, max(2, seq_len // 64))  # 36 x 24 < 900 distinct values
-  tokens = np.empty((batch, seq_len), np.int32)
+  pool = np.concatenate([VALUE_IDS, NAME_IDS])
+  tokens = FILLER_IDS[rng.integers(0, len(FILLER_IDS), size=(batch, seq_len))]
   target = np.zeros((batch, seq_len), bool)
+  max_run = min(len(pool), (seq_len - 8) // 2)
+  runs = rng.integers(max(2, min(gen_length, max_run) // 2), max_run + 1, size=batch)
   for r in range(batch):
-    vals = VALUE_IDS[rng.permutation(len(VALUE_IDS))]
-    spans, at = [], 0
-    for _ in range(n_pairs):
-      n = int(rng.integers(8, 25))
-      spans.append(vals[at:at + n])
-      at = (at + n) % (len(vals) - 24)
-    needles = spans + spans
-    n_hay = seq_len - sum(len(s) for s in needles)
-    row = _insert(_haystack(rng, n_hay), needles, list(rng.uniform(size=len(needles))))
-    tokens[r] = row
-    target[r] = np.isin(row, np.concatenate(spans))
+    n = int(runs[r])
+    words = pool[rng.permutation(len(pool))[:n]]
+    gap = seq_len - 2 * n
+    a, b = np.sort(rng.integers(0, gap + 1, size=2))
+    tokens[r, a:a + n] = words
+    second = b + n
+    tokens[r, second:second + n] = words
+    target[r, second:second + n] = True
   return tokens, target

@@ -73,14 +73,14 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "/tmp/demo_model", "HF checkpoint directory to write.")
 flags.DEFINE_integer("seed", 0, "Seed of init, data and masks.")
 flags.DEFINE_integer("steps", 0, "Optimizer steps; 0: as many as fit --time_budget_s.")
-flags.DEFINE_float("time_budget_s", 360.0, "Training-loop seconds for --steps=0.")
-flags.DEFINE_integer("tokens_per_step", 65536, "Tokens per batch (batch = this / length).")
+flags.DEFINE_float("time_budget_s", 420.0, "Training-loop seconds for --steps=0.")
+flags.DEFINE_integer("tokens_per_step", 32768, "SFT tokens per batch (rows = this / length).")
 flags.DEFINE_integer("max_len", 8192, "Longest training sequence (prompt + response).")
 flags.DEFINE_float("lr", 1e-3, "Peak learning rate.")
-flags.DEFINE_integer("warmup", 150, "Linear warmup steps.")
-flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
+flags.DEFINE_integer("warmup", 100, "Linear warmup steps.")
+flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay (matrices only).")
 flags.DEFINE_integer("d_model", 256, "Model width.")
-flags.DEFINE_integer("n_layers", 10, "Layers.")
+flags.DEFINE_integer("n_layers", 8, "Layers.")
 flags.DEFINE_integer("n_heads", 4, "Attention heads (MHA, head_dim = d_model / n_heads).")
 flags.DEFINE_integer("mlp_hidden", 1024, "SwiGLU hidden size.")
 flags.DEFINE_integer("log_every", 50, "Steps between loss prints.")
@@ -88,15 +88,17 @@ flags.DEFINE_float("export_every_s", 0.0, "If > 0, also export the checkpoint th
                    "training (a safety copy when the machine may be taken back).")
 flags.DEFINE_float("max_train_seconds", 1e9, "Stop the loop (and export) after this long; the "
                    "step reached is recorded.")
-flags.DEFINE_list("eval_lengths", ["1024", "8192"], "Prompt+gen lengths of the final "
+flags.DEFINE_list("eval_lengths", ["1024", "4096", "8192"], "Prompt+gen lengths of the final "
                   "quick eval (vanilla decoding through the exported checkpoint); empty: none.")
-flags.DEFINE_integer("eval_per_task", 4, "Eval examples per task and length.")
+flags.DEFINE_integer("data_workers", 8, "Processes building batches ahead (0: inline).")
+flags.DEFINE_integer("eval_per_task", 8, "Eval examples per task and length.")
 
-VOCAB_SIZE = 1792  # len(tasks.VOCAB) = 1689, padded to a multiple of 128
-MIN_LEN = 256
+VOCAB_SIZE = 768  # len(tasks.VOCAB) = 666, padded to a multiple of 128
+MIN_LEN = 128  # the shortest SFT row (prompt 112 + response 16) every task fits in
+INDUCTION_SHAPE = (64, 64)  # (rows, tokens) of the induction stream, every step
 
 
-def demo_config(d_model: int = 256, n_layers: int = 10, n_heads: int = 4, mlp_hidden: int = 1024,
+def demo_config(d_model: int = 256, n_layers: int = 8, n_heads: int = 4, mlp_hidden: int = 1024,
                 dtype: str = "float32") -> ModelConfig:
   """The demo model: LLaDA's architecture (MHA, SwiGLU, RMSNorm, RoPE base 500000, untied)."""
   return llada_family(
@@ -107,8 +109,11 @@ def demo_config(d_model: int = 256, n_layers: int = 10, n_heads: int = 4, mlp_hi
       dtype=dtype)
 
 
-# Curriculum: (fraction of training where the phase ends, lengths drawn uniformly in it).
-PHASES = ((0.3, (256,)), (0.55, (256, 1024)), (0.8, (1024, 4096)), (1.0, (1024, 4096, 8192)))
+# Curriculum: (fraction of training where the phase ends, SFT lengths drawn uniformly in it).
+# Short rows first: the copy circuit forms in a few hundred steps at 48-128 tokens and not at all
+# in thousands at 256 (the diagnosis above); once formed it carries over to longer rows.
+PHASES = ((0.2, (128,)), (0.4, (128, 256)), (0.6, (256, 512, 1024)),
+          (0.8, (1024, 2048, 4096)), (1.0, (1024, 4096, 8192)))
 
 
 def length_schedule(steps: int, seed: int, max_len: int) -> np.ndarray:
@@ -124,12 +129,39 @@ def length_schedule(steps: int, seed: int, max_len: int) -> np.ndarray:
 
 
 def batch_for_step(seed: int, step: int, length: int, tokens_per_step: int):
-  """(SFT tokens, copy tokens, copy targets): each stream gets half the token budget."""
+  """(SFT tokens [B, length], induction tokens, induction targets), deterministic in (seed,
+  step): the SFT stream gets `tokens_per_step` (at least 8 rows), the induction stream its
+  fixed small shape."""
   rng = np.random.default_rng([seed, step])
-  b = max(1, tokens_per_step // (2 * length))
-  sft, _ = tasks.training_batch(rng, b, length)
-  copy, target = tasks.copy_batch(rng, b, length)
-  return sft, copy, target
+  sft, _ = tasks.training_batch(rng, max(8, tokens_per_step // length), length)
+  ind, target = tasks.induction_batch(rng, *INDUCTION_SHAPE)
+  return sft, ind, target
+
+
+def _batch_job(args):
+  return batch_for_step(*args)
+
+
+class Prefetcher:
+  """Builds the batches of upcoming steps in worker processes (the generators are numpy and
+  Python; at 128 tokens a step needs hundreds of rows), in step order, so the stream is the same
+  as building them inline."""
+
+  def __init__(self, seed: int, lengths: np.ndarray, tokens_per_step: int, workers: int):
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    jobs = ((seed, s, int(l), tokens_per_step) for s, l in enumerate(lengths))
+    if workers > 0:
+      self._pool = multiprocessing.get_context("spawn").Pool(workers)
+      self._it = self._pool.imap(_batch_job, jobs, chunksize=4)
+    else:
+      self._pool, self._it = None, map(_batch_job, jobs)
+
+  def __next__(self):
+    return next(self._it)
+
+  def close(self):
+    if self._pool is not None:
+      self._pool.terminate()
 
 
 def schedule_fn(steps: int, lr: float, warmup: int):
@@ -147,18 +179,22 @@ def make_optimizer(lr, weight_decay: float):
                                  mask=decay_mask))
 
 
-def copy_loss(params, cfg: ModelConfig, tokens, target, key):
-  """The auxiliary copy stream: masks over whole rows (pretraining form), loss on span tokens."""
+def region_loss(params, cfg: ModelConfig, tokens, region, key, logits_from: int = 0):
+  """LLaDA's masked-diffusion loss with the masks confined to `region` [B, L] (the SFT response,
+  or the induction stream's second copy); logits are computed from `logits_from` on (the SFT
+  response is the row's tail, so the prompt needs none). Returns (loss, masked accuracy)."""
   b, l = tokens.shape
-  noisy, masked, p_mask = objective.mask_response(key, tokens, jnp.ones((b, l), bool),
-                                                  cfg.mask_token_id)
+  noisy, masked, p_mask = objective.mask_response(key, tokens, region, cfg.mask_token_id)
   model = Transformer(cfg)
   p16 = jax.tree.map(lambda x: x.astype(cfg.jnp_dtype), params)
   positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   hidden, _, _ = model.apply({"params": p16}, noisy, positions, SelfAttention())
-  logits = model.apply({"params": p16}, hidden, method=Transformer.logits)
-  return objective.sft_loss(logits, tokens, masked & target, p_mask,
-                            jnp.maximum(jnp.sum(target, axis=1), 1).astype(jnp.float32))
+  logits = model.apply({"params": p16}, hidden[:, logits_from:], method=Transformer.logits)
+  targets, masked = tokens[:, logits_from:], masked[:, logits_from:]
+  loss = objective.sft_loss(logits, targets, masked, p_mask,
+                            jnp.maximum(jnp.sum(region, axis=1), 1).astype(jnp.float32))
+  acc = jnp.sum((jnp.argmax(logits, -1) == targets) & masked) / jnp.maximum(jnp.sum(masked), 1)
+  return loss, acc
 
 
 def loss_fn(params, cfg: ModelConfig, tokens, key):
@@ -166,31 +202,21 @@ def loss_fn(params, cfg: ModelConfig, tokens, key):
   b, l = tokens.shape
   g = tasks.GEN_LENGTH
   response = jnp.broadcast_to(jnp.arange(l) >= l - g, (b, l))
-  noisy, masked, p_mask = objective.mask_response(key, tokens, response, cfg.mask_token_id)
-  model = Transformer(cfg)
-  p16 = jax.tree.map(lambda x: x.astype(cfg.jnp_dtype), params)
-  positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  hidden, _, _ = model.apply({"params": p16}, noisy, positions, SelfAttention())
-  logits = model.apply({"params": p16}, hidden[:, -g:], method=Transformer.logits)
-  loss = objective.sft_loss(logits, tokens[:, -g:], masked[:, -g:], p_mask,
-                            jnp.full((b,), g, jnp.float32))
-  acc = jnp.sum((jnp.argmax(logits, -1) == tokens[:, -g:]) & masked[:, -g:]) / jnp.maximum(
-      jnp.sum(masked[:, -g:]), 1)
-  return loss, acc
+  return region_loss(params, cfg, tokens, response, key, logits_from=l - g)
 
 
 def total_loss(params, cfg: ModelConfig, batch, key):
-  sft, copy, target = batch
+  sft, ind, target = batch
   k1, k2 = jax.random.split(key)
   loss, acc = loss_fn(params, cfg, sft, k1)
-  aux = copy_loss(params, cfg, copy, target, k2)
+  aux, _ = region_loss(params, cfg, ind, target, k2)
   return loss + aux, (loss, acc, aux)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "weight_decay"))
 def train_step(params, opt_state, batch, key, lr, cfg, weight_decay):
-  """One AdamW step on SFT loss + copy loss; returns (params, opt_state, sft loss, masked
-  accuracy of the SFT response, copy loss)."""
+  """One AdamW step on SFT loss + induction loss; returns (params, opt_state, sft loss, masked
+  accuracy of the SFT response, induction loss)."""
   (_, (loss, acc, aux)), grads = jax.value_and_grad(total_loss, has_aux=True)(
       params, cfg, batch, key)
   updates, opt_state = make_optimizer(lr, weight_decay).update(grads, opt_state, params)
@@ -229,7 +255,7 @@ def choose_steps(per_step: dict[int, float], budget_s: float, seed: int, max_len
 
 
 def evaluate(model_dir: str, lengths: list[int], per_task: int, modes=("vanilla",),
-             block_length: int = 8) -> list[dict[str, Any]]:
+             block_length: int = 4) -> list[dict[str, Any]]:
   """Exact match through the exported checkpoint and the real decoding pipeline."""
   from focus_jax import pipeline  # pylint: disable=g-import-not-at-top
   model = pipeline.load(model_dir, dtype="bfloat16" if jax.default_backend() == "gpu" else None)
@@ -253,10 +279,10 @@ def evaluate(model_dir: str, lengths: list[int], per_task: int, modes=("vanilla"
 def _log_line(pending, schedule, t_train) -> dict[str, Any]:
   s, l, ls, ac, aux = pending
   line = {"step": s, "length": l, "loss": float(ls), "masked_acc": float(ac),
-          "copy_loss": float(aux), "lr": float(schedule(s)),
+          "induction_loss": float(aux), "lr": float(schedule(s)),
           "seconds": round(time.perf_counter() - t_train, 1)}
   print(f"step {s:5d}  len {l:5d}  loss {line['loss']:.4f}  masked-acc {line['masked_acc']:.3f}  "
-        f"copy-loss {line['copy_loss']:.4f}  lr {line['lr']:.2e}  {line['seconds']:6.1f}s",
+        f"induction-loss {line['induction_loss']:.4f}  lr {line['lr']:.2e}  {line['seconds']:6.1f}s",
         flush=True)
   return line
 
@@ -284,6 +310,7 @@ def main(argv):
   base_key = jax.random.key(seed)
   log, t_train = [], time.perf_counter()
   pending, stopped_at, last_export = None, None, time.perf_counter()
+  batches = Prefetcher(seed, schedule_lengths, FLAGS.tokens_per_step, FLAGS.data_workers)
   for step in range(steps):
     length = int(schedule_lengths[step])
     if time.perf_counter() - t_train > FLAGS.max_train_seconds:
@@ -296,7 +323,7 @@ def main(argv):
           "focus_jax_training": {"seed": seed, "steps": steps, "partial_at_step": step}})
       last_export = time.perf_counter()
       print(f"exported a safety copy at step {step}", flush=True)
-    tokens = batch_for_step(seed, step, length, FLAGS.tokens_per_step)
+    tokens = next(batches)
     params, opt_state, loss, acc, aux = train_step(
         params, opt_state, tokens, jax.random.fold_in(base_key, step),
         np.float32(schedule(step)), cfg, FLAGS.weight_decay)
@@ -304,6 +331,7 @@ def main(argv):
       if pending is not None:
         log.append(_log_line(pending, schedule, t_train))
       pending = (step, length, loss, acc, aux)
+  batches.close()
   jax.block_until_ready(params)
   log.append(_log_line(pending, schedule, t_train))
   ls = pending[2]
@@ -317,8 +345,8 @@ def main(argv):
       "curriculum_ends": [p[0] for p in PHASES], "tasks": list(tasks.TASKS),
       "gen_length": tasks.GEN_LENGTH, "answer_len": list(tasks.ANSWER_LEN),
       "objective": ("LLaDA masked-diffusion SFT (t~U(0,1) stratified, 1/t weight, / response "
-                    "length) + the same loss over whole rows of the copy stream (half the "
-                    "tokens)"),
+                    "length) + the same loss on the induction stream's second copies "
+                    f"({INDUCTION_SHAPE[0]} rows of {INDUCTION_SHAPE[1]} tokens a step)"),
       "device": str(jax.devices()[0].device_kind), "train_seconds": round(train_seconds, 1),
       "final_loss": float(ls), "num_params": cfg.num_params(),
       "command": (f"python -m focus_jax.training.train --seed={seed} --steps={steps} "
