@@ -31,3 +31,16 @@ def test_main_rejects_unknown_mode():
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "unknown decoding mode 'sparse'" in out.stderr
+
+
+def test_default_run_answers_the_generated_question():
+  """`python main.py` as shipped (configs/demo.py, the trained demo_model/), on a shorter
+  prompt so CI stays quick: dense and Focus both print the expected answer."""
+  cmd = [sys.executable, "main.py", "--config.task_prompt_length=496", "--config.seed=3"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = out.stdout
+  assert "=== vanilla ===" in text and "=== focus ===" in text
+  assert text.count("correct: yes") == 2, text[-3000:]
+  rows = [line.split() for line in text.splitlines() if line.startswith(("vanilla ", "focus "))]
+  assert len(rows) == 2 and all(row[-1] == "yes" for row in rows), rows

@@ -12,42 +12,17 @@ the chosen number is printed and written to training_metadata.json, and `--steps
 
 No ml_collections here (the GPU image lacks it): absl flags only.
 
-Status (issue 6): no run so far has learned the tasks, so no demo_model/ is shipped.
-- H100, SFT stream only, lengths 512-8192, 6265 steps / 489 s, lr 1e-3: the loss sat at ~4.2 from
-  step ~150 on, which is uniform over all 900 value words; the model never used the context.
-- H100, + lead-in prompts, copy stream, stratified t, lengths 256-8192, lr 2e-3, 801 steps in
-  185 s (stopped by --max_train_seconds): SFT loss ~4.2, copy loss ~6.8 (= ln 900), same plateau.
-- CPU probe: a 2-layer model copying a row-constant value learns in ~40 steps over 20 distinct
-  values and stays near ln(V) for 100+ steps over 900 values. Each value word's embedding and
-  unembedding must align one by one, so the value vocabulary (900) is the likely bottleneck: the
-  next run should draw values from a few dozen words (or digits, with positional copying) and
-  start from short contexts.
-- Second session, the diagnosis (exploratory scripts, not kept): values made slot-tagged words
-  ("a0".."p9": slot j of an answer is always one of ten words) with 10-16-word answers, SFT loss
-  only. Six H100 variants (d256-384, 6-10 layers, 4-8 heads, lr 1e-3 to 3e-3, RoPE theta 1e4 and
-  5e5, weight decay 0 and 0.1), ~4000 steps each at 256 tokens: value accuracy at positions whose
-  left neighbour is visible stayed at 9-13% (chance 10%), greedy exact match 0; passkey alone
-  reached 28%. Half the rows in pretraining form (whole row masked): no change by 1200 steps.
-  CPU probes, 2 layers of width 64:
-  - A content lookup wanted at every response position (the one value word of the prompt) is
-    learned in under 100 steps.
-  - The same lookup wanted only at response position 0 sits at chance, then jumps to 100% at
-    about step 400-500. That holds with Bernoulli or exact-count masking, so the variance of the
-    1/t weight is not the cause. It also holds with or without a dense auxiliary stream of
-    cyclic counting rows meant to teach local order, so that stream does not help.
-
-  So the hard part is telling response positions apart on an all-mask canvas, under
-  bidirectional attention with RoPE only: their offset from the prompt's end, or which neighbour
-  is the left one. That is learned in a plateau-then-jump way. One position jumps at about 400
-  steps; the full task (10-16 positions, each chained to its neighbour, 3 tasks) had not jumped
-  by about 4400 steps. The value vocabulary still matters for when the jump comes. A passkey
-  with a one-word answer drawn from the 900 values, at response position 0 (4 layers, width 128,
-  112 tokens), was still at chance after 600 steps. Answer-length curriculum 1 -> 2 -> 4 words,
-  1600 steps in all: exact match 0.
-
-  Next: a small value vocabulary (the 10-value probe jumps), with a curriculum over answer
-  length on top (1-2 words first, then longer). Short contexts first. Greedy exact match checked
-  during training. Thousands of steps, not hundreds: the GPU budget is 20 minutes, one slot 10.
+Status (issue 6): demo_model/ is the run `--steps=10368 --stop_at_step=9360` (H100, 400 s, the
+stop set by --max_train_seconds=400): 100% exact match at 1K, 4K and 8K. How we got there:
+- Earlier recipes (900 value words, 16-24-word answers, contexts from 256 or 512, slot-tagged
+  values, a whole-row copy stream; up to 6265 H100 steps) never left chance.
+- H100 diagnosis (third session): a repeated run of 16 distinct words, the second copy masked,
+  d256 x 6 layers, lr 1e-3: 100% masked accuracy after ~600 steps at 48 tokens per row, and
+  5-7% after 4600-12500 steps at 256 tokens for every width, depth, lr and word pool tried. The
+  copy circuit (a previous-word head, then a match of that word elsewhere) forms only on short
+  rows; once formed it carries over to 8K.
+- So: tasks where each answer word follows from its left neighbour (tasks.py), a dense
+  induction stream of 64-token rows in every step, SFT rows from 128 tokens, then longer.
 """
 
 from __future__ import annotations
@@ -90,6 +65,8 @@ flags.DEFINE_float("max_train_seconds", 1e9, "Stop the loop (and export) after t
                    "step reached is recorded.")
 flags.DEFINE_list("eval_lengths", ["1024", "4096", "8192"], "Prompt+gen lengths of the final "
                   "quick eval (vanilla decoding through the exported checkpoint); empty: none.")
+flags.DEFINE_integer("stop_at_step", 0, "If > 0, stop before this step (the schedule still "
+                     "spans --steps): replays a run that --max_train_seconds stopped.")
 flags.DEFINE_integer("data_workers", 8, "Processes building batches ahead (0: inline).")
 flags.DEFINE_integer("eval_per_task", 8, "Eval examples per task and length.")
 
@@ -313,6 +290,9 @@ def main(argv):
   batches = Prefetcher(seed, schedule_lengths, FLAGS.tokens_per_step, FLAGS.data_workers)
   for step in range(steps):
     length = int(schedule_lengths[step])
+    if 0 < FLAGS.stop_at_step <= step:
+      stopped_at = step
+      break
     if time.perf_counter() - t_train > FLAGS.max_train_seconds:
       print(f"stopping at step {step}: --max_train_seconds={FLAGS.max_train_seconds} reached",
             flush=True)
@@ -350,6 +330,7 @@ def main(argv):
       "device": str(jax.devices()[0].device_kind), "train_seconds": round(train_seconds, 1),
       "final_loss": float(ls), "num_params": cfg.num_params(),
       "command": (f"python -m focus_jax.training.train --seed={seed} --steps={steps} "
+                  + (f"--stop_at_step={stopped_at} " if stopped_at else "") +
                   f"--tokens_per_step={FLAGS.tokens_per_step} --max_len={FLAGS.max_len} "
                   f"--d_model={FLAGS.d_model} --n_layers={FLAGS.n_layers} "
                   f"--n_heads={FLAGS.n_heads} --mlp_hidden={FLAGS.mlp_hidden}"),
