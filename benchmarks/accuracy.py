@@ -40,6 +40,8 @@ flags.DEFINE_integer("max_rows", 64, "Rows per generate call.")
 flags.DEFINE_string("dtype", "", "Parameter dtype; empty: bfloat16 on GPU, float32 on CPU.")
 flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "accuracy"),
                     "Output path prefix.")
+flags.DEFINE_list("merge", [], "Instead of decoding: merge these result JSONs (e.g. one per "
+                  "length, each run in its own time slot) into one table and heatmap.")
 
 # Focus on the demo model's 8 layers: 2 dense (sinks from layer 1), the reported rho, window
 # and alpha, and a 64-token prompt block.
@@ -64,6 +66,8 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
   # Every prompt block kept (alpha 1): what the sparse-layer query restriction alone costs, so
   # the pruning's own cost is the gap to plain focus.
   out["focus+alpha=1"] = ("focus", {**FOCUS, "alpha": 1.0})
+  # Blocks ranked by their largest key score instead of the mean key (a one-word match survives).
+  out["focus+max_block"] = ("focus", {**FOCUS, "representative": "max"})
   order = ["vanilla", "dual_cache"] + [f"dual_cache+{n}" for n in economy] + ["focus"]
   return {k: out[k] for k in order + [k for k in out if k not in order]}
 
@@ -241,8 +245,40 @@ def heatmap(summary: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def merge(paths: list[str]) -> dict[str, Any]:
+  """One summary over several result files: records and Focus diagnostics concatenated."""
+  records, diagnostics, setups = [], [], []
+  for path in paths:
+    with open(path) as f:
+      data = json.load(f)
+    records += data["records"]
+    diagnostics += [{k: v for k, v in d.items() if k != "retained_mass_sparse_mean"}
+                    for d in data["summary"]["diagnostics"]]
+    setups.append(data["summary"].get("setup", {}))
+  summary = summarize({"records": records, "diagnostics": diagnostics})
+  lengths = sorted({r["length"] for r in records})
+  summary["setup"] = {**setups[0], "lengths": lengths, "merged_from": [
+      {"file": os.path.basename(p), "command": s.get("command")} for p, s in zip(paths, setups)]}
+  return {"summary": summary, "records": records}
+
+
+def write(result: dict[str, Any], out: str) -> str:
+  """JSON, markdown and the NIAH heatmap under the `out` prefix; returns the markdown."""
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  text = markdown(result["summary"])
+  with open(out + ".md", "w") as f:
+    f.write(text + "\n")
+  heatmap(result["summary"], out + "_niah.png")
+  return text
+
+
 def main(argv):
   del argv
+  if FLAGS.merge:
+    print(write(merge(FLAGS.merge), FLAGS.out))
+    return
   import jax  # pylint: disable=g-import-not-at-top
   import focus_jax  # pylint: disable=g-import-not-at-top
   from focus_jax.training import tasks  # pylint: disable=g-import-not-at-top
@@ -262,14 +298,7 @@ def main(argv):
       "gen_length": tasks.GEN_LENGTH, "steps": tasks.GEN_LENGTH, "block_length": FLAGS.block_length, "focus": FOCUS,
       "variants": {n: variants()[n] for n in names}, "seconds": time.perf_counter() - t0,
       "command": " ".join(sys.argv)}
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out + ".json", "w") as f:
-    json.dump({"summary": summary, "records": result["records"]}, f, indent=1)
-  text = markdown(summary)
-  with open(FLAGS.out + ".md", "w") as f:
-    f.write(text + "\n")
-  heatmap(summary, FLAGS.out + "_niah.png")
-  print("\n" + text)
+  print("\n" + write({"summary": summary, "records": result["records"]}, FLAGS.out))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import jax
 import numpy as np
@@ -18,11 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _accuracy_module():
-  spec = importlib.util.spec_from_file_location(
-      "accuracy_bench", os.path.join(ROOT, "benchmarks", "accuracy.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """benchmarks/accuracy.py as a module, loaded once per process (it defines absl flags)."""
+  if "accuracy_bench" not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        "accuracy_bench", os.path.join(ROOT, "benchmarks", "accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["accuracy_bench"] = module
+  return sys.modules["accuracy_bench"]
 
 
 def test_accuracy_harness_on_an_exported_model(tmp_path):
@@ -57,6 +61,14 @@ def test_accuracy_harness_on_an_exported_model(tmp_path):
   assert agree["vanilla"]["vanilla"] == 1.0
   assert all(0.0 <= a["vanilla"] <= 1.0 for a in agree.values()) and set(agree) == set(variants)
   assert "tokens = vanilla (%)" in acc.markdown(summary)
+  # Results written per slot merge back into the same table.
+  paths = []
+  for part in ("a", "b"):
+    acc.write({"summary": summary, "records": result["records"]}, str(tmp_path / part))
+    paths.append(str(tmp_path / f"{part}.json"))
+  merged = acc.merge(paths)["summary"]
+  assert merged["overall"] == summary["overall"] and merged["setup"]["lengths"] == [512]
+  assert (tmp_path / "a_niah.png").exists()
 
 
 def test_shipped_demo_model_answers_every_task():
