@@ -66,7 +66,8 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
   # Every prompt block kept (alpha 1): what the sparse-layer query restriction alone costs, so
   # the pruning's own cost is the gap to plain focus.
   out["focus+alpha=1"] = ("focus", {**FOCUS, "alpha": 1.0})
-  # Blocks ranked by their largest key score instead of the mean key (a one-word match survives).
+  # Other block representatives than the default Quest bound: the mean key, the channel-wise max.
+  out["focus+mean_block"] = ("focus", {**FOCUS, "representative": "mean"})
   out["focus+max_block"] = ("focus", {**FOCUS, "representative": "max"})
   order = ["vanilla", "dual_cache"] + [f"dual_cache+{n}" for n in economy] + ["focus"]
   return {k: out[k] for k in order + [k for k in out if k not in order]}

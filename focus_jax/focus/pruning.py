@@ -8,6 +8,7 @@ the top alpha fraction of prompt blocks is kept.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -20,10 +21,14 @@ def num_prompt_blocks(prompt_length: int, block_size: int) -> int:
 
 def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length: int,
                         block_size: int, kind: str):
-  """k [B, L, Hkv, D] -> (representatives [B, NB, Hkv, D], block_valid [B, NB]).
+  """k [B, L, Hkv, D] -> (representatives [B, NB, Hkv, D or 2D], block_valid [B, NB]).
 
-  Only valid prompt keys count (left padding and the response region are excluded); a block with
-  no valid key is invalid.
+  kind "mean": the block's mean key; "max": its channel-wise max; "bound": Quest's box, stored
+  as [centre, radius] of the channel-wise [min, max] (2D channels), so that
+  q . centre + |q| . radius = sum_d max(q_d min_d, q_d max_d) >= max_j q . k_j: a block holding
+  one strongly matching key scores at least that key's logit (the mean dilutes it by the block
+  size). Only valid prompt keys count (left padding and the response region are excluded); a
+  block with no valid key is invalid.
   """
   b, length, hkv, d = k.shape
   nb = num_prompt_blocks(prompt_length, block_size)
@@ -45,8 +50,13 @@ def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length
     rep = jnp.sum(jnp.where(valid[..., None, None], keys, 0.0), axis=2)
     rep = rep / jnp.maximum(count, 1)[..., None, None]
   else:
-    rep = jnp.max(jnp.where(valid[..., None, None], keys, -jnp.inf), axis=2)
-    rep = jnp.where(count[..., None, None] > 0, rep, 0.0)
+    hi = jnp.max(jnp.where(valid[..., None, None], keys, -jnp.inf), axis=2)
+    hi = jnp.where(count[..., None, None] > 0, hi, 0.0)
+    rep = hi
+    if kind == "bound":
+      lo = jnp.min(jnp.where(valid[..., None, None], keys, jnp.inf), axis=2)
+      lo = jnp.where(count[..., None, None] > 0, lo, 0.0)
+      rep = jnp.concatenate([(hi + lo) / 2, (hi - lo) / 2], axis=-1)
   return rep.astype(k.dtype), count > 0
 
 
@@ -54,14 +64,19 @@ def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
                     block_valid: jax.Array, selection: str) -> jax.Array:
   """Relevance of every prompt block to the focus queries: [B, G, NB] (G = Hkv or 1).
 
-  Per query head, a softmax over blocks of q . r_b / sqrt(d); averaged over the query heads of a
-  KV group (and over all heads for a shared selection) and over the focus queries.
+  Per query head, a softmax over blocks of q . r_b / sqrt(d) (for "bound" representatives of 2D
+  channels, the box bound q . centre + |q| . radius); averaged over the query heads of a KV group
+  (and over all heads for a shared selection) and over the focus queries.
   """
   b, a, hq, d = q.shape
   hkv = representatives.shape[2]
   qg = q.reshape(b, a, hkv, hq // hkv, d)
-  logits = jnp.einsum("bahgd,bnhd->bhgan", qg, representatives,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+  score = functools.partial(jnp.einsum, "bahgd,bnhd->bhgan", preferred_element_type=jnp.float32)
+  if representatives.shape[-1] == 2 * d:  # "bound": [centre, radius]
+    logits = score(qg, representatives[..., :d]) + score(jnp.abs(qg), representatives[..., d:])
+  else:
+    logits = score(qg, representatives)
+  logits = logits / jnp.sqrt(jnp.float32(d))
   logits = jnp.where(block_valid[:, None, None, None, :], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(block_valid[:, None, None, None, :], probs, 0.0)  # rows of all -inf
