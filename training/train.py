@@ -1,14 +1,17 @@
 """Trains the demo dLLM: `python -m focus_jax.training.train --out_dir=/tmp/demo_model`.
 
 A small LLaDA-architecture model learns the synthetic long-context tasks of `tasks.py` with
-LLaDA's masked-diffusion SFT objective (`objective.py`), optax AdamW with linear warmup and
-cosine decay, fp32 master weights and bf16 compute. Context lengths follow a fixed curriculum
-from 512 to 8192 tokens at a constant token budget per step.
+LLaDA's masked-diffusion SFT objective (`objective.py`) plus the same loss on a dense induction
+stream (`tasks.induction_batch`), optax AdamW with linear warmup and cosine decay, fp32 master
+weights and bf16 compute. SFT lengths follow a fixed curriculum from 128 to 8192 tokens at a
+constant token budget per step (`PHASES`).
 
 Reproducible: the data stream is `np.random.default_rng([seed, step])`, the masks
 `fold_in(key(seed), step)`, and the schedule a function of `--steps`. `--steps=0` picks the number
 of steps that fits `--time_budget_s` on the machine at hand from timed steps of every shape;
-the chosen number is printed and written to training_metadata.json, and `--steps=N` reruns it.
+the chosen number is printed and written to training_metadata.json, and `--steps=N` reruns it
+(with `--stop_at_step` when the run was cut by `--max_train_seconds`). GPU reductions are not
+bitwise deterministic, so a rerun matches in outcome, not to the bit.
 
 No ml_collections here (the GPU image lacks it): absl flags only.
 
