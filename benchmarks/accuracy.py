@@ -35,7 +35,8 @@ flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Passkey needle d
 flags.DEFINE_integer("seeds", 2, "Passkey examples per (length, depth) cell.")
 flags.DEFINE_integer("per_task", 8, "kv and vt examples per length.")
 flags.DEFINE_list("variants", [], "Variants to run (default: all of VARIANTS).")
-flags.DEFINE_integer("block_length", 4, "Generation block length (gen_length is 16).")
+flags.DEFINE_integer("block_length", 0, "Generation block length; 0: the tasks' own "
+                     "(training.tasks.BLOCK_LENGTH, with gen_length GEN_LENGTH).")
 flags.DEFINE_integer("max_rows", 64, "Rows per generate call.")
 flags.DEFINE_string("dtype", "", "Parameter dtype; empty: bfloat16 on GPU, float32 on CPU.")
 flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "accuracy"),
@@ -86,11 +87,13 @@ def build_examples(lengths: list[int], depths: list[float], seeds: int, per_task
   return out
 
 
-def run(model, examples: dict[int, list], variant_names: list[str], block_length: int = 4,
+def run(model, examples: dict[int, list], variant_names: list[str], block_length: int = 0,
         max_rows: int = 64, log=print) -> dict[str, Any]:
-  """Decodes every example with every variant; returns the per-example hits and diagnostics."""
+  """Decodes every example with every variant; returns the per-example hits and diagnostics.
+  `block_length` 0 means the tasks' own (`tasks.BLOCK_LENGTH`)."""
   from focus_jax import pipeline  # pylint: disable=g-import-not-at-top
   from focus_jax.training import tasks  # pylint: disable=g-import-not-at-top
+  block_length = block_length or tasks.BLOCK_LENGTH
   table = variants()
   unknown = sorted(set(variant_names) - set(table))
   if unknown:
@@ -296,7 +299,8 @@ def main(argv):
       "model": os.path.relpath(FLAGS.model, ROOT) if FLAGS.model.startswith(ROOT) else FLAGS.model,
       "dtype": dtype, "device": str(jax.devices()[0].device_kind), "lengths": lengths,
       "depths": depths, "seeds": FLAGS.seeds, "per_task": FLAGS.per_task,
-      "gen_length": tasks.GEN_LENGTH, "steps": tasks.GEN_LENGTH, "block_length": FLAGS.block_length, "focus": FOCUS,
+      "gen_length": tasks.GEN_LENGTH, "steps": tasks.GEN_LENGTH,
+      "block_length": FLAGS.block_length or tasks.BLOCK_LENGTH, "focus": FOCUS,
       "variants": {n: variants()[n] for n in names}, "seconds": time.perf_counter() - t0,
       "command": " ".join(sys.argv)}
   print("\n" + write({"summary": summary, "records": result["records"]}, FLAGS.out))

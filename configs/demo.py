@@ -10,6 +10,7 @@ another prompt, --config.task_prompt_length=4064 for a longer one, --config.task
 import os
 
 from focus_jax.run_config import default_config
+from focus_jax.training import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +23,7 @@ def get_config():
   c.task_prompt_length = 2032  # + gen_length 16 = a 2048-token canvas (about a minute on a CPU)
   c.gen_length = 16  # answers are 6-10 words, then eos
   c.steps = 16
-  c.block_length = 4  # the answer spans two or three blocks
+  c.block_length = tasks.BLOCK_LENGTH  # 4: the answer spans two or three blocks
   c.modes = ("vanilla", "focus")
   # 8 layers: the first 2 dense (sinks from layer 1), then sparse with the reported rho, window
   # and alpha.

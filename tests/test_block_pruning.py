@@ -52,6 +52,6 @@ def test_one_matching_key_ranks_its_block_first_under_bound_not_mean():
   ranked = {}
   for kind in ("bound", "mean"):
     rep, valid = pruning.representative_keys(jnp.asarray(k), None, 8 * block, block, kind)
-    rel = pruning.block_relevance(q, focus, rep, valid, "per_kv_head")
+    rel = pruning.block_relevance(q, focus, rep, valid, "per_kv_head", kind)
     ranked[kind] = int(jnp.argmax(rel[0, 0]))
   assert ranked == {"bound": 5, "mean": 0}

@@ -78,6 +78,7 @@ PERIOD_ID = WORD_ID["."]
 
 TASKS = ("passkey", "kv", "vt")
 GEN_LENGTH = 16  # response region: answer + eos padding
+BLOCK_LENGTH = 4  # the demo's generation block: every answer spans 2-3 of them
 ANSWER_LEN = (6, 10)  # inclusive range of answer lengths (words)
 
 
@@ -228,8 +229,8 @@ def exact_match(generated: np.ndarray, answer: np.ndarray) -> bool:
   return len(got) == len(answer) and bool(np.all(got == answer))
 
 
-def induction_batch(rng: np.random.Generator, batch: int, seq_len: int,
-                    gen_length: int = GEN_LENGTH) -> tuple[np.ndarray, np.ndarray]:
+def induction_batch(rng: np.random.Generator, batch: int,
+                    seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens [B, L], target [B, L] bool) of the dense induction stream.
 
   Each row is filler, a run of distinct value and name words, more filler, then the same run
@@ -242,7 +243,8 @@ def induction_batch(rng: np.random.Generator, batch: int, seq_len: int,
   tokens = FILLER_IDS[rng.integers(0, len(FILLER_IDS), size=(batch, seq_len))]
   target = np.zeros((batch, seq_len), bool)
   max_run = min(len(pool), (seq_len - 8) // 2)
-  runs = rng.integers(max(2, min(gen_length, max_run) // 2), max_run + 1, size=batch)
+  # Runs of half a response region up to half the row (8-28 words at 64 tokens).
+  runs = rng.integers(max(2, min(GEN_LENGTH, max_run) // 2), max_run + 1, size=batch)
   for r in range(batch):
     n = int(runs[r])
     words = pool[rng.permutation(len(pool))[:n]]

@@ -235,7 +235,7 @@ def choose_steps(per_step: dict[int, float], budget_s: float, seed: int, max_len
 
 
 def evaluate(model_dir: str, lengths: list[int], per_task: int, modes=("vanilla",),
-             block_length: int = 4) -> list[dict[str, Any]]:
+             block_length: int = tasks.BLOCK_LENGTH) -> list[dict[str, Any]]:
   """Exact match through the exported checkpoint and the real decoding pipeline."""
   from focus_jax import pipeline  # pylint: disable=g-import-not-at-top
   model = pipeline.load(model_dir, dtype="bfloat16" if jax.default_backend() == "gpu" else None)
@@ -336,7 +336,9 @@ def main(argv):
                   + (f"--stop_at_step={stopped_at} " if stopped_at else "") +
                   f"--tokens_per_step={FLAGS.tokens_per_step} --max_len={FLAGS.max_len} "
                   f"--d_model={FLAGS.d_model} --n_layers={FLAGS.n_layers} "
-                  f"--n_heads={FLAGS.n_heads} --mlp_hidden={FLAGS.mlp_hidden}"),
+                  f"--n_heads={FLAGS.n_heads} --mlp_hidden={FLAGS.mlp_hidden} "
+                  f"--lr={FLAGS.lr} --warmup={FLAGS.warmup} "
+                  f"--weight_decay={FLAGS.weight_decay}"),
   }
   files = export.export_hf(params, cfg, FLAGS.out_dir,
                            extra_config={"focus_jax_training": {k: metadata[k] for k in (

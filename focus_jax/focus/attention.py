@@ -76,7 +76,7 @@ class FocusAttend:
     cfg = self.focus
     b, length = k_cache.shape[:2]
     relevance = pruning.block_relevance(q, self.query_focus, self.representatives[layer],
-                                        self.block_valid, cfg.selection)
+                                        self.block_valid, cfg.selection, cfg.representative)
     indices, counts = pruning.select_blocks(relevance, self.block_valid, cfg.alpha)
     response_start = jnp.full((b,), self.prompt_length, jnp.int32)
     response_end = jnp.full((b,), length, jnp.int32)

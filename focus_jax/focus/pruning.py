@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -61,18 +62,19 @@ def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length
 
 
 def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
-                    block_valid: jax.Array, selection: str) -> jax.Array:
+                    block_valid: jax.Array, selection: str, kind: str) -> jax.Array:
   """Relevance of every prompt block to the focus queries: [B, G, NB] (G = Hkv or 1).
 
-  Per query head, a softmax over blocks of q . r_b / sqrt(d) (for "bound" representatives of 2D
-  channels, the box bound q . centre + |q| . radius); averaged over the query heads of a KV group
+  Per query head, a softmax over blocks of q . r_b / sqrt(d) (for kind "bound", whose
+  representatives hold [centre, radius], the box bound q . centre + |q| . radius); averaged over the query heads of a KV group
   (and over all heads for a shared selection) and over the focus queries.
   """
   b, a, hq, d = q.shape
   hkv = representatives.shape[2]
   qg = q.reshape(b, a, hkv, hq // hkv, d)
   score = functools.partial(jnp.einsum, "bahgd,bnhd->bhgan", preferred_element_type=jnp.float32)
-  if representatives.shape[-1] == 2 * d:  # "bound": [centre, radius]
+  if kind == "bound":
+    chex.assert_shape(representatives, (b, None, hkv, 2 * d))
     logits = score(qg, representatives[..., :d]) + score(jnp.abs(qg), representatives[..., d:])
   else:
     logits = score(qg, representatives)
