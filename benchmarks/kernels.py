@@ -4,6 +4,8 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
   check  every implementation vs the float32 reference on random bf16 inputs (small shapes)
   copy   the device copy bandwidth (bytes read + written), the ceiling for the targets
   tune   GPU kernel tilings at 32K, alpha 0.5, 32 queries, both layouts
+  waves  the default KV split count (one wave of resident programs) against its neighbours
+  mgpu_dense  the refresh's dense attention at 32K: cuDNN vs JAX's Mosaic GPU (FA3-style) kernel
   sweep  LLaDA-8B (32/32 heads) and Dream-7B (28/4) layouts, context 8K..128K, alpha, queries:
          Pallas kernel alone (selection pre-normalised), Pallas end to end, XLA gather end to end,
          dense cuDNN attention over the whole cache
@@ -326,6 +328,81 @@ def phase_tune(sa, block_size: int) -> list[dict]:
   return rows
 
 
+def phase_waves(sa, block_size: int, rounds: int = 3) -> list[dict]:
+  """KV splits around one wave of resident programs (kernel alone, per layer, 32K, alpha 0.5).
+
+  The default takes the largest split count whose programs fit in one wave; this measures that
+  choice against half, one more, and twice as many splits. Rounds are interleaved and the median
+  kept: single timings of a ~100 us layer vary by 10-20% between runs.
+  """
+  from focus_jax.kernels.sparse import common, gpu
+  rows = []
+  for layout in LAYOUTS:
+    lay = LAYOUTS[layout]
+    layers = layers_for(layout, TARGET_CTX)
+    p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, layers)
+    n_resp = -(-GEN // block_size) + 1
+    base = gpu.default_config(1, lay["hkv"], lay["hq"] // lay["hkv"] * 32, p["n"], n_resp)
+    units = lay["hkv"] * -(-(lay["hq"] // lay["hkv"] * 32) // base["block_m"])
+    one_wave = gpu.PROGRAMS_PER_SM * gpu.num_sms() // units
+    splits = sorted({max(1, one_wave // 2), one_wave, one_wave + 1, 2 * one_wave})
+    if SMOKE:
+      splits, rounds = [1], 1
+    over = loop_overhead(p)
+    times = {sp: [] for sp in splits}
+    for _ in range(rounds):
+      for sp in splits:
+        cfg = dict(base, num_splits=sp)
+        t, _ = per_iteration_time(*sparse_layers(sa, "pallas_gpu", block_size, True, cfg), p)
+        times[sp].append((t - over) / layers)
+    for sp in splits:
+      t = statistics.median(times[sp])
+      row = dict(layout=layout, cfg=dict(base, num_splits=sp), programs=units * sp,
+                 one_wave=sp <= one_wave, default=sp == base["num_splits"], us=t * 1e6,
+                 tb_s=p["bytes"] / t / 1e12, us_rounds=[x * 1e6 for x in times[sp]])
+      print("WAVES", row, flush=True)
+      rows.append(row)
+  return rows
+
+
+def phase_mgpu_dense(reps: int = 5) -> list[dict]:
+  """The refresh's dense attention at 32K: cuDNN against JAX's Mosaic GPU (FA3-style) kernel.
+
+  The Mosaic GPU kernel (`jax.experimental.pallas.ops.gpu.attention_mgpu`) takes float16 only
+  (its shared-memory tiles are float16) and has no key mask; it is adopted only if it wins.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+  s_len = TARGET_CTX + GEN
+  rows = []
+  for layout, lay in LAYOUTS.items():
+    for dtype in (jnp.bfloat16, jnp.float16):
+      k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+      q = jax.random.normal(k1, (1, s_len, lay["hq"], lay["d"]), dtype)
+      k = jax.random.normal(k2, (1, s_len, lay["hkv"], lay["d"]), dtype)
+      v = jax.random.normal(k3, (1, s_len, lay["hkv"], lay["d"]), dtype)
+      flops = 4 * s_len * s_len * lay["d"] * lay["hq"]
+      cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                                    implementation="cudnn"))
+      jobs = [("cudnn", cudnn)]
+      if dtype == jnp.float16:
+        for bq, bkv, steps in ((64, 64, 2), (64, 128, 2), (128, 64, 4)):
+          cfg = am.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=steps)
+          jobs.append((f"mosaic_gpu bq{bq} bkv{bkv} steps{steps}",
+                       jax.jit(lambda q, k, v, cfg=cfg: am.attention(q, k, v, cfg))))
+      for name, fn in jobs:
+        try:
+          t, _ = timeit(fn, (q, k, v), reps=reps)
+          row = dict(layout=layout, dtype=jnp.dtype(dtype).name, impl=name, ms=t * 1e3,
+                     tflops=flops / t / 1e12)
+        except Exception as e:  # noqa: BLE001
+          row = dict(layout=layout, dtype=jnp.dtype(dtype).name, impl=name, error=repr(e)[:300])
+        print("MGPU_DENSE", row, flush=True)
+        rows.append(row)
+  return rows
+
+
 DIAG_CFGS = {
     "llada8b": [dict(block_m=32, num_splits=sp, num_warps=4, num_stages=ns, static_loop=st,
                      prefetch=pf)
@@ -550,6 +627,10 @@ def main() -> None:
       res["copy"] = phase_copy()
     elif ph == "tune":
       res["tune"] = phase_tune(sa, a.block_size)
+    elif ph == "waves":
+      res["waves"] = phase_waves(sa, a.block_size)
+    elif ph == "mgpu_dense":
+      res["mgpu_dense"] = phase_mgpu_dense()
     elif ph == "diag":
       res["diag"] = phase_diag(sa, a.block_size)
     elif ph == "sweep":

@@ -1,9 +1,11 @@
 """Time single denoising steps alone: a block-entry step (refresh) and a cached step.
 
 The jitted generation runs every step inside one `lax.while_loop`, where no host clock can see
-them; here each kind of step is jitted by itself, with the denoiser state donated and threaded
-through as the loop does, so the timings are those of the steps inside the loop. Used by the
-Focus diagnostics of `main.py` (time in refresh vs sparse steps) and by the benchmarks.
+them. Entry steps (a refresh: a second at 32K) are jitted by themselves, with the denoiser state
+donated and threaded through as the loop does. A cached step (~10 ms) is timed inside a loop of
+its own, as the difference between runs of 1 and 1 + n steps: a call of its own would add the
+dispatch of a few hundred buffers (about 1 ms at 32K on an H100), which the generation loop never
+pays. Used by the Focus diagnostics of `main.py` and by the benchmarks.
 """
 
 from __future__ import annotations
@@ -48,13 +50,48 @@ def median_step_seconds(step, params, state, ctx: StepContext, repeats: int):
   return statistics.median(times), state
 
 
+def in_loop_step_seconds(denoiser: Denoiser, params, canvas: Canvas, state, ctx: StepContext,
+                         extra_steps: int = 8, repeats: int = 3):
+  """Seconds per step of `ctx`'s kind inside a `fori_loop` (as in the generation): (s, state).
+
+  (t(1 + extra_steps) - t(1)) / extra_steps, each the median of `repeats` runs; the logits of
+  every step feed a scalar in the carry, so no step's work is dropped.
+  """
+
+  def run(params, state, ctx, n):
+    def body(_, carry):
+      state, acc = carry
+      logits, _, state = denoiser.window_logits(params, canvas, state, ctx)
+      return state, acc + jnp.sum(logits[..., 0])
+    return jax.lax.fori_loop(0, n, body, (state, jnp.float32(0)))
+
+  loop = jax.jit(run, donate_argnums=(1,))
+
+  def timed(n):
+    nonlocal state
+    times = []
+    for i in range(repeats + 1):
+      t0 = time.perf_counter()
+      state, acc = jax.block_until_ready(loop(params, state, ctx, jnp.int32(n)))
+      if i:  # the first run compiles (or sees freshly committed buffers)
+        times.append(time.perf_counter() - t0)
+    del acc
+    return statistics.median(times)
+
+  t_lo = timed(1)
+  t_hi = timed(1 + extra_steps)
+  return max(t_hi - t_lo, 0.0) / extra_steps, state
+
+
 def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5,
                entry_repeats: int | None = None) -> dict[str, float]:
-  """{"refresh_s", "later_entry_s", "cached_step_s"} of this denoiser on this canvas.
+  """{"refresh_s", "later_entry_s", "cached_step_s", "cached_step_call_s"} of this denoiser.
 
   later_entry_s is a later block's entry: a full refresh, or what the refresh economy makes of
   it (a response-only refresh, or a plain cached step). Entry steps are timed
   `entry_repeats` times (default max(3, repeats // 2)); at 128K one refresh takes seconds.
+  cached_step_s is a cached step inside a loop (what the generation pays); cached_step_call_s
+  the same step as a call of its own (dispatch included).
   """
   entry_repeats = entry_repeats or max(3, repeats // 2)
   b = canvas.tokens.shape[0]
@@ -66,6 +103,7 @@ def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5,
   later = ctx.replace(block_index=jnp.int32(1),
                       block_start=jnp.int32(canvas.prompt_length + canvas.block_length))
   out["later_entry_s"], state = median_step_seconds(step, params, state, later, entry_repeats)
-  out["cached_step_s"], state = median_step_seconds(step, params, state,
-                                                    ctx.replace(block_entry=False), repeats)
+  cached = ctx.replace(block_entry=False)
+  out["cached_step_call_s"], state = median_step_seconds(step, params, state, cached, repeats)
+  out["cached_step_s"], state = in_loop_step_seconds(denoiser, params, canvas, state, cached)
   return out

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import chex
 import jax
+import jax.numpy as jnp
 
 from focus_jax.kernels import dense_attention
 
@@ -28,11 +29,13 @@ class Attention(Protocol):
   """What a transformer layer calls once it has q, k, v."""
 
   def __call__(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array,
-               layer_state: LayerState, carry: Carry) -> tuple[jax.Array, LayerState, Carry]:
+               layer_state: LayerState, carry: Carry,
+               query_rows: jax.Array | None = None) -> tuple[jax.Array, LayerState, Carry]:
     """Returns (attention output [B, T, Hq, D], new layer state, new carry).
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] for the T positions the forward runs. `layer` is a
-    static Python int.
+    static Python int. With `query_rows` [R] (the last layer of a forward whose caller needs
+    only R output rows), q is [B, R, Hq, D], those rows of the T positions, and so is the output.
     """
     ...
 
@@ -51,17 +54,28 @@ class SelfAttention:
   return_kv: bool = False
   implementation: str = "auto"
 
-  def __call__(self, layer, q, k, v, layer_state, carry):
+  def __call__(self, layer, q, k, v, layer_state, carry, query_rows=None):
     del layer, layer_state
     out = dense_attention.attention(q, k, v, key_valid=self.key_valid,
-                                    query_valid=self.query_valid,
+                                    query_valid=rows_of(self.query_valid, query_rows),
                                     implementation=self.implementation)
     return out, ((k, v) if self.return_kv else None), carry
 
 
-def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+def rows_of(mask: jax.Array | None, query_rows: jax.Array | None) -> jax.Array | None:
+  """A per-position [B, T] mask restricted to `query_rows` (as q is), or as it is."""
+  if mask is None or query_rows is None:
+    return mask
+  return jnp.take(mask, query_rows, axis=1)
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, query_rows: jax.Array | None = None):
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])
-  chex.assert_equal_shape_prefix([q, k], 2)
+  if query_rows is None:
+    chex.assert_equal_shape_prefix([q, k], 2)
+  else:
+    chex.assert_shape(query_rows, (q.shape[1],))
+    chex.assert_equal_shape_prefix([q, k], 1)
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")

@@ -54,22 +54,13 @@ def forward_logits(config: ModelConfig, params, tokens: jax.Array,
   """Full bidirectional forward over a canvas: float32 logits aligned to the tokens.
 
   Returns [B, L, V], or [B, W, V] for `logits_window=(start, W)` (start may be traced): only
-  those rows go through the LM head.
+  those rows leave the last layer and go through the LM head.
   """
   positions, key_valid, query_valid = positions_and_masks(config, attention_mask, tokens.shape)
   model = Transformer(config)
   attention = SelfAttention(key_valid=key_valid, query_valid=query_valid,
                             implementation=implementation)
-  hidden, _, _ = model.apply({"params": params}, tokens, positions, attention)
-  if logits_window is None:
-    logits = model.apply({"params": params}, hidden, method=Transformer.logits)
-    return align_logits(config, logits)
-  return window_logits(config, params, hidden, *logits_window)
-
-
-def window_logits(config: ModelConfig, params, hidden: jax.Array, start: jax.Array | int,
-                  length: int) -> jax.Array:
-  """float32 logits of canvas positions [start, start+length) from a canvas's final hidden
-  states: only those rows (shifted for Dream) go through the LM head."""
-  rows = jnp.take(hidden, source_positions(config, start, length), axis=1)
-  return Transformer(config).apply({"params": params}, rows, method=Transformer.logits)
+  rows = None if logits_window is None else source_positions(config, *logits_window)
+  hidden, _, _ = model.apply({"params": params}, tokens, positions, attention, output_rows=rows)
+  logits = model.apply({"params": params}, hidden, method=Transformer.logits)
+  return align_logits(config, logits) if logits_window is None else logits

@@ -80,23 +80,33 @@ class Block(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x, cos, sin, attention: Attention, layer_state, carry):
+  def __call__(self, x, cos, sin, attention: Attention, layer_state, carry,
+               output_rows: jax.Array | None = None):
+    """One block; with `output_rows` [R], K/V come from all T positions but only those rows are
+    attended from and carried on (the last layer, when the caller needs R outputs)."""
     cfg = self.config
     dt = cfg.jnp_dtype
-    b, t, _ = x.shape
+    b = x.shape[0]
+    rows = (lambda a: a) if output_rows is None else (lambda a: jnp.take(a, output_rows, axis=1))
     h = RMSNorm(cfg.rms_eps, dt, name="attn_norm")(x)
     bias_q = "heads" if cfg.qkv_bias else None
     bias_kv = "kv_heads" if cfg.qkv_bias else None
-    q = _dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), dt, "q_proj", bias_q)(h)
+    x = rows(x)  # the residual stream continues for the output rows only
+    t = x.shape[1]
+    q = _dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), dt, "q_proj", bias_q)(rows(h))
     k = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), dt, "k_proj", bias_kv)(h)
     v = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), dt, "v_proj", bias_kv)(h)
     q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    q = apply_rope(q, cos, sin, cfg.rope_in_float32)
+    k = k.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
+    q = apply_rope(q, rows(cos), rows(sin), cfg.rope_in_float32)
     k = apply_rope(k, cos, sin, cfg.rope_in_float32)
-    check_qkv(q, k, v)
-    out, layer_state, carry = attention(self.layer, q, k, v, layer_state, carry)
+    check_qkv(q, k, v, output_rows)
+    if output_rows is None:
+      out, layer_state, carry = attention(self.layer, q, k, v, layer_state, carry)
+    else:
+      out, layer_state, carry = attention(self.layer, q, k, v, layer_state, carry,
+                                          query_rows=output_rows)
     chex.assert_shape(out, (b, t, cfg.n_heads, cfg.head_dim))
     out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
     x = x + _dense(cfg.d_model, ("heads", "embed"), dt, "o_proj")(out)
@@ -114,7 +124,10 @@ class Transformer(nn.Module):
   `layer_states` is a sequence of per-layer states (one per layer, e.g. KV caches) or None;
   `carry` is threaded through the layers. Both are handed to `attention`, which returns their
   updates. Logits come from `logits(hidden)` so callers project only the positions they need
-  (a 32K canvas times a 126K vocabulary would not fit).
+  (a 32K canvas times a 126K vocabulary would not fit). With `output_rows` [R], only those
+  positions' hidden states are returned ([B, R, D]), and the last layer computes only them: its
+  K/V (a cache refresh stores them) still cover every position, but its attention queries,
+  output projection and MLP run R rows, not T (1/32 of a 32K refresh's FLOPs for LLaDA-8B).
   """
 
   config: ModelConfig
@@ -129,7 +142,8 @@ class Transformer(nn.Module):
     self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg.jnp_dtype, "lm_head")
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attention: Attention,
-               layer_states: Sequence[Any] | None = None, carry: Any = None):
+               layer_states: Sequence[Any] | None = None, carry: Any = None,
+               output_rows: jax.Array | None = None):
     cfg = self.config
     chex.assert_rank(tokens, 2)
     chex.assert_equal_shape([tokens, positions])
@@ -140,8 +154,10 @@ class Transformer(nn.Module):
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     x = self.embed(tokens)
     new_states = []
-    for layer, state in zip(self.layers, layer_states):
-      x, state, carry = layer(x, cos, sin, attention, state, carry)
+    last = cfg.n_layers - 1
+    for i, (layer, state) in enumerate(zip(self.layers, layer_states)):
+      x, state, carry = layer(x, cos, sin, attention, state, carry,
+                              output_rows if i == last else None)
       new_states.append(state)
     return self.final_norm(x), tuple(new_states), carry
 

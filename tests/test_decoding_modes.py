@@ -18,7 +18,7 @@ import pytest
 
 from focus_jax.decoding import make_denoiser
 from focus_jax.focus import summarize
-from focus_jax.models import Transformer
+from focus_jax.models import Transformer, family
 from focus_jax.models import config as C
 from focus_jax.sampling import dream_rule, generate_tokens, llada_rule
 
@@ -64,6 +64,22 @@ def decode(cfg, params, mode, seed=0, threshold=None, **options):
                           denoiser=make_denoiser(cfg, mode, **options), gen_length=GEN,
                           block_length=BLOCK)
   return np.asarray(state.tokens[:, PROMPT:]), state
+
+
+@pytest.mark.parametrize("start", [PROMPT, PROMPT + BLOCK])
+def test_window_forward_equals_full_forward_rows(model, start):
+  """Vanilla steps and refreshes run only the window's rows through the last layer; their
+  logits must be the full forward's at those positions (Dream's shift and left-padding too)."""
+  cfg, params = model
+  tokens, mask = prompts()
+  canvas = jnp.concatenate([tokens, jnp.full((2, GEN), MASK, jnp.int32)], axis=1)
+  canvas_mask = jnp.concatenate([mask, jnp.ones((2, GEN), bool)], axis=1)
+  full = family.forward_logits(cfg, params, canvas, canvas_mask, implementation="xla")
+  window = jax.jit(lambda s: family.forward_logits(
+      cfg, params, canvas, canvas_mask, implementation="xla", logits_window=(s, BLOCK)))(
+          jnp.int32(start))
+  np.testing.assert_allclose(np.asarray(window), np.asarray(full[:, start:start + BLOCK]),
+                             rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("mode", ["dual_cache", "prefix_cache"])

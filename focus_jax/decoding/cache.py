@@ -21,6 +21,7 @@ from focus_jax.decoding.base import Canvas
 from focus_jax.kernels import dense_attention
 from focus_jax.kernels.sparse_attention import block_sparse_attention
 from focus_jax.models import family
+from focus_jax.models.attention import rows_of
 from focus_jax.models.config import ModelConfig
 from focus_jax.models.transformer import Transformer
 
@@ -132,11 +133,11 @@ class RefreshAttention:
   query_valid: jax.Array | None
   implementation: str = "auto"
 
-  def __call__(self, layer, q, k, v, layer_state, carry):
+  def __call__(self, layer, q, k, v, layer_state, carry, query_rows=None):
     del layer
     k_cache, v_cache = layer_state
     out = dense_attention.attention(q, k, v, key_valid=self.key_valid,
-                                    query_valid=self.query_valid,
+                                    query_valid=rows_of(self.query_valid, query_rows),
                                     implementation=self.implementation)
     zero = (0, 0, 0, 0)
     return out, (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), zero),
@@ -145,13 +146,16 @@ class RefreshAttention:
 
 def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_start: jax.Array,
             window: int, attention_impl: str = "auto"):
-  """Full forward that rewrites every layer's K/V: (window logits [B, W, V], KVCache)."""
+  """Full forward that rewrites every layer's K/V: (window logits [B, W, V], KVCache).
+
+  Only the window's rows leave the last layer (its K/V still cover the whole canvas)."""
   positions, key_valid, query_valid = family.positions_and_masks(
       config, canvas.attention_mask, canvas.tokens.shape)
   attention = RefreshAttention(key_valid, query_valid, attention_impl)
-  hidden, kv, _ = Transformer(config).apply({"params": params}, canvas.tokens, positions,
-                                            attention, tuple(zip(cache.k, cache.v)))
-  logits = family.window_logits(config, params, hidden, window_start, window)
+  hidden, kv, _ = Transformer(config).apply(
+      {"params": params}, canvas.tokens, positions, attention, tuple(zip(cache.k, cache.v)),
+      output_rows=family.source_positions(config, window_start, window))
+  logits = logits_at(config, params, hidden)
   return logits, KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
 
 
@@ -219,7 +223,9 @@ class CachedAttention:
   attention_impl: str = "auto"
   attend: Callable[..., Any] | None = None
 
-  def __call__(self, layer, q, k, v, layer_state, carry):
+  def __call__(self, layer, q, k, v, layer_state, carry, query_rows=None):
+    if query_rows is not None:
+      raise NotImplementedError("a cached step runs its query set as given (no query_rows)")
     k_cache, v_cache = layer_state
     k_cache = write_rows(k_cache, self.queries.positions, k, self.queries.write)
     v_cache = write_rows(v_cache, self.queries.positions, v, self.queries.write)

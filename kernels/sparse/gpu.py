@@ -20,7 +20,16 @@ from jax.experimental.pallas import triton as plgpu
 
 from focus_jax.kernels.sparse import common
 
-NUM_SMS_GUESS = 132  # H100/H200; only steers the default number of splits
+NUM_SMS_FALLBACK = 132  # H100/H200, when the device does not say (only steers the splits)
+PROGRAMS_PER_SM = 2  # resident at once with 4 warps and 3 stages of 64 x 128 bf16 K and V tiles
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device (jax reports them as `core_count`)."""
+  try:
+    return int(getattr(jax.devices()[0], "core_count", 0)) or NUM_SMS_FALLBACK
+  except RuntimeError:
+    return NUM_SMS_FALLBACK
 
 
 def supported(q_shape, k_shape, block_size: int) -> str | None:
@@ -39,15 +48,19 @@ def supported(q_shape, k_shape, block_size: int) -> str | None:
 def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int) -> dict:
   """Tile sizes from the H100 tuning at 32K (benchmarks/results/kernels_*.json, "tune").
 
-  Rows per program up to 64 (a GQA group of 28 heads x 32 queries takes 4 row tiles), about two
-  programs per SM (more splits only add merge work and tail effects), 3 pipeline stages.
+  Rows per program up to 64 (a GQA group of 28 heads x 32 queries takes 4 row tiles), 3
+  pipeline stages, and as many KV splits as fit in **one wave** of two resident programs per SM:
+  one split more spills a tail wave that runs with most SMs idle. At 32K, alpha 0.5 on the H100,
+  LLaDA's 32 heads ran 9 splits (288 programs) in 117-160 us against 97-105 us for 8 (256),
+  and Dream's 16 row tiles 17 splits in 45 us against 34 us for 16
+  (benchmarks/results/kernels_h100_waves.json).
   """
   rows_p2 = max(16, pl.next_power_of_2(rows))
   block_m = min(rows_p2, 64)
   m_tiles = -(-rows // block_m)
   items = max(1, n_sel + n_resp_max)
-  want = 2 * NUM_SMS_GUESS
-  splits = max(1, min(-(-want // (bsz * hkv * m_tiles)), -(-items // 4), 64))
+  slots = PROGRAMS_PER_SM * num_sms()
+  splits = max(1, min(slots // (bsz * hkv * m_tiles), -(-items // 4), 64))
   return dict(block_m=block_m, num_splits=splits, num_warps=4, num_stages=3)
 
 
