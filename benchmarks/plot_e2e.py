@@ -3,9 +3,10 @@
     python benchmarks/plot_e2e.py benchmarks/results/e2e_h100.json benchmarks/results/e2e_h200.json \
         --out=benchmarks/results/e2e_throughput.png
 
-One line per (GPU, variant) over the rows with the paper's schedule (gen 256, steps 256, block
-32, batch 1, no threshold); rows whose tokens/s came from step times (64K, 128K) are drawn
-hollow. The paper's UltraLLaDA figures (read off its chart, H200 per third-party notes; see
+One line per (GPU, variant, model when not LLaDA-8B) over the rows with the paper's schedule
+(gen 256, steps 256, block 32, batch 1, no threshold); rows whose tokens/s came from step times
+(64K, 128K) are drawn hollow. Name files oldest first: a later file's row replaces an earlier
+one of the same GPU, model, variant and context (a re-measurement after a change). The paper's UltraLLaDA figures (read off its chart, H200 per third-party notes; see
 ../shared/design/focus-dllm.md) are the dashed grey lines.
 """
 
@@ -33,13 +34,16 @@ def paper_schedule(row: dict[str, Any]) -> bool:
 
 
 def series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, bool]]]:
-  """{"GPU variant": [(context, tokens/s, extrapolated), ...]} sorted by context."""
-  out: dict[str, list[tuple[int, float, bool]]] = {}
+  """{"GPU variant": [(context, tokens/s, extrapolated), ...]} sorted by context; later rows
+  replace earlier ones at the same context."""
+  out: dict[str, dict[int, tuple[int, float, bool]]] = {}
   for r in filter(paper_schedule, rows):
     gpu = r["gpu"].replace("NVIDIA ", "").split(" ")[0]
-    out.setdefault(f"{gpu} {r['variant']}", []).append(
-        (r["context"], r["tokens_per_s"], bool(r.get("extrapolated_from_steps"))))
-  return {k: sorted(v) for k, v in out.items()}
+    model = r.get("model", "llada_8b")
+    name = f"{gpu} {r['variant']}" + ("" if model == "llada_8b" else f" ({model})")
+    out.setdefault(name, {})[r["context"]] = (
+        r["context"], r["tokens_per_s"], bool(r.get("extrapolated_from_steps")))
+  return {k: sorted(v.values()) for k, v in out.items()}
 
 
 def main(argv):
@@ -70,7 +74,7 @@ def main(argv):
   ax.set_xticks(ticks, [f"{t // 1024}K" for t in ticks])
   ax.set_xlabel("prompt length (tokens)")
   ax.set_ylabel("tokens/s (gen 256, steps 256, block 32, batch 1)")
-  ax.set_title("LLaDA-8B shape, random bf16 weights (hollow: from step times)")
+  ax.set_title("LLaDA-8B shape unless named, random bf16 weights (hollow: from step times)")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
