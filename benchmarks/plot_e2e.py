@@ -6,7 +6,8 @@
 One line per (GPU, variant, model when not LLaDA-8B) over the rows with the paper's schedule
 (gen 256, steps 256, block 32, batch 1, no threshold); rows whose tokens/s came from step times
 (64K, 128K) are drawn hollow. Name files oldest first: a later file's row replaces an earlier
-one of the same GPU, model, variant and context (a re-measurement after a change). The paper's UltraLLaDA figures (read off its chart, H200 per third-party notes; see
+one of the same GPU, model, variant and context (a re-measurement after a change). The paper's
+UltraLLaDA figures (read off its chart, H200 per third-party notes; see
 ../shared/design/focus-dllm.md) are the dashed grey lines.
 """
 

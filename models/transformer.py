@@ -102,11 +102,8 @@ class Block(nn.Module):
     q = apply_rope(q, rows(cos), rows(sin), cfg.rope_in_float32)
     k = apply_rope(k, cos, sin, cfg.rope_in_float32)
     check_qkv(q, k, v, output_rows)
-    if output_rows is None:
-      out, layer_state, carry = attention(self.layer, q, k, v, layer_state, carry)
-    else:
-      out, layer_state, carry = attention(self.layer, q, k, v, layer_state, carry,
-                                          query_rows=output_rows)
+    out, layer_state, carry = attention(self.layer, q, k, v, layer_state, carry,
+                                        query_rows=output_rows)
     chex.assert_shape(out, (b, t, cfg.n_heads, cfg.head_dim))
     out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
     x = x + _dense(cfg.d_model, ("heads", "embed"), dt, "o_proj")(out)

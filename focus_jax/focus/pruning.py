@@ -66,8 +66,9 @@ def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
   """Relevance of every prompt block to the focus queries: [B, G, NB] (G = Hkv or 1).
 
   Per query head, a softmax over blocks of q . r_b / sqrt(d) (for kind "bound", whose
-  representatives hold [centre, radius], the box bound q . centre + |q| . radius); averaged over the query heads of a KV group
-  (and over all heads for a shared selection) and over the focus queries.
+  representatives hold [centre, radius], the box bound q . centre + |q| . radius); averaged
+  over the query heads of a KV group (and over all heads for a shared selection) and over the
+  focus queries.
   """
   b, a, hq, d = q.shape
   hkv = representatives.shape[2]

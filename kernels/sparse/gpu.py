@@ -24,6 +24,7 @@ NUM_SMS_FALLBACK = 132  # H100/H200, when the device does not say (only steers t
 PROGRAMS_PER_SM = 2  # resident at once with 4 warps and 3 stages of 64 x 128 bf16 K and V tiles
 
 
+@functools.cache
 def num_sms() -> int:
   """Streaming multiprocessors of the default device (jax reports them as `core_count`)."""
   try:
@@ -51,8 +52,8 @@ def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int) -
   Rows per program up to 64 (a GQA group of 28 heads x 32 queries takes 4 row tiles), 3
   pipeline stages, and as many KV splits as fit in **one wave** of two resident programs per SM:
   one split more spills a tail wave that runs with most SMs idle. At 32K, alpha 0.5 on the H100,
-  LLaDA's 32 heads ran 9 splits (288 programs) in 117-160 us against 97-105 us for 8 (256),
-  and Dream's 16 row tiles 17 splits in 45 us against 34 us for 16
+  LLaDA's 32 heads ran 9 splits (288 programs) in 136.5 us against 108.0 us for 8 (256);
+  Dream's 16 row tiles, compute-bound, ran 38.4 us with 17 splits and 38.9 us with 16
   (benchmarks/results/kernels_h100_waves.json).
   """
   rows_p2 = max(16, pl.next_power_of_2(rows))
