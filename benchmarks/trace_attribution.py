@@ -1,0 +1,141 @@
+"""Device-trace and HLO helpers for benchmarks/profile_step.py (no flags: importable by tests).
+
+`kernel_times` sums a Perfetto trace's device events by kernel name; `hlo_sources` maps each
+kernel (an HLO instruction of the optimised module) to the line of ours that emitted it, so a
+step's time can be read by source line (`by_source`).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+
+def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+  """(time the device ran anything, first start to last end) of [start, end) intervals, in us.
+
+  span - busy is the device's idle time: launch gaps, and the host between traced steps."""
+  if not intervals:
+    return 0.0, 0.0
+  busy, cur_start, cur_end = 0.0, None, None
+  for start, end in sorted(intervals):
+    if cur_end is None or start > cur_end:
+      busy += 0.0 if cur_end is None else cur_end - cur_start
+      cur_start, cur_end = start, end
+    else:
+      cur_end = max(cur_end, end)
+  busy += cur_end - cur_start
+  return busy, max(e for _, e in intervals) - min(s for s, _ in intervals)
+
+
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], tuple[float, float, int]]:
+  """Device event durations summed by name from the Perfetto JSON trace, and
+  (busy, span, number of events)."""
+  files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
+  if not files:
+    raise FileNotFoundError(f"no Perfetto trace under {trace_dir}")
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {p for p, name in pids.items() if "/device:" in name}
+  if not device:  # CPU runs: host events (for checking this script without a GPU)
+    device = set(pids)
+  totals = collections.Counter()
+  intervals = []
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device:
+      totals[e["name"]] += float(e.get("dur", 0))
+      intervals.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))))
+  return dict(totals), (*busy_and_span(intervals), len(intervals))
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_FIELD = re.compile(r"(\w+)=(-?\d+)")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*stack_frame_id=(\d+)")
+_INSTRUCTION_LINE = re.compile(
+    r'^\s*(?:ROOT )?%([\w.\-]+) = .*source_file="([^"]+)" source_line=(\d+)')
+
+
+def _hlo_tables(hlo_text: str) -> dict[str, dict[int, str]]:
+  """The FileNames / FunctionNames / FileLocations / StackFrames sections of an HLO module."""
+  tables, current = {}, None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+    elif not line.strip():
+      current = None
+    elif current is not None and (m := _TABLE_ROW.match(line)):
+      current[int(m.group(1))] = m.group(2).strip('"')
+  return tables
+
+
+def hlo_sources(hlo_text: str, root: str = REPO_ROOT) -> dict[str, str]:
+  """Instruction name -> "path:line function" of the innermost stack frame under `root`.
+
+  The trace names a fusion's kernel by its HLO instruction, so this says which line of ours
+  each kernel came from (instructions with no frame under `root` map to their innermost one)."""
+  tables = _hlo_tables(hlo_text)
+  files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+  locations = {i: dict((k, int(v)) for k, v in _FIELD.findall(row))
+               for i, row in tables.get("FileLocations", {}).items()}
+  frames = {i: dict((k, int(v)) for k, v in _FIELD.findall(row))
+            for i, row in tables.get("StackFrames", {}).items()}
+
+  def describe(frame_id: int) -> str:
+    chain, seen = [], set()
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      loc = locations.get(frames[frame_id].get("file_location_id"), {})
+      path = files.get(loc.get("file_name_id"), "?")
+      chain.append((path, loc.get("line", 0), functions.get(loc.get("function_name_id"), "?")))
+      frame_id = frames[frame_id].get("parent_frame_id", 0)
+    ours = [c for c in chain if os.path.abspath(c[0]).startswith(root + os.sep)]
+    path, line, function = (ours or chain or [("?", 0, "?")])[0]
+    if os.path.isabs(path) and path.startswith(root + os.sep):
+      path = os.path.relpath(path, root)
+    return f"{path}:{line} {function}"
+
+  sources = {}
+  for line in hlo_text.splitlines():
+    if m := _INSTRUCTION.match(line):
+      sources[m.group(1)] = describe(int(m.group(2)))
+    elif m := _INSTRUCTION_LINE.match(line):  # the older metadata form: the innermost frame only
+      path = m.group(2)
+      if path.startswith(root + os.sep):
+        path = os.path.relpath(path, root)
+      sources[m.group(1)] = f"{path}:{m.group(3)}"
+  return sources
+
+
+def dumped_sources(dump_dir: str) -> dict[str, str]:
+  """hlo_sources over every optimised module XLA dumped, later compilations winning (the traced
+  executable is the last one compiled: kernel names are only unique within a compilation)."""
+  files = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")),
+                 key=os.path.getmtime)
+  sources = {}
+  for path in files:
+    with open(path) as f:
+      sources.update(hlo_sources(f.read()))
+  # GPU kernels carry the instruction's name with "." spelled "_" (gemm_fusion.684 ->
+  # gemm_fusion_684); CPU thunks keep it.
+  sources.update({name.replace(".", "_"): where for name, where in sources.items()})
+  return sources
+
+
+def by_source(per_step: dict[str, float], sources: dict[str, str]) -> list[tuple[str, float, int]]:
+  """Kernel time summed by source line: [(source, us, kernels)], largest first. A kernel the HLO
+  does not name (a library GEMM, a Pallas call under its own name) stays under its own name."""
+  totals, counts = collections.Counter(), collections.Counter()
+  for name, us in per_step.items():
+    base = name.split("__")[0]  # a kernel launched twice by one instruction: name__1
+    key = sources.get(name) or sources.get(base) or f"(kernel) {name}"
+    totals[key] += us
+    counts[key] += 1
+  return [(k, v, counts[k]) for k, v in totals.most_common()]
