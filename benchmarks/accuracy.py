@@ -47,6 +47,7 @@ flags.DEFINE_list("merge", [], "Instead of decoding: merge these result JSONs (e
 # Focus on the demo model's 8 layers: 2 dense (sinks from layer 1), the reported rho, window
 # and alpha, and a 64-token prompt block.
 FOCUS = {"l_dense": 2, "diagnostics": True}
+LOCAL_PROMPT_WINDOW = 256  # the refresh's local prompt window on the demo model's 1K-8K prompts
 
 
 def variants() -> dict[str, tuple[str, dict[str, Any]]]:
@@ -60,6 +61,11 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
     economy["refresh/2"] = {"refresh_every_blocks": 2}
   if "reuse_prompt_kv" in fields:
     economy["reuse_prompt"] = {"reuse_prompt_kv": True}
+  if "prompt_window" in fields:
+    # Prompt queries see 64 global tokens + 256 keys around them + the response in every
+    # refresh (1/4 of a 1K prompt, 1/32 of 8K: the 2048 of a 32K run is 1/16).
+    economy["local_prompt"] = {"refresh_prompt_window": LOCAL_PROMPT_WINDOW,
+                               "refresh_prompt_globals": 64}
   for name, opts in economy.items():
     out[f"dual_cache+{name}"] = ("dual_cache", opts)
   for name, opts in economy.items():

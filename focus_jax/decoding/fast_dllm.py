@@ -48,7 +48,8 @@ class _CachedDenoiser:
     b, w = ctx.masked.shape
 
     def full_refresh(c):
-      return kv.refresh(self.config, params, canvas, c, ctx.block_start, w, self.attention_impl)
+      return kv.refresh(self.config, params, canvas, c, ctx.block_start, w, self.attention_impl,
+                        self.refresh)
 
     def response_refresh(c):
       hidden, c, _ = kv.cached_forward(self.config, params, canvas, c,

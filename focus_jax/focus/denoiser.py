@@ -107,7 +107,7 @@ class FocusDenoiser:
 
     def full_refresh(s: FocusState):
       logits, cache = kv.refresh(self.config, params, canvas, s.cache, ctx.block_start, w,
-                                 self.attention_impl)
+                                 self.attention_impl, self.refresh)
       reps, block_valid = self._representatives(cache, canvas)
       return logits, jnp.ones((b, w), bool), s.replace(
           cache=cache, representatives=reps, block_valid=block_valid, stats=counted(s.stats))
