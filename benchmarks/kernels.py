@@ -6,6 +6,10 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
   tune   GPU kernel tilings at 32K, alpha 0.5, 32 queries, both layouts
   waves  the default KV split count (one wave of resident programs) against its neighbours
   mgpu_dense  the refresh's dense attention at 32K: cuDNN vs JAX's Mosaic GPU (FA3-style) kernel
+  mgpu_sparse  the Mosaic GPU (wgmma + TMA) split-KV sparse kernel: correctness against the
+         float32 reference, then 32K timing against pallas_gpu and a sweep of its tiling knobs
+  relevance  a sparse layer's block relevance (bound scores, softmax over blocks, weighted mean)
+         at 32K: the fused Pallas kernel against XLA, per layer, and their difference
   sweep  LLaDA-8B (32/32 heads) and Dream-7B (28/4) layouts, context 8K..128K, alpha, queries:
          Pallas kernel alone (selection pre-normalised), Pallas end to end, XLA gather end to end,
          dense cuDNN attention over the whole cache
@@ -171,25 +175,7 @@ def per_iteration_time(prep, layers, p, r_hi: int = 5, reps: int = 5) -> tuple[f
   feeds a 1e-30 multiple of the outputs back into q (a real dependency: nothing is hoisted or
   dropped). (t(r_hi) - t(1)) / (r_hi - 1) removes dispatch, host sync and prep.
   """
-  import jax
-  import jax.numpy as jnp
-
-  def run(r, q, ks, vs, idx, cnt, ranges):
-    extra = prep(idx, cnt, ranges, ks[0].shape[1])
-
-    def body(i, qc):
-      outs = layers(qc, ks, vs, *extra)
-      tot = outs[0].astype(jnp.float32)
-      for o in outs[1:]:
-        tot = tot + o.astype(jnp.float32)
-      return qc + (tot * 1e-30).astype(qc.dtype)
-    return jax.lax.fori_loop(0, r, body, q)
-
-  f = jax.jit(run)
-  args = (p["q"], p["ks"], p["vs"], p["idx"], p["cnt"], p["ranges"])
-  t_lo, first = timeit(f, (jnp.int32(1), *args), reps=reps)
-  t_hi, _ = timeit(f, (jnp.int32(r_hi), *args), reps=reps)
-  return (t_hi - t_lo) / (r_hi - 1), first
+  return _iteration_timer(prep, layers, p, r_hi, reps)()
 
 
 def loop_overhead(p) -> float:
@@ -365,6 +351,56 @@ def phase_waves(sa, block_size: int, rounds: int = 3) -> list[dict]:
   return rows
 
 
+def phase_relevance(block_size: int, rounds: int = 3) -> list[dict]:
+  """Block relevance of one sparse layer at 32K, 32 queries: XLA vs the fused Pallas kernel."""
+  import jax
+  import jax.numpy as jnp
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from focus_jax.kernels import block_relevance as br
+  rows = []
+  for layout, lay in LAYOUTS.items():
+    hkv, d = lay["hkv"], lay["d"]
+    n_rows = lay["hq"] // hkv * 32
+    nb = max(16, TARGET_CTX // block_size)  # (smoke: the kernel's smallest tile)
+    layers = 2 if SMOKE else 16
+    key = jax.random.PRNGKey(0)
+    reps = []
+    for _ in range(layers):
+      k1, key = jax.random.split(key)
+      r = jax.random.normal(k1, (1, nb, hkv, 2 * d), jnp.bfloat16)
+      reps.append(r.at[..., d:].set(jnp.abs(r[..., d:])))
+    qg = jax.random.normal(key, (1, hkv, n_rows, d), jnp.bfloat16)
+    weight = jnp.full((1, n_rows), 1.0 / n_rows, jnp.float32)
+    valid = jnp.ones((1, nb), bool)
+    p = dict(q=qg, ks=reps, vs=reps, idx=weight, cnt=valid, ranges=())
+    interpret = SMOKE
+
+    def layers_of(impl):
+      def layer_fn(qc, ks, vs, w, v):
+        rel = [br.block_relevance(qc, w, r, v, bound=True, implementation=impl,
+                                  interpret=interpret) for r in ks]
+        return [jnp.zeros_like(qc) + jnp.sum(x) for x in rel]
+      return (lambda w, v, ranges, s_len: (w, v)), layer_fn
+    ref = br.block_relevance(qg, weight, reps[0], valid, bound=True, implementation="xla")
+    out = br.block_relevance(qg, weight, reps[0], valid, bound=True, implementation="pallas_gpu",
+                             interpret=interpret)
+    err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+    over = loop_overhead(p)
+    times = {"xla": [], "pallas_gpu": []}
+    for _ in range(1 if SMOKE else rounds):
+      for impl in times:
+        t, _ = per_iteration_time(*layers_of(impl), p)
+        times[impl].append((t - over) / layers)
+    row = dict(layout=layout, kv_heads=hkv, query_rows=n_rows, blocks=nb,
+               xla_us=statistics.median(times["xla"]) * 1e6,
+               pallas_us=statistics.median(times["pallas_gpu"]) * 1e6, max_rel_err=err)
+    print("RELEVANCE", row, flush=True)
+    rows.append(row)
+  return rows
+
+
 def phase_mgpu_dense(reps: int = 5) -> list[dict]:
   """The refresh's dense attention at 32K: cuDNN against JAX's Mosaic GPU (FA3-style) kernel.
 
@@ -400,6 +436,278 @@ def phase_mgpu_dense(reps: int = 5) -> list[dict]:
           row = dict(layout=layout, dtype=jnp.dtype(dtype).name, impl=name, error=repr(e)[:300])
         print("MGPU_DENSE", row, flush=True)
         rows.append(row)
+  return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# mgpu_sparse: the Mosaic GPU (wgmma + TMA) variant of the split-KV kernel against pallas_gpu.
+
+MGPU_CHECK_CASES = [
+    # (name, b, t, hq, hkv, d, s, bs, n, g, pattern, extra)
+    ("mha", 1, 32, 32, 32, 128, 8192, 64, 40, "hkv", "random", True),
+    ("gqa28/4", 2, 32, 28, 4, 128, 8448, 64, 50, "hkv", "random", True),
+    ("gqa28/4 G=1 dup", 2, 64, 28, 4, 128, 8448, 64, 50, "one", "dup", False),
+    ("empty", 2, 8, 8, 8, 128, 4096, 128, 8, "one", "empty", False),
+    ("no keys", 1, 8, 8, 2, 128, 4096, 64, 8, "hkv", "no_keys", False),
+    ("all", 1, 32, 16, 4, 128, 4096, 64, 64, "hkv", "all", False),
+    ("padded", 3, 5, 6, 2, 128, 2048, 64, 12, "hkv", "padded", True),
+    ("S%bs!=0 d64 oob", 1, 17, 8, 2, 64, 3000, 64, 30, "hkv", "oob", True),
+    ("S%bs!=0 bs128", 1, 32, 28, 4, 128, 5000, 128, 20, "hkv", "random", False),
+]
+# Tilings checked on the GQA case besides the default (each must also be right).
+MGPU_CHECK_CFGS = [dict(kv_blocks=2), dict(kv_blocks=2, num_stages=2, num_splits=7),
+                   dict(num_wgs=1), dict(num_wgs=2, num_stages=2), dict(num_wgs=1, wg_rows=128),
+                   dict(semantics="lane"), dict(semantics="warpgroup"), dict(num_splits=1),
+                   dict(num_splits=64), dict(num_wgs=4)]
+
+
+def _mgpu_check_case(sa, rng, case):
+  """Random bf16 inputs of one check case and the float32 reference's output (float64)."""
+  import jax.numpy as jnp
+  _, b, t, hq, hkv, d, s, bs, n, gm, pattern, extra = case
+  g = hkv if gm == "hkv" else 1
+  nb = -(-s // bs)
+  f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  q = jnp.asarray(f32(b, t, hq, d), jnp.bfloat16)
+  k = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
+  v = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
+  idx = rng.integers(0, nb, (b, g, n))
+  cnt = rng.integers(n // 2, n + 1, (b, g))
+  ps = rng.integers(0, s // 8, (b,))
+  rs = rng.integers(s // 2, s - 64, (b,))
+  re = np.minimum(rs + rng.integers(0, 300, (b,)), s)
+  if pattern == "dup":
+    idx[..., 1::2] = idx[..., ::2][..., : idx[..., 1::2].shape[-1]]
+  elif pattern == "oob":
+    idx = rng.integers(-5, nb + 5, (b, g, n))
+  elif pattern == "empty":
+    cnt[:] = 0
+  elif pattern == "no_keys":
+    cnt[:] = 0
+    re = rs.copy()
+  elif pattern == "all":
+    idx = np.broadcast_to(np.arange(n) % nb, (b, g, n)).copy()
+    cnt[:] = n
+  elif pattern == "padded":
+    cnt = rng.integers(0, n + 3, (b, g))
+  args = [q, k, v, jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32),
+          jnp.asarray(ps, jnp.int32), jnp.asarray(rs, jnp.int32), jnp.asarray(re, jnp.int32)]
+  if extra:
+    e = 24
+    args += [jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
+             jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
+             jnp.asarray(rng.random((b, e)) < 0.6)]
+  ref = np.asarray(sa.reference_block_sparse_attention(*args, block_size=bs), np.float64)
+  return args, bs, ref
+
+
+def _iteration_timer(prep, layers, p, r_hi: int = 5, reps: int = 5):
+  """`per_iteration_time` with the jitted loop built once, so interleaved rounds of one config
+  reuse its compiled executable: returns a function giving (seconds per iteration, first-call
+  seconds). Same loop, same feedback into q, same (t(r_hi) - t(1)) / (r_hi - 1)."""
+  import jax
+  import jax.numpy as jnp
+
+  def run(r, q, ks, vs, idx, cnt, ranges):
+    extra = prep(idx, cnt, ranges, ks[0].shape[1])
+
+    def body(i, qc):
+      outs = layers(qc, ks, vs, *extra)
+      tot = outs[0].astype(jnp.float32)
+      for o in outs[1:]:
+        tot = tot + o.astype(jnp.float32)
+      return qc + (tot * 1e-30).astype(qc.dtype)
+    return jax.lax.fori_loop(0, r, body, q)
+
+  f = jax.jit(run)
+  args = (p["q"], p["ks"], p["vs"], p["idx"], p["cnt"], p["ranges"])
+
+  def measure():
+    t_lo, first = timeit(f, (jnp.int32(1), *args), reps=reps)
+    t_hi, _ = timeit(f, (jnp.int32(r_hi), *args), reps=reps)
+    return (t_hi - t_lo) / (r_hi - 1), first
+  return measure
+
+
+def mgpu_sweep_configs(layout: str, base: dict, hkv: int, rows: int, n_items: int,
+                       block_size: int) -> list[dict]:
+  """A small sweep of the Mosaic kernel's knobs around its default: blocks per pipeline step
+  (128-key Q K^T), ring depth, KV splits (half / twice the one-wave count), Mosaic GPU's
+  lowering semantics, consumer warpgroups (rows per program) and rows per warpgroup. Risky
+  register splits (3-4 consumers, ~160 / ~112 registers each) come last."""
+  from focus_jax.kernels.sparse import mosaic_gpu as mg
+
+  def with_splits(cfg, factor=1.0):
+    pl_ = mg.plan(1, hkv, rows, LAYOUTS[layout]["d"], block_size, n_items,
+                  **{k: cfg[k] for k in ("wg_rows", "num_wgs", "num_stages") if k in cfg})
+    return dict(cfg, num_splits=max(1, int(round(pl_.num_splits * factor))))
+  if SMOKE:
+    return [dict(base, num_stages=2)]
+  out = [with_splits(dict(base, kv_blocks=2, num_stages=ns)) for ns in (2, 3)]
+  out += [with_splits(dict(base, num_stages=ns)) for ns in (2, 4) if ns != base["num_stages"]]
+  out += [with_splits(base, 0.5), with_splits(base, 2.0)]
+  try:  # the semantics the installed jax does not default to (0.10: lane, 0.11: warpgroup)
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    lane = plgpu.CompilerParams().lowering_semantics == plgpu.LoweringSemantics.Lane
+    out.append(dict(base, semantics="warpgroup" if lane else "lane"))
+  except Exception:  # noqa: BLE001
+    out.append(dict(base, semantics="lane"))
+  if layout == "llada8b":  # 2 stages: 81 KB, two programs per SM if the registers allow
+    out.append(with_splits(dict(base, num_stages=2), 2.0))
+  if layout == "dream7b":
+    out += [with_splits(dict(base, num_wgs=1)), with_splits(dict(base, num_wgs=2, wg_rows=128)),
+            with_splits(dict(base, num_wgs=3)), with_splits(dict(base, num_wgs=4)),
+            with_splits(dict(base, num_wgs=4, num_stages=4))]
+  return out
+
+
+def phase_mgpu_sparse(sa, block_size: int, path: str | None = None, res: dict | None = None,
+                      rounds: int = 3, parts: str = "check,time,sweep",
+                      layouts: str | None = None) -> list[dict]:
+  """The Mosaic GPU split-KV kernel (`kernels/sparse/mosaic_gpu.py`): correctness, then timing.
+
+  (1) Random bf16 cases (MHA and GQA 28/4, empty / no-key / all / padded selections, S not a
+  multiple of the block, extra segments) against the float32 reference, with the default tiling
+  and, on the GQA case, several others: relative error (norm) and max relative error
+  (max |out - ref| / max |ref|). (2) 32K, alpha 0.5, 32 queries, both layouts, kernel alone
+  (selection pre-normalised), per layer, loop overhead removed, median of `rounds` interleaved
+  rounds: mosaic_gpu against pallas_gpu (both defaults), then a small sweep of the Mosaic
+  kernel's knobs. TB/s as in the waves phase (bytes it must read + q and output). Every case is
+  wrapped: a failing tiling prints its error and the phase goes on. Rows are saved after every
+  case (a hung kernel leaves the rows before it); a compact table is printed at the end.
+  `parts` (--mgpu-parts) picks among check, time and sweep (all by default); `layouts`
+  (--mgpu-layouts) restricts the timing to some layouts: to split the phase over several runs.
+  """
+  parts_ = set(parts.split(","))
+  unknown = parts_ - {"check", "time", "sweep"}
+  if unknown:
+    raise ValueError(f"unknown --mgpu-parts {sorted(unknown)}")
+  timed_layouts = list(LAYOUTS) if not layouts else layouts.split(",")
+  import jax
+  from focus_jax.kernels.sparse import mosaic_gpu as mg
+  rows: list[dict] = []
+
+  def save(row):
+    print("MGPU_SPARSE", json.dumps(row), flush=True)
+    rows.append(row)
+    if res is not None and path:
+      res["mgpu_sparse"] = rows
+      with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+
+  # (1) correctness
+  rng = np.random.default_rng(7)
+  cases = MGPU_CHECK_CASES
+  cfgs_for = lambda name: [None] + (MGPU_CHECK_CFGS if name == "gqa28/4" else [])
+  if SMOKE:  # tiny, interpreted: the shapes that exercise padding, S % bs and GQA
+    cases = [("smoke gqa", 1, 4, 8, 2, 64, 1000, 64, 6, "hkv", "random", True),
+             ("smoke empty", 1, 4, 4, 2, 64, 512, 64, 4, "one", "no_keys", False)]
+    cfgs_for = lambda name: [None, dict(num_wgs=2, num_splits=3)] if "gqa" in name else [None]
+  for case in cases if "check" in parts_ else []:
+    name = case[0]
+    try:
+      args, bs, ref = _mgpu_check_case(sa, rng, case)
+    except Exception as e:  # noqa: BLE001
+      save(dict(part="check", case=name, error=repr(e)[:300], ok=False))
+      continue
+    why = mg.supported(args[0].shape, args[1].shape, args[0].dtype, bs)
+    for cfg in cfgs_for(name):
+      print(f"mgpu_sparse check {name} cfg={cfg} ...", flush=True)
+      try:
+        if why:
+          raise ValueError(f"unsupported: {why}")
+        fn = jax.jit(lambda *a, cfg=cfg, bs=bs: sa.block_sparse_attention(
+            *a, block_size=bs, implementation="mosaic_gpu", kernel_config=cfg,
+            interpret=SMOKE))
+        out = np.asarray(fn(*args), np.float64)
+        nref = np.linalg.norm(ref)
+        err = float(np.linalg.norm(out - ref) / max(nref, 1e-30))
+        max_err = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
+        ok = bool(np.all(np.isfinite(out)) and (err < 1e-2 if nref > 0 else
+                                                float(np.abs(out).max()) == 0.0))
+        row = dict(part="check", case=name, cfg=cfg or "default", rel_err=err,
+                   max_rel_err=max_err, ok=ok)
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row = dict(part="check", case=name, cfg=cfg or "default", error=repr(e)[:300], ok=False)
+      save(row)
+
+  # (2) timing
+  n_resp = -(-GEN // block_size) + 1
+  for layout in timed_layouts if parts_ & {"time", "sweep"} else []:
+    lay = LAYOUTS[layout]
+    hkv, d = lay["hkv"], lay["d"]
+    q_rows = lay["hq"] // hkv * 32
+    layers = layers_for(layout, TARGET_CTX)
+    try:
+      p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, layers)
+      base = mg.default_config(1, hkv, q_rows, p["n"], n_resp, d=d, block_size=block_size)
+      if SMOKE:  # interpreted: one split keeps the grid small
+        base["num_splits"] = 1
+      keys = p["n"] * block_size + GEN
+      flops = 4 * hkv * q_rows * keys * d  # Q K^T and P V, 2 flops per multiply-add
+      r_hi, reps = (2, 1) if SMOKE else (5, 5)
+      over, _ = _iteration_timer(lambda *a: (), lambda q, ks, vs: [q], p, r_hi, reps)()
+    except Exception as e:  # noqa: BLE001
+      traceback.print_exc()
+      save(dict(part="time", layout=layout, error=repr(e)[:300]))
+      continue
+    jobs = [("pallas_gpu", None), ("mosaic_gpu", base)] if "time" in parts_ else []
+    if "sweep" in parts_:
+      jobs += [("mosaic_gpu", c) for c in mgpu_sweep_configs(layout, base, hkv, q_rows,
+                                                            p["n"] + n_resp, block_size)]
+    timers, times, errors = {}, {}, {}
+    for _ in range(1 if SMOKE else rounds):
+      for j, (impl, cfg) in enumerate(jobs):
+        if j in errors:
+          continue
+        print(f"mgpu_sparse time {layout} {impl} cfg={cfg} ...", flush=True)
+        try:
+          if j not in timers:
+            timers[j] = _iteration_timer(*sparse_layers(sa, impl, block_size, True, cfg), p,
+                                         r_hi, reps)
+          t, _ = timers[j]()
+          times.setdefault(j, []).append((t - over) / layers)
+        except Exception as e:  # noqa: BLE001
+          traceback.print_exc()
+          errors[j] = repr(e)[:300]
+    for j, (impl, cfg) in enumerate(jobs):
+      row = dict(part="time", layout=layout, impl=impl,
+                 cfg=cfg if impl == "mosaic_gpu" else "default",
+                 default=impl == "pallas_gpu" or cfg == base, layers_timed=layers)
+      if j in times:
+        t = statistics.median(times[j])
+        row.update(us=t * 1e6, tb_s=p["bytes"] / t / 1e12, tflops=flops / t / 1e12,
+                   us_rounds=[x * 1e6 for x in times[j]])
+      else:
+        row["error"] = errors.get(j, "not run")
+      save(row)
+    del p, timers
+
+  # compact table
+  print("\n=== mgpu_sparse: correctness (max |out-ref| / max |ref|; norm-relative) ===")
+  for r in rows:
+    if r["part"] == "check":
+      c = r.get("cfg", "")
+      c = c if isinstance(c, str) else " ".join(f"{k}={v}" for k, v in c.items())
+      if "error" in r:
+        print(f"  FAIL {r['case']:18} {c:28} {r['error'][:100]}")
+      else:
+        print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['case']:18} {c:28} "
+              f"max_rel {r['max_rel_err']:.2e}  rel {r['rel_err']:.2e}")
+  print("=== mgpu_sparse: 32K, alpha 0.5, 32 queries, kernel alone, per layer ===")
+  print(f"  {'layout':8} {'impl':10} {'us':>8} {'TB/s':>5} {'TFLOP/s':>7}  config")
+  for r in rows:
+    if r["part"] == "time":
+      c = r.get("cfg", "")
+      c = c if isinstance(c, str) else " ".join(f"{k}={v}" for k, v in c.items())
+      mark = "*" if r.get("default") else " "
+      if "us" in r:
+        print(f" {mark}{r['layout']:8} {r['impl']:10} {r['us']:8.1f} {r['tb_s']:5.2f} "
+              f"{r['tflops']:7.1f}  {c}")
+      else:
+        print(f" {mark}{r.get('layout', ''):8} {r.get('impl', ''):10} {'-':>8}  {c}  "
+              f"ERROR {r.get('error', '')[:100]}")
   return rows
 
 
@@ -588,6 +896,10 @@ def main() -> None:
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--tune-set", default="wide", choices=("wide", "diag"))
   ap.add_argument("--ctxs", default=None, help="comma-separated contexts for the sweep")
+  ap.add_argument("--mgpu-parts", default="check,time,sweep",
+                  help="mgpu_sparse: comma-separated parts among check, time, sweep")
+  ap.add_argument("--mgpu-layouts", default=None,
+                  help="mgpu_sparse: comma-separated layouts to time (default: all)")
   a = ap.parse_args()
   global CTXS, TUNE_SET
   TUNE_SET = a.tune_set
@@ -629,8 +941,13 @@ def main() -> None:
       res["tune"] = phase_tune(sa, a.block_size)
     elif ph == "waves":
       res["waves"] = phase_waves(sa, a.block_size)
+    elif ph == "relevance":
+      res["relevance"] = phase_relevance(a.block_size)
     elif ph == "mgpu_dense":
       res["mgpu_dense"] = phase_mgpu_dense()
+    elif ph == "mgpu_sparse":
+      res["mgpu_sparse"] = phase_mgpu_sparse(sa, a.block_size, path, res,
+                                             parts=a.mgpu_parts, layouts=a.mgpu_layouts)
     elif ph == "diag":
       res["diag"] = phase_diag(sa, a.block_size)
     elif ph == "sweep":

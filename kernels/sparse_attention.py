@@ -3,7 +3,8 @@
 Semantics (defined by `reference_block_sparse_attention`): each query row softmaxes over the union
 of (a) the keys of the selected prompt blocks that lie in [prompt_start, response_start),
 (b) the keys [response_start, response_end), always, and (c) the valid keys of the extra dense
-segment (the sinks, gathered by the caller). The selection is a set: duplicate ids count once,
+segment (the sinks: given as arrays extra_k/extra_v, or as rows of the cache, `extra_positions`,
+which the GPU kernel gathers itself). The selection is a set: duplicate ids count once,
 ids at or beyond the count and out-of-range ids (< 0 or >= ceil(S / block_size)) are ignored.
 Extra keys are separate keys: the kernel cannot tell whether a sink also lies in a selected block,
 so a caller that wants each key once marks such sinks invalid in `extra_valid` ([B, E], or
@@ -13,7 +14,8 @@ A query row that sees no key at all returns zeros. Ranges are clipped into
 
 Implementations: "pallas_gpu" (Pallas, Triton lowering; split-KV), "pallas_tpu" (Pallas Mosaic-TPU;
 scalar-prefetched block list), "jax_triton" (the split-KV kernel hand-written in Triton; needs the
-optional jax_triton package and a CUDA GPU), "xla_gather" (gather the blocks, then dense attention: the
+optional jax_triton package and a CUDA GPU), "mosaic_gpu" (the split-KV algorithm as a Mosaic GPU
+kernel, wgmma + TMA, Hopper only; explicit, never picked by "auto"), "xla_gather" (gather the blocks, then dense attention: the
 baseline), "reference" (dense mask over the whole cache; for tests). "auto" picks the Pallas kernel
 of the backend when the shapes suit it, else "xla_gather".
 """
@@ -25,15 +27,18 @@ import jax.numpy as jnp
 
 from focus_jax.kernels.sparse import common
 from focus_jax.kernels.sparse import gpu as _gpu
+from focus_jax.kernels.sparse import mosaic_gpu as _mgpu
 from focus_jax.kernels.sparse import tpu as _tpu
 from focus_jax.kernels.sparse import xla_gather as _xla
-from focus_jax.kernels.sparse.common import Selection, normalize_selection
+from focus_jax.kernels.sparse.common import Selection, normalize_selection, selection_of_distinct
 from focus_jax.kernels.sparse.common import reference_block_sparse_attention
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_normalized", "normalize_selection", "reference_block_sparse_attention",
-           "Selection", "IMPLEMENTATIONS", "resolve_implementation"]
+__all__ = ["block_sparse_attention", "block_sparse_attention_normalized", "normalize_selection",
+           "selection_of_distinct", "reference_block_sparse_attention", "Selection",
+           "IMPLEMENTATIONS", "resolve_implementation"]
 
-IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "jax_triton", "xla_gather", "reference")
+IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "jax_triton", "mosaic_gpu", "xla_gather",
+                   "reference")
 
 
 def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_size: int) -> str:
@@ -58,29 +63,32 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
                            scale: float | None = None, implementation: str = "auto",
                            max_response_len: int | None = None,
                            interpret: bool | object = False,
-                           kernel_config: dict | None = None) -> jax.Array:
+                           kernel_config: dict | None = None,
+                           extra_positions: jax.Array | None = None) -> jax.Array:
   """q [B,T,Hq,D], k/v [B,S,Hkv,D], block_indices [B,G,N] (G = 1 or Hkv) -> [B,T,Hq,D] in q.dtype.
 
   Beyond the contract, all optional: `max_response_len` is a static upper bound on
   response_end - response_start (the XLA path slices a window of that length, the TPU kernel sizes
   its grid by it; without it both assume the whole cache, correct but slower); `interpret` runs a
   Pallas kernel in interpret mode (True, or `pltpu.InterpretParams()` for the TPU kernel);
-  `kernel_config` overrides the GPU kernel's tiling (block_m, num_splits, num_warps, num_stages).
+  `kernel_config` overrides the GPU kernel's tiling (block_m, num_splits, num_warps, num_stages);
+  `extra_positions` [B, E] int gives the extra keys as rows of k/v instead of extra_k/extra_v.
   """
   common.check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start,
-                      response_end, extra_k, extra_v, extra_valid, block_size)
+                      response_end, extra_k, extra_v, extra_valid, block_size, extra_positions)
   impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
   scale_f = common.default_scale(scale, q.shape[-1])
   if impl == "reference":
     return reference_block_sparse_attention(
         q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
-        extra_k, extra_v, extra_valid, block_size=block_size, scale=scale)
+        extra_k, extra_v, extra_valid, block_size=block_size, scale=scale,
+        extra_positions=extra_positions)
   sel = normalize_selection(block_indices, block_counts, prompt_start, response_start,
                             response_end, block_size=block_size, seq_len=k.shape[1])
   return block_sparse_attention_normalized(
       q, k, v, sel, extra_k, extra_v, extra_valid, block_size=block_size, scale=scale_f,
       implementation=impl, max_response_len=max_response_len, interpret=interpret,
-      kernel_config=kernel_config)
+      kernel_config=kernel_config, extra_positions=extra_positions)
 
 
 def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection,
@@ -90,14 +98,19 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
                                       scale: float | None = None, implementation: str = "auto",
                                       max_response_len: int | None = None,
                                       interpret: bool | object = False,
-                                      kernel_config: dict | None = None) -> jax.Array:
-  """`block_sparse_attention` on a selection already made by `normalize_selection`.
+                                      kernel_config: dict | None = None,
+                                      extra_positions: jax.Array | None = None) -> jax.Array:
+  """`block_sparse_attention` on a selection already made by `normalize_selection` (or by
+  `selection_of_distinct`).
 
   For callers that normalise once and attend several times, and for timing the kernels alone.
   """
   impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
   if impl == "reference":
     raise ValueError("the reference takes the raw selection: call block_sparse_attention")
+  if extra_positions is not None and impl != "pallas_gpu":  # only that kernel gathers them itself
+    extra_k, extra_v = common.gather_rows(k, v, extra_positions)
+    extra_positions = None
   scale_f = common.default_scale(scale, q.shape[-1])
   bsz, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -125,7 +138,19 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
       part = _triton.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f, **cfg)
     else:
       part = _gpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,
-                                 interpret=bool(interpret), **cfg)
+                                 interpret=bool(interpret), extra_positions=extra_positions,
+                                 extra_valid=extra_valid if extra_positions is not None else None,
+                                 **cfg)
+  elif impl == "mosaic_gpu":
+    why = _mgpu.supported(q.shape, k.shape, q.dtype, block_size)
+    if why:
+      raise ValueError(f"mosaic_gpu cannot run this: {why}")
+    cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2],
+                               n_resp_max if max_response_len is not None else 4, d=d,
+                               block_size=block_size)
+    cfg.update(kernel_config or {})
+    part = _mgpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,
+                                interpret=interpret, **cfg)
   else:  # pallas_tpu
     why = _tpu.supported(q.shape, k.shape, q.dtype, block_size)
     if why:

@@ -229,6 +229,30 @@ def test_gpu_kernel_tilings_and_normalized_entry():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("impl,kw", [("xla_gather", {}), ("pallas_gpu", {"interpret": True}),
+                                     ("pallas_tpu", {"interpret": True})])
+def test_selection_of_distinct_equals_the_normalised_selection(impl, kw):
+  # Top-k style ids (distinct, inside the prompt, in relevance order, counts <= N) skip the
+  # dedup; the kernels must not care that they are unsorted.
+  args, bs = make_case(19, hq=8, hkv=2, t=6, n=8, s=768)
+  q, k, v, idx, cnt, ps, rs, re, *extra = args
+  rng = np.random.default_rng(19)
+  first, stop = np.asarray(ps) // bs, np.asarray(rs) // bs  # blocks wholly inside the prompt
+  idx = np.stack([np.stack([rng.permutation(np.arange(first[i], stop[i]))[:8]
+                            for _ in range(idx.shape[1])]) for i in range(idx.shape[0])])
+  cnt = np.asarray(cnt) % 9
+  idx, cnt = jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32)
+  sel = sa.selection_of_distinct(idx, cnt, ps, rs, re, seq_len=k.shape[1])
+  last = np.take_along_axis(np.asarray(idx), np.maximum(np.asarray(cnt) - 1, 0)[..., None], -1)
+  pad = np.arange(8) >= np.asarray(cnt)[..., None]
+  assert np.all(np.asarray(sel.indices)[pad] == np.broadcast_to(last, pad.shape)[pad])
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, idx, cnt, ps, rs, re,
+                                                                  *extra)
+  out = _jit(sa.block_sparse_attention_normalized, block_size=bs, implementation=impl, **kw)(
+      q, k, v, sel, *extra)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
 def test_jit_and_auto_on_cpu():
   args, bs = make_case(17)
   assert sa.resolve_implementation("auto", args[0].shape, args[1].shape, args[0].dtype,
@@ -287,6 +311,36 @@ def test_per_kv_head_extra_valid(impl, kw):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl,kw", [("reference", {}), ("xla_gather", {}),
+                                     ("pallas_gpu", {"interpret": True}),
+                                     ("pallas_tpu", {"interpret": True})])
+@pytest.mark.parametrize("per_head_valid,e", [(False, 7), (True, 5), (True, 20)])
+def test_extra_positions_equal_gathered_extra_keys(impl, kw, per_head_valid, e):
+  """Extra keys given as cache rows (the GPU kernel gathers them in split 0; the others gather
+  in XLA) equal the same rows passed as arrays, with out-of-range positions clipped, several
+  row tiles and splits, and E padded past one tile (20 -> 32)."""
+  args, bs = make_case(23, hq=8, hkv=2, t=12, extra=False)
+  q, k, v, *sel = args
+  b, s, hkv = k.shape[0], k.shape[1], k.shape[2]
+  rng = np.random.default_rng(e)
+  pos = rng.integers(-2, s + 3, (b, e))
+  valid = rng.random((b, e, hkv) if per_head_valid else (b, e)) < 0.6
+  pos, valid = jnp.asarray(pos, jnp.int32), jnp.asarray(valid)
+  rows = np.clip(np.asarray(pos), 0, s - 1)
+  ek = jnp.asarray(np.take_along_axis(np.asarray(k), rows[:, :, None, None], axis=1))
+  ev = jnp.asarray(np.take_along_axis(np.asarray(v), rows[:, :, None, None], axis=1))
+  want = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, *sel, ek, ev, valid)
+  kernel_config = {"block_m": 16, "num_splits": 3} if impl == "pallas_gpu" else None
+  got = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl,
+             kernel_config=kernel_config, **kw)(q, k, v, *sel, extra_valid=valid,
+                                                extra_positions=pos)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  with pytest.raises(ValueError, match="not both"):
+    sa.block_sparse_attention(q, k, v, *sel, ek, ev, valid, block_size=bs, extra_positions=pos)
+  with pytest.raises(ValueError, match="extra_valid"):
+    sa.block_sparse_attention(q, k, v, *sel, block_size=bs, extra_positions=pos)
+
+
 @pytest.mark.parametrize("sms", [132, 108, 46])  # H100/H200, A100, a smaller Ampere part
 @pytest.mark.parametrize("hkv,rows,n_sel", [(32, 32, 256), (4, 224, 256), (8, 8, 3), (1, 64, 40)])
 def test_gpu_default_splits_fill_one_wave(monkeypatch, sms, hkv, rows, n_sel):
@@ -303,3 +357,161 @@ def test_gpu_default_splits_fill_one_wave(monkeypatch, sms, hkv, rows, n_sel):
   assert programs <= max(slots, hkv * m_tiles)  # one wave (or one split when even that is more)
   if cfg["num_splits"] < min(items_cap, 64):
     assert hkv * m_tiles * (cfg["num_splits"] + 1) > slots  # one more split would spill
+
+
+# ------------------------------------------------------------------------------------------------
+# The Mosaic GPU kernel ("mosaic_gpu": wgmma + TMA, Hopper). On the CPU: its planning, that it
+# lowers for CUDA (the Mosaic GPU lowering runs on any host), and its own code in Mosaic GPU's
+# interpreter with the race detector on. The interpreter cannot run wgmma with an A operand in
+# registers, a transposed B (jax 0.10) or `pl.run_state` accumulators, so under `interpret` the
+# two matmuls are plain dots (`mosaic_gpu._dot`); the rest is the kernel's code.
+from focus_jax.kernels.sparse import mosaic_gpu as mgpu  # noqa: E402
+
+
+def _mgpu_races_found() -> bool:
+  """The Mosaic GPU interpreter's race flag (private API; the test fails if it moved)."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  return bool(gpu_callbacks.get_races().races_found)
+
+
+def _f32_reference(args, bs):
+  """The reference on float32 copies of bf16 inputs: a float32 output to compare against."""
+  up = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+  return np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs)(*up))
+
+
+MGPU_CASES = [  # (make_case kwargs, kernel_config); few splits: the interpreter walks the grid
+    (dict(hq=8, hkv=2, t=6, d=64, s=512, bs=64, n=6), dict(num_splits=2)),  # GQA, extra keys
+    (dict(pattern="duplicate", per_head=False, hq=4, hkv=1, t=16, d=64, s=512, bs=64),
+     dict(num_splits=2)),
+    (dict(pattern="no_keys", d=64, s=256, bs=64, b=1), dict(num_splits=2)),
+    (dict(pattern="empty", hq=4, hkv=2, d=64, s=256, bs=64, b=1), dict(num_splits=1)),
+    (dict(pattern="all", hq=4, hkv=2, d=64, s=488, bs=64, n=8, b=1),  # S % bs == 40
+     dict(num_splits=2)),
+    (dict(pattern="padded", hq=6, hkv=2, t=5, d=64, s=384, bs=64, n=8), dict(num_splits=1)),
+    (dict(hq=8, hkv=2, t=12, d=128, s=1024, bs=128, n=5, b=1),
+     dict(num_wgs=2, num_splits=3, num_stages=2)),  # 48 rows over 2 warpgroups, 3 splits
+    (dict(hq=4, hkv=1, t=36, d=64, s=640, bs=64, n=4, b=1),  # 144 rows: 2 row tiles of 128;
+     dict(num_splits=6)),  # more splits than items: idle splits
+    (dict(hq=4, hkv=2, t=8, d=64, s=640, bs=64, n=7, b=1, per_head=False),
+     dict(wg_rows=128, num_stages=4, num_splits=1)),
+    # 2 blocks per step (Q K^T over 128 keys): odd item counts end on a masked duplicate tile.
+    (dict(hq=8, hkv=2, t=6, d=64, s=488, bs=64, n=7, pattern="padded"),
+     dict(kv_blocks=2, num_splits=2, num_stages=2)),
+    (dict(hq=4, hkv=1, t=16, d=64, s=1000, bs=128, n=5, b=1),  # N = 256, S % bs == 104
+     dict(kv_blocks=2, num_splits=1, num_stages=2)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(MGPU_CASES)))
+def test_mosaic_gpu_matches_reference_interpreted(case):
+  kw, cfg = MGPU_CASES[case]
+  args, bs = make_case(300 + case, dtype=jnp.bfloat16, **kw)
+  ref = _f32_reference(args, bs)
+  params = mgpu.gpu_interpret_params(detect_races=True)
+  out = _jit(sa.block_sparse_attention, block_size=bs, implementation="mosaic_gpu",
+             interpret=params, kernel_config=cfg)(*args)
+  assert out.shape == args[0].shape and out.dtype == jnp.bfloat16
+  assert not _mgpu_races_found()
+  out = np.asarray(out, np.float32)
+  assert np.all(np.isfinite(out))
+  if kw.get("pattern") == "no_keys":
+    assert float(np.abs(out).max()) == 0.0 and float(np.abs(ref).max()) == 0.0
+    return
+  # bf16 output and bf16 probabilities in P V: ~2^-8 relative; a wrong block or mask is O(1).
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+  assert np.abs(out - ref).max() < 2e-2 * np.abs(ref).max()
+
+
+def test_mosaic_gpu_normalized_entry_and_more_splits_than_items():
+  args, bs = make_case(331, b=1, hq=2, hkv=1, t=4, d=64, s=320, bs=64, n=3,
+                       dtype=jnp.bfloat16)
+  q, k, v, idx, cnt, ps, rs, re, *extra = args
+  sel = sa.normalize_selection(idx, cnt, ps, rs, re, block_size=bs, seq_len=k.shape[1])
+  out = _jit(sa.block_sparse_attention_normalized, block_size=bs, implementation="mosaic_gpu",
+             interpret=True, kernel_config=dict(num_splits=7))(q, k, v, sel, *extra)
+  ref = _f32_reference(args, bs)
+  assert np.linalg.norm(np.asarray(out, np.float32) - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_mosaic_gpu_supported():
+  ok = ((1, 32, 28, 128), (1, 33024, 4, 128), jnp.bfloat16, 64)
+  assert mgpu.supported(*ok) is None
+  assert mgpu.supported((1, 32, 32, 64), (1, 4096, 32, 64), jnp.float16, 128) is None
+  assert "dtype" in mgpu.supported(ok[0], ok[1], jnp.float32, 64)
+  assert "head dim" in mgpu.supported((1, 32, 28, 96), (1, 33024, 4, 96), jnp.bfloat16, 64)
+  assert "multiple of 64" in mgpu.supported(ok[0], ok[1], jnp.bfloat16, 32)
+  assert "multiple of 64" in mgpu.supported(ok[0], ok[1], jnp.bfloat16, 320)
+  assert "multiple of 8" in mgpu.supported(ok[0], (1, 33020, 4, 128), jnp.bfloat16, 64)
+  assert "shorter" in mgpu.supported(ok[0], (1, 32, 4, 128), jnp.bfloat16, 64)
+  assert "shared memory" in mgpu.supported(ok[0], ok[1], jnp.bfloat16, 256)  # 2 stages: 257 KB
+  assert "kv heads" in mgpu.supported((1, 32, 6, 128), ok[1], jnp.bfloat16, 64)
+  args, bs = make_case(5, hq=4, hkv=2, d=64, s=256, bs=32, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="mosaic_gpu cannot"):
+    sa.block_sparse_attention(*args, block_size=bs, implementation="mosaic_gpu", interpret=True)
+
+
+def test_mosaic_gpu_plan():
+  # Dream-7B: 7 heads x 32 queries = 224 rows -> 2 row tiles of 2 x 64 rows; LLaDA: 32 -> 64.
+  dream = mgpu.plan(1, 4, 224, 128, 64, 261, sms=132)
+  assert (dream.num_wgs, dream.row_tiles, dream.rows_pad) == (2, 2, 256)
+  llada = mgpu.plan(1, 32, 32, 128, 64, 261, sms=132)
+  assert (llada.num_wgs, llada.row_tiles, llada.rows_pad) == (1, 1, 64)
+  for p, units in ((dream, 4 * 2), (llada, 32)):  # KV splits fill one wave, and no more
+    slots = p.programs_per_sm * 132
+    assert p.num_splits * units <= slots < (p.num_splits + 1) * units
+  assert mgpu.plan(1, 4, 224, 128, 64, 3, sms=132).num_splits == 2  # at most 1 per 2 items
+  four = mgpu.plan(1, 4, 224, 128, 64, 261, num_wgs=4, num_stages=4, sms=132)
+  assert (four.row_tiles, four.rows_pad) == (1, 256)
+  assert four.smem_bytes == 4 * 64 * 128 * 2 + 2 * 4 * 64 * 128 * 2 + 1024
+  # setmaxnreg: consumers take only what the producer gives up (the CTA's pool is fixed at
+  # launch: 65536 / threads, a multiple of 8), e.g. FA3's 2 x 232 + 40 = 3 x 168.
+  assert mgpu.register_split(2) == (232, 40)
+  assert mgpu.register_split(1) == (0, 0)
+  for nw in (2, 3, 4):
+    c, pr = mgpu.register_split(nw)
+    launch = 65536 // ((nw + 1) * 128) // 8 * 8
+    assert c % 8 == 0 and c > launch and nw * c + pr <= (nw + 1) * launch
+  with pytest.raises(ValueError, match="shared memory"):
+    mgpu.plan(1, 4, 224, 128, 128, 100, num_wgs=4, num_stages=4)
+  with pytest.raises(ValueError, match="wg_rows"):
+    mgpu.plan(1, 4, 224, 128, 64, 100, wg_rows=32)
+
+
+def test_auto_never_picks_mosaic_gpu(monkeypatch):
+  monkeypatch.setattr(sa.jax, "default_backend", lambda: "gpu")
+  q, k = (1, 32, 28, 128), (1, 33024, 4, 128)
+  assert mgpu.supported(q, k, jnp.bfloat16, 64) is None
+  assert sa.resolve_implementation("auto", q, k, jnp.bfloat16, 64) == "pallas_gpu"
+  assert sa.resolve_implementation("mosaic_gpu", q, k, jnp.bfloat16, 64) == "mosaic_gpu"
+
+
+@pytest.mark.parametrize("layout", ["llada8b", "dream7b"])
+@pytest.mark.parametrize("semantics", ["lane", "warpgroup"])
+def test_mosaic_gpu_lowers_for_cuda(layout, semantics):
+  # Mosaic GPU's lowering runs in Python on any host: shapes, TMA views and wgmma operand
+  # layouts are checked here (compiling needs the GPU). Both of its lowering semantics.
+  hq, hkv = {"llada8b": (32, 32), "dream7b": (28, 4)}[layout]
+  b, t, d, s, bs, n = 1, 32, 128, 33024, 64, 256
+  qg = jax.ShapeDtypeStruct((b, hkv, hq // hkv * t, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16)
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  sel = sa.Selection(i32(b, hkv, n), i32(b, hkv), i32(b), i32(b), i32(b))
+  cfg = mgpu.default_config(b, hkv, hq // hkv * t, n, 5, d=d, block_size=bs)
+  f = lambda q, k, v, sel: mgpu.sparse_partial(q, k, v, sel, block_size=bs, scale=0.088,
+                                               semantics=semantics, **cfg)
+  text = jax.jit(f).trace(qg, kv, kv, sel).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_mosaic_gpu_large_logits():
+  # Scores spread over hundreds: any rescaling not relative to the running max overflows.
+  args, bs = make_case(341, b=1, hq=4, hkv=2, t=4, d=64, s=640, bs=64, n=8, extra=False,
+                       dtype=jnp.bfloat16)
+  up = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+  ref = np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs, scale=16.0)(*up))
+  out = _jit(sa.block_sparse_attention, block_size=bs, scale=16.0, implementation="mosaic_gpu",
+             interpret=True, kernel_config=dict(num_splits=1))(*args)
+  out = np.asarray(out, np.float32)
+  assert np.all(np.isfinite(out))
+  assert np.abs(out - ref).max() < 2e-2 * np.abs(ref).max()

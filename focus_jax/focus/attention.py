@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning, sinks
 from focus_jax.focus.config import FocusConfig
-from focus_jax.kernels.sparse_attention import block_sparse_attention
-from focus_jax.kernels.sparse.common import selection_key_mask
+from focus_jax.kernels.sparse_attention import (block_sparse_attention,
+                                                block_sparse_attention_normalized)
+from focus_jax.kernels.sparse.common import selection_key_mask, selection_of_distinct
 
 
 @flax.struct.dataclass
@@ -76,7 +77,8 @@ class FocusAttend:
     cfg = self.focus
     b, length = k_cache.shape[:2]
     relevance = pruning.block_relevance(q, self.query_focus, self.representatives[layer],
-                                        self.block_valid, cfg.selection, cfg.representative)
+                                        self.block_valid, cfg.selection, cfg.representative,
+                                        cfg.relevance_impl)
     indices, counts = pruning.select_blocks(relevance, self.block_valid, cfg.alpha)
     response_start = jnp.full((b,), self.prompt_length, jnp.int32)
     response_end = jnp.full((b,), length, jnp.int32)
@@ -90,13 +92,17 @@ class FocusAttend:
       sink_valid = carry.sink_valid[:, :, None] & ~jnp.moveaxis(in_kept, 1, 2)  # [B, N, G]
       if cfg.selection == "shared":
         sink_valid = sink_valid[:, :, 0]
-      rows = carry.sink_positions[:, :, None, None]
-      extra = dict(extra_k=jnp.take_along_axis(k_cache, rows, axis=1),
-                   extra_v=jnp.take_along_axis(v_cache, rows, axis=1), extra_valid=sink_valid)
-    out = block_sparse_attention(
-        q, k_cache, v_cache, indices, counts, self.prompt_start, response_start, response_end,
-        **extra, block_size=cfg.prompt_block_size, implementation=cfg.sparse_impl,
-        max_response_len=length - self.prompt_length)
+      # The sinks are rows of this layer's cache: the GPU kernel gathers them itself.
+      extra = dict(extra_positions=carry.sink_positions, extra_valid=sink_valid)
+    kwargs = dict(block_size=cfg.prompt_block_size, implementation=cfg.sparse_impl,
+                  max_response_len=length - self.prompt_length)
+    if cfg.sparse_impl == "reference":
+      out = block_sparse_attention(q, k_cache, v_cache, indices, counts, self.prompt_start,
+                                   response_start, response_end, **extra, **kwargs)
+    else:  # top-k ids are distinct valid prompt blocks: no need to normalise them
+      selection = selection_of_distinct(indices, counts, self.prompt_start, response_start,
+                                        response_end, seq_len=length)
+      out = block_sparse_attention_normalized(q, k_cache, v_cache, selection, **extra, **kwargs)
     if cfg.diagnostics:
       carry = self._record(layer, q, k_cache, indices, counts, response_start, response_end,
                            extra.get("extra_valid"), carry)

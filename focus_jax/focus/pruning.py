@@ -8,12 +8,14 @@ the top alpha fraction of prompt blocks is kept.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import chex
 import jax
 import jax.numpy as jnp
+
+from focus_jax.kernels import block_relevance as relevance_kernel
+from focus_jax.kernels.sparse.common import group_queries
 
 
 def num_prompt_blocks(prompt_length: int, block_size: int) -> int:
@@ -62,29 +64,24 @@ def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length
 
 
 def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
-                    block_valid: jax.Array, selection: str, kind: str) -> jax.Array:
+                    block_valid: jax.Array, selection: str, kind: str,
+                    implementation: str = "xla") -> jax.Array:
   """Relevance of every prompt block to the focus queries: [B, G, NB] (G = Hkv or 1).
 
   Per query head, a softmax over blocks of q . r_b / sqrt(d) (for kind "bound", whose
   representatives hold [centre, radius], the box bound q . centre + |q| . radius); averaged
   over the query heads of a KV group (and over all heads for a shared selection) and over the
-  focus queries.
+  focus queries. Computed by `kernels.block_relevance` (XLA by default).
   """
   b, a, hq, d = q.shape
   hkv = representatives.shape[2]
-  qg = q.reshape(b, a, hkv, hq // hkv, d)
-  score = functools.partial(jnp.einsum, "bahgd,bnhd->bhgan", preferred_element_type=jnp.float32)
-  if kind == "bound":
-    chex.assert_shape(representatives, (b, None, hkv, 2 * d))
-    logits = score(qg, representatives[..., :d]) + score(jnp.abs(qg), representatives[..., d:])
-  else:
-    logits = score(qg, representatives)
-  logits = logits / jnp.sqrt(jnp.float32(d))
-  logits = jnp.where(block_valid[:, None, None, None, :], logits, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(block_valid[:, None, None, None, :], probs, 0.0)  # rows of all -inf
+  chex.assert_shape(representatives, (b, None, hkv, 2 * d if kind == "bound" else d))
+  group = hq // hkv
   weight = focus.astype(jnp.float32) / jnp.maximum(jnp.sum(focus, axis=1, keepdims=True), 1)
-  relevance = jnp.einsum("bhgan,ba->bhn", probs, weight) / qg.shape[3]  # [B, Hkv, NB]
+  row_weight = jnp.tile(weight, (1, group)) / group  # rows (g, a) of group_queries
+  relevance = relevance_kernel.block_relevance(
+      group_queries(q, hkv), row_weight, representatives, block_valid, bound=kind == "bound",
+      implementation=implementation)  # [B, Hkv, NB]
   if selection == "shared":
     relevance = jnp.mean(relevance, axis=1, keepdims=True)
   return jnp.where(block_valid[:, None, :], relevance, -jnp.inf)
@@ -96,7 +93,10 @@ def kept_blocks(num_blocks: int, alpha: float) -> int:
 
 
 def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float):
-  """Top alpha of the valid blocks: (indices [B, G, C] int32, counts [B, G] int32)."""
+  """Top alpha of the valid blocks: (indices [B, G, C] int32, counts [B, G] int32).
+
+  The first `counts` ids are distinct valid blocks (invalid ones score -inf and come last),
+  which is what lets the sparse layer skip `normalize_selection`."""
   c = kept_blocks(relevance.shape[-1], alpha)
   _, indices = jax.lax.top_k(relevance, c)
   n_valid = jnp.sum(block_valid, axis=1).astype(jnp.int32)

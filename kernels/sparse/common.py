@@ -21,9 +21,10 @@ NEG_INIT = -1e30
 class Selection(NamedTuple):
   """Normalised selection: what the fast kernels rely on.
 
-  indices: [B, G, N] int32, the distinct selected block ids in increasing order, each in range and
-    intersecting [prompt_start, response_start); entries at and beyond `counts` repeat the last
-    valid id (0 when there is none), so a pipelined kernel re-uses the block it already holds.
+  indices: [B, G, N] int32, the distinct selected block ids, each in range and intersecting
+    [prompt_start, response_start) (`normalize_selection` sorts them; no kernel relies on the
+    order); entries at and beyond `counts` repeat the last valid id (0 when there is none), so a
+    pipelined kernel re-uses the block it already holds.
   counts: [B, G] int32, number of valid leading entries.
   prompt_start, response_start, response_end: [B] int32, clipped so that
     0 <= prompt_start <= response_start <= response_end <= S.
@@ -79,6 +80,23 @@ def normalize_selection(block_indices: jax.Array, block_counts: jax.Array,
   return Selection(key, counts, ps, rs, re)
 
 
+def selection_of_distinct(block_indices: jax.Array, block_counts: jax.Array,
+                          prompt_start: jax.Array, response_start: jax.Array,
+                          response_end: jax.Array, *, seq_len: int) -> Selection:
+  """The Selection of ids the caller guarantees distinct and inside the prompt range in their
+  first `block_counts` entries (a top-k over the valid prompt blocks is): `normalize_selection`
+  without its dedup and compaction (a scatter, a cumsum and a second scatter per call). The
+  order is kept; entries past the count are replaced by the last valid id."""
+  chex.assert_rank(block_indices, 3)
+  ps, rs, re = clip_ranges(prompt_start, response_start, response_end, seq_len)
+  idx = block_indices.astype(jnp.int32)
+  counts = block_counts.astype(jnp.int32)
+  last = jnp.take_along_axis(idx, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  last = jnp.where(counts[..., None] > 0, last, 0)
+  pos = jnp.arange(idx.shape[-1], dtype=jnp.int32)
+  return Selection(jnp.where(pos < counts[..., None], idx, last), counts, ps, rs, re)
+
+
 def response_blocks(rs: jax.Array, re: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
   """First block id and number of blocks covering keys [rs, re)."""
   first = rs // block_size
@@ -87,7 +105,7 @@ def response_blocks(rs: jax.Array, re: jax.Array, block_size: int) -> tuple[jax.
 
 
 def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
-                 extra_k, extra_v, extra_valid, block_size):
+                 extra_k, extra_v, extra_valid, block_size, extra_positions=None):
   """Shape checks at the public boundary; raises early with a readable message."""
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])
@@ -107,6 +125,20 @@ def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_st
     raise TypeError(f"block_indices must be integer, got {block_indices.dtype}")
   if not isinstance(block_size, int) or block_size <= 0:
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if extra_positions is not None:
+    if extra_k is not None or extra_v is not None:
+      raise ValueError("give the extra keys as extra_k/extra_v or as extra_positions, not both")
+    if extra_valid is None:
+      raise ValueError("extra_positions needs extra_valid")
+    chex.assert_rank(extra_positions, 2)
+    if extra_positions.shape[0] != bsz or not jnp.issubdtype(extra_positions.dtype, jnp.integer):
+      raise ValueError(f"extra_positions must be integer [B={bsz}, E], got "
+                       f"{extra_positions.dtype}{list(extra_positions.shape)}")
+    e = extra_positions.shape[1]
+    if extra_valid.shape not in ((bsz, e), (bsz, e, hkv)):
+      raise ValueError(f"extra_valid must be [B, E] or per kv head [B, E, Hkv] = "
+                       f"{(bsz, e, hkv)}, got {extra_valid.shape}")
+    return
   if (extra_k is None) != (extra_v is None) or (extra_k is None) != (extra_valid is None):
     raise ValueError("extra_k, extra_v and extra_valid come together or not at all")
   if extra_k is not None:
@@ -117,6 +149,12 @@ def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_st
     if extra_valid.shape not in (extra_k.shape[:2], extra_k.shape[:3]):
       raise ValueError(f"extra_valid must be [B, E] or per kv head [B, E, Hkv] = "
                        f"{extra_k.shape[:3]}, got {extra_valid.shape}")
+
+
+def gather_rows(k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rows `positions` [B, E] (clipped into the cache) of k/v [B, S, Hkv, D] -> [B, E, Hkv, D]."""
+  rows = jnp.clip(positions.astype(jnp.int32), 0, k.shape[1] - 1)[:, :, None, None]
+  return jnp.take_along_axis(k, rows, axis=1), jnp.take_along_axis(v, rows, axis=1)
 
 
 def extra_valid_per_head(extra_valid: jax.Array, hkv: int) -> jax.Array:
@@ -206,10 +244,13 @@ def selection_key_mask(block_indices, block_counts, prompt_start, response_start
 def reference_block_sparse_attention(q, k, v, block_indices, block_counts, prompt_start,
                                      response_start, response_end, extra_k=None, extra_v=None,
                                      extra_valid=None, *, block_size: int,
-                                     scale: float | None = None) -> jax.Array:
+                                     scale: float | None = None,
+                                     extra_positions=None) -> jax.Array:
   """The semantics, by a dense mask over the whole cache, in float32 (for tests; O(S) memory)."""
   check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
-               extra_k, extra_v, extra_valid, block_size)
+               extra_k, extra_v, extra_valid, block_size, extra_positions)
+  if extra_positions is not None:
+    extra_k, extra_v = gather_rows(k, v, extra_positions)
   bsz, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   scale = default_scale(scale, d)

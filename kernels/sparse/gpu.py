@@ -6,6 +6,10 @@ blocks covering the response range; each item is one [block_size, D] tile of K a
 place from the [B, S, Hkv, D] cache (the G query heads of a kv head share it: GQA without repeats).
 It writes an unnormalised partial (acc, m, l); a small XLA step merges the splits by log-sum-exp.
 Block ids are runtime inputs loaded inside the kernel (the GPU lowerings have no scalar prefetch).
+
+Extra keys given as cache rows (`extra_positions`: Focus's sinks) are gathered inside the kernel
+by split 0 of each (batch * kv head, row tile), which starts its softmax from them: no XLA gather,
+no separate partial and no extra merge input (about 6 small kernels per sparse layer fewer).
 """
 
 from __future__ import annotations
@@ -65,9 +69,27 @@ def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int) -
   return dict(block_m=block_m, num_splits=splits, num_warps=4, num_stages=3)
 
 
-def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_size: int,
-            num_splits: int, seq_len: int, scale: float, n_sel: int, static_items: int,
-            prefetch: bool):
+def extra_rows(positions: jax.Array, valid: jax.Array, hkv: int,
+               seq_len: int) -> tuple[jax.Array, jax.Array]:
+  """(positions [B, E'] clipped into the cache, validity [B, Hkv, E'] int32), E' = E padded to a
+  power of two >= 16 (a Triton dot's smallest side) with invalid rows."""
+  e = positions.shape[1]
+  e_pad = max(16, pl.next_power_of_2(e))
+  pos = jnp.clip(positions.astype(jnp.int32), 0, seq_len - 1)
+  ok = common.extra_valid_per_head(valid, hkv).astype(jnp.int32)
+  if e_pad != e:
+    pos = jnp.pad(pos, ((0, 0), (0, e_pad - e)))
+    ok = jnp.pad(ok, ((0, 0), (0, 0), (0, e_pad - e)))
+  return pos, ok
+
+
+def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, *refs, block_size: int, num_splits: int,
+            seq_len: int, scale: float, n_sel: int, static_items: int, prefetch: bool,
+            extra: bool):
+  if extra:
+    xpos_ref, xvalid_ref, acc_ref, m_ref, l_ref = refs
+  else:
+    acc_ref, m_ref, l_ref = refs
   bs = block_size
   split = pl.program_id(2)
   count = meta_ref[0]
@@ -122,6 +144,19 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, bl
 
   init = (jnp.zeros((block_m, d), jnp.float32), jnp.full((block_m,), common.NEG_INIT, jnp.float32),
           jnp.zeros((block_m,), jnp.float32))
+  if extra:
+    def extra_partial():
+      """The extra keys (cache rows at xpos, masked by xvalid): the start of split 0's softmax."""
+      pos = xpos_ref[...]
+      k, v = k_ref[pos, :], v_ref[pos, :]  # [E, D] gathers
+      s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      s = jnp.where((xvalid_ref[...] != 0)[None, :], s * scale, -jnp.inf)
+      m = jnp.maximum(jnp.max(s, axis=1), common.NEG_INIT)
+      p = jnp.exp(s - m[:, None])
+      acc = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+      return acc, m, jnp.sum(p, axis=1)
+    init = lax.cond(split == 0, extra_partial, lambda: init)
   j_lo, j_hi = (0, static_items) if static_items else (lo_item, hi_item)
 
   if not prefetch:
@@ -153,8 +188,11 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, bl
 def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
                    block_size: int, scale: float, block_m: int, num_splits: int, num_warps: int,
                    num_stages: int, static_loop: bool = False, prefetch: bool = False,
-                   n_resp_max: int = 0, interpret: bool = False) -> common.Partial:
-  """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection."""
+                   n_resp_max: int = 0, extra_positions: jax.Array | None = None,
+                   extra_valid: jax.Array | None = None,
+                   interpret: bool = False) -> common.Partial:
+  """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection,
+  and over the cache rows `extra_positions` [B, E] where `extra_valid` ([B, E] or [B, E, Hkv])."""
   bsz, hkv, rows, d = qg.shape
   s_len = k.shape[1]
   g, n = sel.indices.shape[1:]
@@ -176,20 +214,29 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
     return bh % hkv if per_head else 0
 
   static_items = -(-(n + n_resp_max) // num_splits) if static_loop else 0
+  extra = extra_positions is not None
   kernel = functools.partial(_kernel, block_size=block_size, num_splits=num_splits,
                              seq_len=s_len, scale=scale, n_sel=n_pad, static_items=static_items,
-                             prefetch=prefetch)
+                             prefetch=prefetch, extra=extra)
   grid = (bsz * hkv, m_tiles, num_splits)
+  in_specs = [
+      pl.BlockSpec((None, None, n_pad), lambda bh, mt, sp: (bh // hkv, gsel(bh), 0)),
+      pl.BlockSpec((None, None, 8), lambda bh, mt, sp: (bh // hkv, gsel(bh), 0)),
+      pl.BlockSpec((None, None, block_m, d), lambda bh, mt, sp: (bh // hkv, bh % hkv, mt, 0)),
+      pl.BlockSpec((None, s_len, None, d), lambda bh, mt, sp: (bh // hkv, 0, bh % hkv, 0)),
+      pl.BlockSpec((None, s_len, None, d), lambda bh, mt, sp: (bh // hkv, 0, bh % hkv, 0)),
+  ]
+  operands = [idx, meta, qg, k, v]
+  if extra:
+    xpos, xvalid = extra_rows(extra_positions, extra_valid, hkv, s_len)
+    e_pad = xpos.shape[1]
+    in_specs += [pl.BlockSpec((None, e_pad), lambda bh, mt, sp: (bh // hkv, 0)),
+                 pl.BlockSpec((None, None, e_pad), lambda bh, mt, sp: (bh // hkv, bh % hkv, 0))]
+    operands += [xpos, xvalid]
   acc, m, l = pl.pallas_call(
       kernel,
       grid=grid,
-      in_specs=[
-          pl.BlockSpec((None, None, n_pad), lambda bh, mt, sp: (bh // hkv, gsel(bh), 0)),
-          pl.BlockSpec((None, None, 8), lambda bh, mt, sp: (bh // hkv, gsel(bh), 0)),
-          pl.BlockSpec((None, None, block_m, d), lambda bh, mt, sp: (bh // hkv, bh % hkv, mt, 0)),
-          pl.BlockSpec((None, s_len, None, d), lambda bh, mt, sp: (bh // hkv, 0, bh % hkv, 0)),
-          pl.BlockSpec((None, s_len, None, d), lambda bh, mt, sp: (bh // hkv, 0, bh % hkv, 0)),
-      ],
+      in_specs=in_specs,
       out_specs=[
           pl.BlockSpec((None, None, None, block_m, d),
                        lambda bh, mt, sp: (bh // hkv, bh % hkv, sp, mt, 0)),
@@ -204,7 +251,7 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="block_sparse_attention_split_kv",
-  )(idx, meta, qg, k, v)
+  )(*operands)
   # Merge the splits here (one fused XLA reduction); the caller merges extra segments on top.
   mx = jnp.max(m, axis=2)
   w = jnp.exp(m - mx[:, :, None])
