@@ -57,10 +57,12 @@ def main(argv):
   for path in argv[1:]:
     with open(path) as f:
       rows += json.load(f)["results"]
-  fig, ax = plt.subplots(figsize=(9.5, 4.8))
-  for name, pts in series(rows).items():
+  fig, ax = plt.subplots(figsize=(11, 5.2))
+  colors = plt.cm.tab20.colors  # more series than the default cycle's 10 colours
+  for i, (name, pts) in enumerate(series(rows).items()):
     xs = [p[0] for p in pts]
-    line, = ax.plot(xs, [p[1] for p in pts], marker="o", label=name)
+    line, = ax.plot(xs, [p[1] for p in pts], marker="o", label=name,
+                    color=colors[i % len(colors)])
     hollow = [p for p in pts if p[2]]
     if hollow:
       ax.plot([p[0] for p in hollow], [p[1] for p in hollow], "o", mfc="white",
@@ -75,7 +77,8 @@ def main(argv):
   ax.set_xticks(ticks, [f"{t // 1024}K" for t in ticks])
   ax.set_xlabel("prompt length (tokens)")
   ax.set_ylabel("tokens/s (gen 256, steps 256, block 32, batch 1)")
-  ax.set_title("LLaDA-8B shape unless named, random bf16 weights (hollow: from step times)")
+  ax.set_title("LLaDA-8B shape unless named, random bf16 weights (hollow: from step times)",
+               fontsize=10)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
