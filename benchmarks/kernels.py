@@ -192,6 +192,47 @@ def dense_fn(da):
   return jax.jit(run)
 
 
+def random_check_case(sa, rng, case):
+  """Random bf16 inputs of one check case (name, b, t, hq, hkv, d, s, bs, n, g, pattern, extra)
+  and the float32 reference's output (float64). Shared by the check and mgpu_sparse phases."""
+  import jax.numpy as jnp
+  _, b, t, hq, hkv, d, s, bs, n, gm, pattern, extra = case
+  g = hkv if gm == "hkv" else 1
+  nb = -(-s // bs)
+  f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  q = jnp.asarray(f32(b, t, hq, d), jnp.bfloat16)
+  k = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
+  v = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
+  idx = rng.integers(0, nb, (b, g, n))
+  cnt = rng.integers(n // 2, n + 1, (b, g))
+  ps = rng.integers(0, s // 8, (b,))
+  rs = rng.integers(s // 2, s - 64, (b,))
+  re = np.minimum(rs + rng.integers(0, 300, (b,)), s)
+  if pattern == "dup":
+    idx[..., 1::2] = idx[..., ::2][..., : idx[..., 1::2].shape[-1]]
+  elif pattern == "oob":
+    idx = rng.integers(-5, nb + 5, (b, g, n))
+  elif pattern == "empty":
+    cnt[:] = 0
+  elif pattern == "no_keys":
+    cnt[:] = 0
+    re = rs.copy()
+  elif pattern == "all":
+    idx = np.broadcast_to(np.arange(n) % nb, (b, g, n)).copy()
+    cnt[:] = n
+  elif pattern == "padded":
+    cnt = rng.integers(0, n + 3, (b, g))
+  args = [q, k, v, jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32),
+          jnp.asarray(ps, jnp.int32), jnp.asarray(rs, jnp.int32), jnp.asarray(re, jnp.int32)]
+  if extra:
+    e = 24
+    args += [jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
+             jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
+             jnp.asarray(rng.random((b, e)) < 0.6)]
+  ref = np.asarray(sa.reference_block_sparse_attention(*args, block_size=bs), np.float64)
+  return args, bs, ref
+
+
 # ------------------------------------------------------------------------------------------------
 def phase_check(sa) -> list[dict]:
   import jax
@@ -211,37 +252,10 @@ def phase_check(sa) -> list[dict]:
   ]
   if SMOKE:
     cases = cases[-2:]
-  for (b, t, hq, hkv, d, s, bs, n, gm, pattern, extra) in cases:
+  for case in cases:
+    b, t, hq, hkv, d, s, bs, n, gm, pattern, extra = case
     g = hkv if gm == "hkv" else 1
-    nb = -(-s // bs)
-    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-    q = jnp.asarray(f32(b, t, hq, d), jnp.bfloat16)
-    k = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
-    v = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
-    idx = rng.integers(0, nb, (b, g, n))
-    cnt = rng.integers(n // 2, n + 1, (b, g))
-    if pattern == "dup":
-      idx[..., 1::2] = idx[..., ::2][..., : idx[..., 1::2].shape[-1]]
-    elif pattern == "oob":
-      idx = rng.integers(-5, nb + 5, (b, g, n))
-    elif pattern == "empty":
-      cnt[:] = 0
-    elif pattern == "all":
-      idx = np.broadcast_to(np.arange(n) % nb, (b, g, n)).copy()
-      cnt[:] = n
-    elif pattern == "padded":
-      cnt = rng.integers(0, n + 3, (b, g))
-    ps = rng.integers(0, s // 8, (b,))
-    rs = rng.integers(s // 2, s - 64, (b,))
-    re = np.minimum(rs + rng.integers(0, 300, (b,)), s)
-    args = [q, k, v, jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32),
-            jnp.asarray(ps, jnp.int32), jnp.asarray(rs, jnp.int32), jnp.asarray(re, jnp.int32)]
-    if extra:
-      e = 24
-      args += [jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
-               jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
-               jnp.asarray(rng.random((b, e)) < 0.6)]
-    ref = np.asarray(sa.reference_block_sparse_attention(*args, block_size=bs), np.float64)
+    args, bs, ref = random_check_case(sa, rng, ("", *case))
     for impl in CHECK_IMPLS:
       try:
         out = np.asarray(jax.jit(lambda *a: sa.block_sparse_attention(
@@ -461,46 +475,6 @@ MGPU_CHECK_CFGS = [dict(kv_blocks=2), dict(kv_blocks=2, num_stages=2, num_splits
                    dict(num_splits=64), dict(num_wgs=4)]
 
 
-def _mgpu_check_case(sa, rng, case):
-  """Random bf16 inputs of one check case and the float32 reference's output (float64)."""
-  import jax.numpy as jnp
-  _, b, t, hq, hkv, d, s, bs, n, gm, pattern, extra = case
-  g = hkv if gm == "hkv" else 1
-  nb = -(-s // bs)
-  f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-  q = jnp.asarray(f32(b, t, hq, d), jnp.bfloat16)
-  k = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
-  v = jnp.asarray(f32(b, s, hkv, d), jnp.bfloat16)
-  idx = rng.integers(0, nb, (b, g, n))
-  cnt = rng.integers(n // 2, n + 1, (b, g))
-  ps = rng.integers(0, s // 8, (b,))
-  rs = rng.integers(s // 2, s - 64, (b,))
-  re = np.minimum(rs + rng.integers(0, 300, (b,)), s)
-  if pattern == "dup":
-    idx[..., 1::2] = idx[..., ::2][..., : idx[..., 1::2].shape[-1]]
-  elif pattern == "oob":
-    idx = rng.integers(-5, nb + 5, (b, g, n))
-  elif pattern == "empty":
-    cnt[:] = 0
-  elif pattern == "no_keys":
-    cnt[:] = 0
-    re = rs.copy()
-  elif pattern == "all":
-    idx = np.broadcast_to(np.arange(n) % nb, (b, g, n)).copy()
-    cnt[:] = n
-  elif pattern == "padded":
-    cnt = rng.integers(0, n + 3, (b, g))
-  args = [q, k, v, jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32),
-          jnp.asarray(ps, jnp.int32), jnp.asarray(rs, jnp.int32), jnp.asarray(re, jnp.int32)]
-  if extra:
-    e = 24
-    args += [jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
-             jnp.asarray(f32(b, e, hkv, d), jnp.bfloat16),
-             jnp.asarray(rng.random((b, e)) < 0.6)]
-  ref = np.asarray(sa.reference_block_sparse_attention(*args, block_size=bs), np.float64)
-  return args, bs, ref
-
-
 def _iteration_timer(prep, layers, p, r_hi: int = 5, reps: int = 5):
   """`per_iteration_time` with the jitted loop built once, so interleaved rounds of one config
   reuse its compiled executable: returns a function giving (seconds per iteration, first-call
@@ -606,7 +580,7 @@ def phase_mgpu_sparse(sa, block_size: int, path: str | None = None, res: dict | 
   for case in cases if "check" in parts_ else []:
     name = case[0]
     try:
-      args, bs, ref = _mgpu_check_case(sa, rng, case)
+      args, bs, ref = random_check_case(sa, rng, case)
     except Exception as e:  # noqa: BLE001
       save(dict(part="check", case=name, error=repr(e)[:300], ok=False))
       continue
