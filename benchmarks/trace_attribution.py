@@ -56,6 +56,31 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], tuple[float, float, 
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def code_roots() -> tuple[str, ...]:
+  """Where frames of ours live: this checkout, and the installed package when it runs from a
+  copy (the GPU machine installs it under /tmp/site: frames there are ours too)."""
+  roots = [REPO_ROOT]
+  try:
+    import focus_jax  # pylint: disable=g-import-not-at-top
+    roots.append(os.path.dirname(os.path.dirname(os.path.abspath(focus_jax.__file__))))
+  except ImportError:
+    pass
+  return tuple(dict.fromkeys(roots))
+
+
+def _under(path: str, roots: tuple[str, ...]) -> str | None:
+  """The root `path` lies under, if any."""
+  full = os.path.abspath(path)
+  return next((r for r in roots if full.startswith(r + os.sep)), None)
+
+
+def _shown(path: str, roots: tuple[str, ...]) -> str:
+  root = _under(path, roots) if os.path.isabs(path) else None
+  return os.path.relpath(path, root) if root else path
+
+
 _TABLE_ROW = re.compile(r"^(\d+) (.*)$")
 _FIELD = re.compile(r"(\w+)=(-?\d+)")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*stack_frame_id=(\d+)")
@@ -76,11 +101,13 @@ def _hlo_tables(hlo_text: str) -> dict[str, dict[int, str]]:
   return tables
 
 
-def hlo_sources(hlo_text: str, root: str = REPO_ROOT) -> dict[str, str]:
-  """Instruction name -> "path:line function" of the innermost stack frame under `root`.
+def hlo_sources(hlo_text: str, root: str | tuple[str, ...] | None = None) -> dict[str, str]:
+  """Instruction name -> "path:line function" of the innermost stack frame under `root` (one
+  folder or several; default `code_roots()`).
 
   The trace names a fusion's kernel by its HLO instruction, so this says which line of ours
   each kernel came from (instructions with no frame under `root` map to their innermost one)."""
+  roots = code_roots() if root is None else ((root,) if isinstance(root, str) else tuple(root))
   tables = _hlo_tables(hlo_text)
   files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
   locations = {i: dict((k, int(v)) for k, v in _FIELD.findall(row))
@@ -96,21 +123,16 @@ def hlo_sources(hlo_text: str, root: str = REPO_ROOT) -> dict[str, str]:
       path = files.get(loc.get("file_name_id"), "?")
       chain.append((path, loc.get("line", 0), functions.get(loc.get("function_name_id"), "?")))
       frame_id = frames[frame_id].get("parent_frame_id", 0)
-    ours = [c for c in chain if os.path.abspath(c[0]).startswith(root + os.sep)]
+    ours = [c for c in chain if _under(c[0], roots)]
     path, line, function = (ours or chain or [("?", 0, "?")])[0]
-    if os.path.isabs(path) and path.startswith(root + os.sep):
-      path = os.path.relpath(path, root)
-    return f"{path}:{line} {function}"
+    return f"{_shown(path, roots)}:{line} {function}"
 
   sources = {}
   for line in hlo_text.splitlines():
     if m := _INSTRUCTION.match(line):
       sources[m.group(1)] = describe(int(m.group(2)))
     elif m := _INSTRUCTION_LINE.match(line):  # the older metadata form: the innermost frame only
-      path = m.group(2)
-      if path.startswith(root + os.sep):
-        path = os.path.relpath(path, root)
-      sources[m.group(1)] = f"{path}:{m.group(3)}"
+      sources[m.group(1)] = f"{_shown(m.group(2), roots)}:{m.group(3)}"
   return sources
 
 

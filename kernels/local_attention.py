@@ -100,12 +100,9 @@ def local_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix: 
       x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
     return x.reshape((b * n_chunks, chunk) + x.shape[2:])
 
-  # Rows padding the last chunk are zeros (finite, dropped after); they need no mask, which
+  # Rows padding the last chunk are zeros (finite, dropped after): they need no mask, which
   # would cost cuDNN its unmasked path.
-  q_rows_ok = None
-  if query_valid is not None or key_valid is not None:
-    ok = jnp.ones((b, s), bool) if query_valid is None else query_valid
-    q_rows_ok = per_chunk_rows(ok)
+  q_rows_ok = None if query_valid is None else per_chunk_rows(query_valid)
   kv_ok = None if key_valid is None else per_chunk_keys(key_valid)
   local = attend(per_chunk_rows(q), per_chunk_keys(k), per_chunk_keys(v), kv_ok, q_rows_ok)
   local = local.reshape(b, n_chunks * chunk, hq, d)[:, :prefix]

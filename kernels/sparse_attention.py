@@ -64,7 +64,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
                            max_response_len: int | None = None,
                            interpret: bool | object = False,
                            kernel_config: dict | None = None,
-                           extra_positions: jax.Array | None = None) -> jax.Array:
+                           extra_positions: jax.Array | None = None,
+                           distinct_selection: bool = False) -> jax.Array:
   """q [B,T,Hq,D], k/v [B,S,Hkv,D], block_indices [B,G,N] (G = 1 or Hkv) -> [B,T,Hq,D] in q.dtype.
 
   Beyond the contract, all optional: `max_response_len` is a static upper bound on
@@ -72,7 +73,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
   its grid by it; without it both assume the whole cache, correct but slower); `interpret` runs a
   Pallas kernel in interpret mode (True, or `pltpu.InterpretParams()` for the TPU kernel);
   `kernel_config` overrides the GPU kernel's tiling (block_m, num_splits, num_warps, num_stages);
-  `extra_positions` [B, E] int gives the extra keys as rows of k/v instead of extra_k/extra_v.
+  `extra_positions` [B, E] int gives the extra keys as rows of k/v instead of extra_k/extra_v;
+  `distinct_selection=True` promises that the first `block_counts` ids are distinct, in range
+  and inside the prompt (a top-k over valid prompt blocks), so the dedup of
+  `normalize_selection` is skipped (`selection_of_distinct`); the result is the same.
   """
   common.check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start,
                       response_end, extra_k, extra_v, extra_valid, block_size, extra_positions)
@@ -83,8 +87,12 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
         q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
         extra_k, extra_v, extra_valid, block_size=block_size, scale=scale,
         extra_positions=extra_positions)
-  sel = normalize_selection(block_indices, block_counts, prompt_start, response_start,
-                            response_end, block_size=block_size, seq_len=k.shape[1])
+  if distinct_selection:
+    sel = selection_of_distinct(block_indices, block_counts, prompt_start, response_start,
+                                response_end, seq_len=k.shape[1])
+  else:
+    sel = normalize_selection(block_indices, block_counts, prompt_start, response_start,
+                              response_end, block_size=block_size, seq_len=k.shape[1])
   return block_sparse_attention_normalized(
       q, k, v, sel, extra_k, extra_v, extra_valid, block_size=block_size, scale=scale_f,
       implementation=impl, max_response_len=max_response_len, interpret=interpret,
@@ -124,12 +132,13 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   else:
     n_resp_max = min(nb, -(-int(max_response_len) // block_size) + 1)
   qg = common.group_queries(q, hkv)
+  # Response blocks the GPU tilings plan for (a guess of 4 without a static bound).
+  n_resp_plan = n_resp_max if max_response_len is not None else 4
   if impl in ("pallas_gpu", "jax_triton"):
     why = _gpu.supported(q.shape, k.shape, block_size)
     if why:
       raise ValueError(f"{impl} cannot run this: {why}")
-    cfg = _gpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2],
-                              n_resp_max if max_response_len is not None else 4)
+    cfg = _gpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2], n_resp_plan)
     cfg.update(kernel_config or {})
     if cfg.get("static_loop"):
       cfg["n_resp_max"] = n_resp_max
@@ -145,8 +154,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     why = _mgpu.supported(q.shape, k.shape, q.dtype, block_size)
     if why:
       raise ValueError(f"mosaic_gpu cannot run this: {why}")
-    cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2],
-                               n_resp_max if max_response_len is not None else 4, d=d,
+    cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2], n_resp_plan, d=d,
                                block_size=block_size)
     cfg.update(kernel_config or {})
     part = _mgpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,

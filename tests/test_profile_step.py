@@ -48,6 +48,9 @@ def test_hlo_sources_pick_the_innermost_frame_of_ours():
   assert sources["loop_exponential_fusion"] == "focus_jax/focus/pruning.py:90 block_relevance"
   # No frame of ours: the innermost frame.
   assert sources["other_fusion.3"] == "/site-packages/jax/nn.py:7 softmax"
+  # Several roots (a checkout and an installed copy): a frame under either is ours.
+  assert trace_attribution.hlo_sources(HLO, root=("/elsewhere", "/repo")) == sources
+  assert trace_attribution.code_roots()[0] == ROOT
   rows = trace_attribution.by_source({"loop_exponential_fusion": 3.0, "other_fusion.3": 1.0,
                                  "cutlass_gemm": 5.0}, sources)
   assert rows == [("(kernel) cutlass_gemm", 5.0, 1),

@@ -251,6 +251,10 @@ def test_selection_of_distinct_equals_the_normalised_selection(impl, kw):
   out = _jit(sa.block_sparse_attention_normalized, block_size=bs, implementation=impl, **kw)(
       q, k, v, sel, *extra)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+  # The same promise through the public entry (what Focus's sparse layers call).
+  out = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl,
+             distinct_selection=True, **kw)(q, k, v, idx, cnt, ps, rs, re, *extra)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
 def test_jit_and_auto_on_cpu():

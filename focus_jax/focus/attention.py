@@ -19,9 +19,8 @@ import jax.numpy as jnp
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning, sinks
 from focus_jax.focus.config import FocusConfig
-from focus_jax.kernels.sparse_attention import (block_sparse_attention,
-                                                block_sparse_attention_normalized)
-from focus_jax.kernels.sparse.common import selection_key_mask, selection_of_distinct
+from focus_jax.kernels.sparse_attention import block_sparse_attention
+from focus_jax.kernels.sparse.common import selection_key_mask
 
 
 @flax.struct.dataclass
@@ -94,15 +93,11 @@ class FocusAttend:
         sink_valid = sink_valid[:, :, 0]
       # The sinks are rows of this layer's cache: the GPU kernel gathers them itself.
       extra = dict(extra_positions=carry.sink_positions, extra_valid=sink_valid)
-    kwargs = dict(block_size=cfg.prompt_block_size, implementation=cfg.sparse_impl,
-                  max_response_len=length - self.prompt_length)
-    if cfg.sparse_impl == "reference":
-      out = block_sparse_attention(q, k_cache, v_cache, indices, counts, self.prompt_start,
-                                   response_start, response_end, **extra, **kwargs)
-    else:  # top-k ids are distinct valid prompt blocks: no need to normalise them
-      selection = selection_of_distinct(indices, counts, self.prompt_start, response_start,
-                                        response_end, seq_len=length)
-      out = block_sparse_attention_normalized(q, k_cache, v_cache, selection, **extra, **kwargs)
+    # Top-k ids are distinct valid prompt blocks: the selection needs no normalising.
+    out = block_sparse_attention(
+        q, k_cache, v_cache, indices, counts, self.prompt_start, response_start, response_end,
+        **extra, block_size=cfg.prompt_block_size, implementation=cfg.sparse_impl,
+        max_response_len=length - self.prompt_length, distinct_selection=True)
     if cfg.diagnostics:
       carry = self._record(layer, q, k_cache, indices, counts, response_start, response_end,
                            extra.get("extra_valid"), carry)

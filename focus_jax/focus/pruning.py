@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 
@@ -73,9 +72,7 @@ def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
   over the query heads of a KV group (and over all heads for a shared selection) and over the
   focus queries. Computed by `kernels.block_relevance` (XLA by default).
   """
-  b, a, hq, d = q.shape
-  hkv = representatives.shape[2]
-  chex.assert_shape(representatives, (b, None, hkv, 2 * d if kind == "bound" else d))
+  hq, hkv = q.shape[2], representatives.shape[2]  # shapes checked by the relevance kernel
   group = hq // hkv
   weight = focus.astype(jnp.float32) / jnp.maximum(jnp.sum(focus, axis=1, keepdims=True), 1)
   row_weight = jnp.tile(weight, (1, group)) / group  # rows (g, a) of group_queries

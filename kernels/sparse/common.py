@@ -74,10 +74,16 @@ def normalize_selection(block_indices: jax.Array, block_counts: jax.Array,
   slot = jnp.where(hit, rank, n)  # slot n is out of range: dropped
   ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (bsz, g, nb))
   key = jnp.zeros((bsz, g, n), jnp.int32).at[bi, gi, slot].set(ids, mode="drop")
-  last = jnp.take_along_axis(key, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  return Selection(_pad_with_last(key, counts), counts, ps, rs, re)
+
+
+def _pad_with_last(ids: jax.Array, counts: jax.Array) -> jax.Array:
+  """ids [B, G, N] with the entries at and past `counts` replaced by the last valid id (0 when
+  there is none): a pipelined kernel then re-uses the block it already holds."""
+  last = jnp.take_along_axis(ids, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
   last = jnp.where(counts[..., None] > 0, last, 0)
-  key = jnp.where(pos < counts[..., None], key, last)
-  return Selection(key, counts, ps, rs, re)
+  pos = jnp.arange(ids.shape[-1], dtype=jnp.int32)
+  return jnp.where(pos < counts[..., None], ids, last)
 
 
 def selection_of_distinct(block_indices: jax.Array, block_counts: jax.Array,
@@ -89,12 +95,8 @@ def selection_of_distinct(block_indices: jax.Array, block_counts: jax.Array,
   order is kept; entries past the count are replaced by the last valid id."""
   chex.assert_rank(block_indices, 3)
   ps, rs, re = clip_ranges(prompt_start, response_start, response_end, seq_len)
-  idx = block_indices.astype(jnp.int32)
   counts = block_counts.astype(jnp.int32)
-  last = jnp.take_along_axis(idx, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-  last = jnp.where(counts[..., None] > 0, last, 0)
-  pos = jnp.arange(idx.shape[-1], dtype=jnp.int32)
-  return Selection(jnp.where(pos < counts[..., None], idx, last), counts, ps, rs, re)
+  return Selection(_pad_with_last(block_indices.astype(jnp.int32), counts), counts, ps, rs, re)
 
 
 def response_blocks(rs: jax.Array, re: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
