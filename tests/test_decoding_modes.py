@@ -232,8 +232,15 @@ def test_refresh_economy_options(model, mode, economy, refreshes):
   if mode == "focus":
     stats = summarize(jax.tree.map(np.asarray, state.stats))
     assert stats["refresh_steps"] == refreshes
-  baseline, _ = decode(cfg, params, mode, **(focus if mode == "focus" else {}))
-  assert (tokens != baseline).any(), "skipping refreshes should be an approximation here"
+  # An approximation changes some decode; on a random tiny model one prompt may not show it.
+  for seed in range(4):
+    if seed:
+      tokens, _ = decode(cfg, params, mode, seed=seed, **options)
+    baseline, _ = decode(cfg, params, mode, seed=seed, **(focus if mode == "focus" else {}))
+    if (tokens != baseline).any():
+      break
+  else:
+    pytest.fail("skipping refreshes changed no token on 4 prompts: is it still an approximation?")
 
 
 def test_refresh_economy_rejects_bad_cadence():
@@ -255,7 +262,7 @@ from focus_jax.decoding import make_denoiser
 from focus_jax.sampling import loop
 mesh = sharding.make_mesh(data=1, model=2)
 model = focus_jax.load("tiny", mesh=mesh)
-kernel = model.params["layers_0"]["k_proj"]["kernel"]
+kernel = model.params["layers_0"]["qkv_proj"]["kernel"]  # [D, Hkv, g + 2, head_dim]
 assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 2, kernel.sharding
 canvas = loop.make_canvas(jnp.ones((1, 128), jnp.int32), None, 32, 16, model.config.mask_token_id)
 d = make_denoiser(model.config, "focus", cache_sharding=sharding.kv_sharding(mesh))
