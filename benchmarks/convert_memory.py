@@ -77,12 +77,11 @@ def build_checkpoint(hf_dir: str, n_layers: int) -> int:
   weight_map, total = {}, 0
   for k, shard_specs in enumerate(shards):
     name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-    parts = [part for s in shard_specs for part in s.hf_parts]
     st.write_safetensors(os.path.join(hf_dir, name),
-                         [(n, shape, ml_dtypes.bfloat16) for n, shape in parts], fill)
-    for n, shape in parts:
-      weight_map[n] = name
-      total += math.prod(shape) * 2
+                         [(s.hf_name, s.hf_shape, ml_dtypes.bfloat16) for s in shard_specs], fill)
+    for s in shard_specs:
+      weight_map[s.hf_name] = name
+      total += math.prod(s.hf_shape) * 2
   with open(os.path.join(hf_dir, st.INDEX_FILE), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
   with open(os.path.join(hf_dir, "config.json"), "w") as f:

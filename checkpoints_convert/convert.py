@@ -25,7 +25,6 @@ import ctypes
 import ctypes.util
 import gc
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -43,7 +42,7 @@ MANIFEST = "focus_jax_checkpoint.json"
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 FORMAT = "focus_jax.orbax_parts"
-FORMAT_VERSION = 2  # 2: q|k|v fused into one parameter per layer (qkv_proj)
+FORMAT_VERSION = 1
 
 # Files that make the output self-contained for tokenization and chat formatting.
 TOKENIZER_FILES = (
@@ -69,12 +68,12 @@ def np_dtype(dtype: str) -> np.dtype:
 
 def check_tensors(tensors: dict[str, st.TensorInfo], specs: list[TensorSpec], source: str) -> None:
   """Raises one error naming every missing, unexpected, mis-shaped or non-float tensor."""
-  expected = dict(part for s in specs for part in s.hf_parts)  # HF name -> shape
+  expected = {s.hf_name: s for s in specs}
   missing = [n for n in expected if n not in tensors]
   unexpected = sorted(n for n in tensors
                       if n not in expected and not n.endswith(IGNORED_SUFFIXES))
-  misshaped = [f"{n}: checkpoint {list(tensors[n].shape)}, config expects {list(shape)}"
-               for n, shape in expected.items() if n in tensors and tensors[n].shape != shape]
+  misshaped = [f"{n}: checkpoint {list(tensors[n].shape)}, config expects {list(s.hf_shape)}"
+               for n, s in expected.items() if n in tensors and tensors[n].shape != s.hf_shape]
   bad_dtype = [f"{n}: {tensors[n].dtype}" for n in expected
                if n in tensors and tensors[n].dtype not in st.FLOAT_DTYPES]
   if not (missing or unexpected or misshaped or bad_dtype):
@@ -98,17 +97,6 @@ def group_by_part(specs: list[TensorSpec]) -> dict[str, list[TensorSpec]]:
   for spec in specs:
     parts.setdefault(spec.path[0], []).append(spec)
   return parts
-
-
-def read_param(tensors: dict[str, st.TensorInfo], spec: TensorSpec,
-               dtype: np.dtype) -> np.ndarray:
-  """One parameter of ours, read (cast, transposed) from its HF tensor(s) and assembled."""
-  return spec.assemble([st.read_tensor(tensors[n], dtype, spec.transpose)
-                        for n in spec.hf_names])
-
-
-def hf_bytes(specs: list[TensorSpec], dtype: np.dtype) -> int:
-  return sum(math.prod(shape) * dtype.itemsize for s in specs for _, shape in s.hf_parts)
 
 
 def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -158,18 +146,18 @@ def _write_into(tmp: str, hf_dir: str, config: ModelConfig, tensors: dict[str, s
   dst_dtype = np_dtype(config.dtype)
   parts = group_by_part(specs)
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-  total = hf_bytes(specs, dst_dtype)
+  total = sum(int(np.prod(s.hf_shape)) * dst_dtype.itemsize for s in specs)
   with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
     for part, part_specs in parts.items():
       bar.set_postfix_str(part)
       tree: dict[str, Any] = {}
       for spec in part_specs:
-        arr = read_param(tensors, spec, dst_dtype)
+        arr = st.read_tensor(tensors[spec.hf_name], dst_dtype, spec.transpose)
         set_path(tree, spec.path[1:], arr)
       checkpointer.save(os.path.join(tmp, PARAMS_DIR, part), args=ocp.args.StandardSave(tree))
       del tree, arr
       _release_free_memory()
-      bar.update(hf_bytes(part_specs, dst_dtype))
+      bar.update(sum(int(np.prod(s.hf_shape)) * dst_dtype.itemsize for s in part_specs))
   checkpointer.close()
   manifest = {"format": FORMAT, "version": FORMAT_VERSION, "family": config.family,
               "dtype": config.dtype, "parts": list(parts), "tokenizer_files": tokenizer_files,

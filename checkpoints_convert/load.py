@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from focus_jax import sharding as sharding_lib
 from focus_jax.checkpoints_convert import convert as conv
+from focus_jax.checkpoints_convert import safetensors_io as st
 from focus_jax.models.config import ModelConfig
 from focus_jax.models.param_map import hf_tensor_specs
 
@@ -76,7 +77,7 @@ def load_hf(hf_dir: str, mesh: Mesh | None = None, dtype: str = "bfloat16",
   dst = conv.np_dtype(dtype)
   params: dict[str, Any] = {}
   for spec in tqdm(specs, desc="load", unit="tensor", disable=not progress):
-    arr = conv.read_param(tensors, spec, dst)
+    arr = st.read_tensor(tensors[spec.hf_name], dst, spec.transpose)
     conv.set_path(params, spec.path, jax.device_put(arr, _get_path(shardings, spec.path)))
     del arr
   return config, params

@@ -72,11 +72,7 @@ def _dense(features: int, axes: tuple[str, str], dtype, name: str, bias_axis: st
       kernel_init=nn.with_logical_partitioning(_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                              (bias_axis,) if bias_axis else (None,)),
-      precision=_precision(dtype))
-
-
-def _precision(dtype):
-  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+      precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
 
 
 class Block(nn.Module):
@@ -93,21 +89,16 @@ class Block(nn.Module):
     b = x.shape[0]
     rows = (lambda a: a) if output_rows is None else (lambda a: jnp.take(a, output_rows, axis=1))
     h = RMSNorm(cfg.rms_eps, dt, name="attn_norm")(x)
+    bias_q = "heads" if cfg.qkv_bias else None
+    bias_kv = "kv_heads" if cfg.qkv_bias else None
     x = rows(x)  # the residual stream continues for the output rows only
     t = x.shape[1]
-    group = cfg.n_heads // cfg.n_kv_heads
-    # One GEMM for q|k|v, laid out per KV head as [its g query heads, k, v]: a cached step's
-    # few rows read the weights once, in one wide GEMM (Dream's separate 512-column k/v ran at
-    # ~1.6 TB/s on an H200), and tensor parallelism splits whole KV groups.
-    qkv = nn.DenseGeneral(
-        (cfg.n_kv_heads, group + 2, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=dt,
-        param_dtype=dt, name="qkv_proj",
-        kernel_init=nn.with_logical_partitioning(_init, ("embed", "kv_heads", None, "head_dim")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                               ("kv_heads", None, "head_dim")),
-        precision=_precision(dt))(h)  # [B, T_all, Hkv, g + 2, D]
-    q = rows(qkv[:, :, :, :group]).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
+    q = _dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), dt, "q_proj", bias_q)(rows(h))
+    k = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), dt, "k_proj", bias_kv)(h)
+    v = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), dt, "v_proj", bias_kv)(h)
+    q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
     q = apply_rope(q, rows(cos), rows(sin), cfg.rope_in_float32)
     k = apply_rope(k, cos, sin, cfg.rope_in_float32)
     check_qkv(q, k, v, output_rows)
@@ -132,8 +123,8 @@ class Transformer(nn.Module):
   updates. Logits come from `logits(hidden)` so callers project only the positions they need
   (a 32K canvas times a 126K vocabulary would not fit). With `output_rows` [R], only those
   positions' hidden states are returned ([B, R, D]), and the last layer computes only them: its
-  K/V (a cache refresh stores them) still cover every position, but its attention, output
-  projection and MLP run R rows, not T (1/32 of a 32K refresh's FLOPs for LLaDA-8B).
+  K/V (a cache refresh stores them) still cover every position, but its attention queries,
+  output projection and MLP run R rows, not T (1/32 of a 32K refresh's FLOPs for LLaDA-8B).
   """
 
   config: ModelConfig

@@ -24,7 +24,6 @@ from focus_jax.checkpoints_convert import (CheckpointMismatchError, SafetensorsE
 from focus_jax.checkpoints_convert import convert as conv
 from focus_jax.checkpoints_convert import safetensors_io as st
 from focus_jax.models import Transformer
-from focus_jax.models import config as model_config
 from focus_jax.models.config import llada_8b
 from focus_jax.models.param_map import hf_tensor_specs
 
@@ -91,33 +90,12 @@ def test_convert_bf16_is_bit_exact(llada_bf16, tmp_path):
       lambda x: (x.shape, x.dtype), reference)
   state = hf.hf_state(model, "llada")
   for spec in hf_tensor_specs(config):
+    want = state[spec.hf_name].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     got = params
     for key in spec.path:
       got = got[key]
-    for name, part in zip(spec.hf_names, spec.split(_bits(got))):
-      want = state[name].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-      np.testing.assert_array_equal(part, want.T if spec.transpose else want, err_msg=name)
-
-
-def test_fused_qkv_layout():
-  """The fused q|k|v parameter holds, per KV head, its g query heads, then k, then v, and
-  `split` inverts `assemble` (GQA, with biases)."""
-  cfg = model_config.dream_7b().replace(d_model=16, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=4,
-                             mlp_hidden=8, vocab_size=32)
-  kernel, bias = [s for s in hf_tensor_specs(cfg) if s.path[1] == "qkv_proj"]
-  assert kernel.shape == (16, 2, 5, 4) and bias.shape == (2, 5, 4)
-  rng = np.random.default_rng(0)
-  q, k, v = (rng.standard_normal(shape[::-1]) for shape in kernel.hf_shapes)  # our orientation
-  fused = kernel.assemble([q, k, v])
-  assert fused.shape == kernel.shape
-  np.testing.assert_array_equal(fused[:, 1, 2], q[:, (1 * 3 + 2) * 4:(1 * 3 + 3) * 4])
-  np.testing.assert_array_equal(fused[:, 1, 3], k[:, 4:8])
-  np.testing.assert_array_equal(fused[:, 0, 4], v[:, 0:4])
-  for got, want in zip(kernel.split(fused), (q, k, v)):
-    np.testing.assert_array_equal(got, want)
-  bq, bk, bv = (rng.standard_normal(shape) for shape in bias.hf_shapes)
-  for got, want in zip(bias.split(bias.assemble([bq, bk, bv])), (bq, bk, bv)):
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(_bits(got), want.T if spec.transpose else want,
+                                  err_msg=spec.hf_name)
 
 
 def test_output_layout_tokenizer_and_config(llada_bf16, tmp_path):
@@ -305,7 +283,7 @@ def test_single_file_checkpoint_and_dream(tmp_path):
   config, params = load_model(convert_hf_checkpoint(str(src), str(tmp_path / "out"),
                                                     dtype="float32", progress=False))
   assert config.family == "dream" and config.qkv_bias and config.n_kv_heads == 2
-  np.testing.assert_array_equal(params["layers_1"]["qkv_proj"]["bias"][:, -2].reshape(-1),
+  np.testing.assert_array_equal(params["layers_1"]["k_proj"]["bias"],
                                 model.model.layers[1].self_attn.k_proj.bias.detach().numpy())
   np.testing.assert_array_equal(params["lm_head"]["kernel"],
                                 model.lm_head.weight.detach().numpy().T)
@@ -340,9 +318,8 @@ def test_loaders_shard_over_a_model_axis(llada_bf16, tmp_path):
         want = sh.param_shardings(config, mesh)
         jax.tree.map(lambda x, s: None if x.sharding.is_equivalent_to(s, x.ndim) else
                      (_ for _ in ()).throw(AssertionError((x.sharding, s))), params, want)
-        qkv = params["layers_0"]["qkv_proj"]["kernel"]  # [D, Hkv, g + 2, head_dim]
-        assert len(qkv.addressable_shards) == 2
-        assert qkv.addressable_shards[0].data.shape == (64, 2, 3, 16), qkv.sharding
+        q = params["layers_0"]["q_proj"]["kernel"]
+        assert len(q.addressable_shards) == 2 and q.addressable_shards[0].data.shape == (64, 32)
       print("ok")
       """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",

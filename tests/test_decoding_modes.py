@@ -262,7 +262,7 @@ from focus_jax.decoding import make_denoiser
 from focus_jax.sampling import loop
 mesh = sharding.make_mesh(data=1, model=2)
 model = focus_jax.load("tiny", mesh=mesh)
-kernel = model.params["layers_0"]["qkv_proj"]["kernel"]  # [D, Hkv, g + 2, head_dim]
+kernel = model.params["layers_0"]["k_proj"]["kernel"]
 assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 2, kernel.sharding
 canvas = loop.make_canvas(jnp.ones((1, 128), jnp.int32), None, 32, 16, model.config.mask_token_id)
 d = make_denoiser(model.config, "focus", cache_sharding=sharding.kv_sharding(mesh))

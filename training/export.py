@@ -54,11 +54,10 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, max_shard_bytes: int = 15 
   for spec in hf_tensor_specs(cfg):
     arr = np.asarray(_get(params, spec.path), np.float32)
     if arr.shape != spec.shape:
-      raise ValueError(f"{'/'.join(spec.path)}: parameter shape {arr.shape} != expected "
-                       f"{spec.shape}")
-    for name, part in zip(spec.hf_names, spec.split(arr)):
-      part = part.T if spec.transpose else part
-      tensors.append((name, np.ascontiguousarray(part.astype(ml_dtypes.bfloat16))))
+      raise ValueError(f"{spec.hf_name}: parameter shape {arr.shape} != expected {spec.shape}")
+    if spec.transpose:
+      arr = arr.T
+    tensors.append((spec.hf_name, np.ascontiguousarray(arr.astype(ml_dtypes.bfloat16))))
   shards, cur, size = [], [], 0
   for name, arr in tensors:
     if cur and size + arr.nbytes > max_shard_bytes:

@@ -151,10 +151,9 @@ def schedule_fn(steps: int, lr: float, warmup: int):
 
 
 def make_optimizer(lr, weight_decay: float):
-  """AdamW (decay on weight matrices, not on norms or biases) after global-norm clipping; `lr`
-  may be a traced scalar, so one compiled step serves every schedule."""
-  decay_mask = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
-      lambda path, x: path[-1].key in ("kernel", "embedding"), p)
+  """AdamW (decay on matrices only) after global-norm clipping; `lr` may be a traced scalar, so
+  one compiled step serves every schedule."""
+  decay_mask = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)  # noqa: E731
   return optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=weight_decay,
                                  mask=decay_mask))
