@@ -232,15 +232,8 @@ def test_refresh_economy_options(model, mode, economy, refreshes):
   if mode == "focus":
     stats = summarize(jax.tree.map(np.asarray, state.stats))
     assert stats["refresh_steps"] == refreshes
-  # An approximation changes some decode; on a random tiny model one prompt may not show it.
-  for seed in range(4):
-    if seed:
-      tokens, _ = decode(cfg, params, mode, seed=seed, **options)
-    baseline, _ = decode(cfg, params, mode, seed=seed, **(focus if mode == "focus" else {}))
-    if (tokens != baseline).any():
-      break
-  else:
-    pytest.fail("skipping refreshes changed no token on 4 prompts: is it still an approximation?")
+  baseline, _ = decode(cfg, params, mode, **(focus if mode == "focus" else {}))
+  assert (tokens != baseline).any(), "skipping refreshes should be an approximation here"
 
 
 def test_refresh_economy_rejects_bad_cadence():
