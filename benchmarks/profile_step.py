@@ -30,6 +30,7 @@ from trace_attribution import by_source, dumped_sources, kernel_times  # noqa: E
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llada_8b", "preset")
 flags.DEFINE_integer("context", 32768, "prompt length")
+flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_list("modes", ["focus", "dual_cache"], "modes (knobs as in e2e.py: mode+k=v)")
 flags.DEFINE_integer("steps", 5, "traced steps")
 flags.DEFINE_enum("phase", "cached", ["cached", "entry"],
@@ -46,14 +47,14 @@ def main(argv):
                              f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
   cfg = presets.preset(FLAGS.model)
   params = presets.random_params(cfg, 0)
-  prompt = jnp.zeros((1, FLAGS.context), jnp.int32) + 7
+  prompt = jnp.zeros((FLAGS.batch, FLAGS.context), jnp.int32) + 7
   canvas = loop.make_canvas(prompt, None, 256, 32, cfg.mask_token_id)
   report = {}
   for spec in FLAGS.modes:
     mode, *extra = spec.split("+")
     options = dict(kv.split("=") for kv in extra)
     denoiser = make_denoiser(cfg, mode, **options)
-    ctx = step_timing.entry_context(canvas, 1)
+    ctx = step_timing.entry_context(canvas, FLAGS.batch)
     step = step_timing.jitted_step(denoiser, canvas)
     _, state = step(params, denoiser.init_state(params, canvas), ctx)
     traced = ctx.replace(block_entry=FLAGS.phase == "entry")
@@ -87,6 +88,7 @@ def main(argv):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump({"gpu": jax.devices()[0].device_kind, "context": FLAGS.context,
+               "batch": FLAGS.batch,
                "phase": FLAGS.phase, "modes": report},
               f, indent=1)
 

@@ -8,9 +8,12 @@ which the GPU kernel gathers itself). The selection is a set: duplicate ids coun
 ids at or beyond the count and out-of-range ids (< 0 or >= ceil(S / block_size)) are ignored.
 Extra keys are separate keys: the kernel cannot tell whether a sink also lies in a selected block,
 so a caller that wants each key once marks such sinks invalid in `extra_valid` ([B, E], or
-[B, E, Hkv] when the validity differs per kv head).
-A query row that sees no key at all returns zeros. Ranges are clipped into
-0 <= prompt_start <= response_start <= response_end <= S. bf16 in, float32 accumulation.
+[B, E, Hkv] when the validity differs per kv head), or, for extra keys given as cache rows, passes
+`dedup_extra=True`: a row the selection already attends is then not counted again (the GPU kernel
+checks this itself, against its block list).
+A query row that sees no key at all returns zeros, and so does every query t >= `query_counts[b]`
+when counts are given (padded query slots: the GPU kernel does not compute them).
+Ranges are clipped into 0 <= prompt_start <= response_start <= response_end <= S. bf16 in, float32 accumulation.
 
 Implementations: "pallas_gpu" (Pallas, Triton lowering; split-KV), "pallas_tpu" (Pallas Mosaic-TPU;
 scalar-prefetched block list), "jax_triton" (the split-KV kernel hand-written in Triton; needs the
@@ -65,7 +68,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
                            interpret: bool | object = False,
                            kernel_config: dict | None = None,
                            extra_positions: jax.Array | None = None,
-                           distinct_selection: bool = False) -> jax.Array:
+                           distinct_selection: bool = False,
+                           query_counts: jax.Array | None = None,
+                           dedup_extra: bool = False) -> jax.Array:
   """q [B,T,Hq,D], k/v [B,S,Hkv,D], block_indices [B,G,N] (G = 1 or Hkv) -> [B,T,Hq,D] in q.dtype.
 
   Beyond the contract, all optional: `max_response_len` is a static upper bound on
@@ -76,17 +81,21 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
   `extra_positions` [B, E] int gives the extra keys as rows of k/v instead of extra_k/extra_v;
   `distinct_selection=True` promises that the first `block_counts` ids are distinct, in range
   and inside the prompt (a top-k over valid prompt blocks), so the dedup of
-  `normalize_selection` is skipped (`selection_of_distinct`); the result is the same.
+  `normalize_selection` is skipped (`selection_of_distinct`); the result is the same;
+  `query_counts` [B] int: only the first count queries of each row are live (the others are
+  padded slots and come back as zeros); `dedup_extra` (with `extra_positions`): rows the
+  selection already attends count once.
   """
   common.check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start,
-                      response_end, extra_k, extra_v, extra_valid, block_size, extra_positions)
+                      response_end, extra_k, extra_v, extra_valid, block_size, extra_positions,
+                      query_counts, dedup_extra)
   impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
   scale_f = common.default_scale(scale, q.shape[-1])
   if impl == "reference":
     return reference_block_sparse_attention(
         q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
         extra_k, extra_v, extra_valid, block_size=block_size, scale=scale,
-        extra_positions=extra_positions)
+        extra_positions=extra_positions, query_counts=query_counts, dedup_extra=dedup_extra)
   if distinct_selection:
     sel = selection_of_distinct(block_indices, block_counts, prompt_start, response_start,
                                 response_end, seq_len=k.shape[1])
@@ -96,7 +105,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
   return block_sparse_attention_normalized(
       q, k, v, sel, extra_k, extra_v, extra_valid, block_size=block_size, scale=scale_f,
       implementation=impl, max_response_len=max_response_len, interpret=interpret,
-      kernel_config=kernel_config, extra_positions=extra_positions)
+      kernel_config=kernel_config, extra_positions=extra_positions, query_counts=query_counts,
+      dedup_extra=dedup_extra)
 
 
 def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection,
@@ -107,7 +117,9 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
                                       max_response_len: int | None = None,
                                       interpret: bool | object = False,
                                       kernel_config: dict | None = None,
-                                      extra_positions: jax.Array | None = None) -> jax.Array:
+                                      extra_positions: jax.Array | None = None,
+                                      query_counts: jax.Array | None = None,
+                                      dedup_extra: bool = False) -> jax.Array:
   """`block_sparse_attention` on a selection already made by `normalize_selection` (or by
   `selection_of_distinct`).
 
@@ -116,7 +128,13 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
   if impl == "reference":
     raise ValueError("the reference takes the raw selection: call block_sparse_attention")
+  if dedup_extra and extra_positions is None:
+    raise ValueError("dedup_extra needs the extra keys as extra_positions (rows of the cache)")
   if extra_positions is not None and impl != "pallas_gpu":  # only that kernel gathers them itself
+    if dedup_extra:
+      extra_valid = common.drop_attended_extra(
+          extra_valid, common.extra_attended(sel, extra_positions, block_size, k.shape[1]),
+          k.shape[2])
     extra_k, extra_v = common.gather_rows(k, v, extra_positions)
     extra_positions = None
   scale_f = common.default_scale(scale, q.shape[-1])
@@ -125,7 +143,8 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   if impl == "xla_gather":
     return _xla.xla_gather_attention(q, k, v, sel, extra_k, extra_v, extra_valid,
                                      block_size=block_size, scale=scale_f,
-                                     max_response_len=max_response_len)
+                                     max_response_len=max_response_len,
+                                     query_counts=query_counts)
   nb = common.num_blocks(s_len, block_size)
   if max_response_len is None:
     n_resp_max = nb
@@ -134,6 +153,9 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   qg = common.group_queries(q, hkv)
   # Response blocks the GPU tilings plan for (a guess of 4 without a static bound).
   n_resp_plan = n_resp_max if max_response_len is not None else 4
+  def rows_of(counts):  # queries -> rows of group_queries (query-major)
+    return None if counts is None else counts.astype(jnp.int32) * (hq // hkv)
+
   if impl in ("pallas_gpu", "jax_triton"):
     why = _gpu.supported(q.shape, k.shape, block_size)
     if why:
@@ -149,6 +171,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
       part = _gpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,
                                  interpret=bool(interpret), extra_positions=extra_positions,
                                  extra_valid=extra_valid if extra_positions is not None else None,
+                                 row_counts=rows_of(query_counts), dedup_extra=dedup_extra,
                                  **cfg)
   elif impl == "mosaic_gpu":
     why = _mgpu.supported(q.shape, k.shape, q.dtype, block_size)
@@ -168,4 +191,4 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   parts = [part]
   if extra_k is not None:
     parts.append(common.dense_partial(qg, extra_k, extra_v, extra_valid, scale_f))
-  return common.ungroup_rows(common.merge_partials(parts), t).astype(q.dtype)
+  return common.ungroup_rows(common.merge_partials(parts), t, query_counts).astype(q.dtype)

@@ -257,6 +257,107 @@ def test_selection_of_distinct_equals_the_normalised_selection(impl, kw):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("impl,kw,cfg", [
+    ("xla_gather", {}, None),
+    ("pallas_tpu", {"interpret": True}, None),
+    # 9 queries x 4 heads = 36 rows: 3 row tiles of 16; counts leave 0, 1, 2 or 3 of them live,
+    # so slots of dead tiles work as extra splits of live ones (with the sinks in split 0).
+    ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=2)),
+    ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=3, static_loop=True)),
+    ("pallas_gpu", {"interpret": True}, dict(block_m=64, num_splits=2)),  # one tile
+])
+def test_query_counts_zero_padded_slots_and_keep_live_rows(impl, kw, cfg):
+  args, bs = make_case(29, b=4, hq=8, hkv=2, t=9, n=8, extra=False)
+  q, k, v, *sel = args
+  b, s = k.shape[:2]
+  rng = np.random.default_rng(29)
+  pos = jnp.asarray(rng.integers(0, s, (b, 6)), jnp.int32)
+  valid = jnp.asarray(rng.random((b, 6, 2)) < 0.7)
+  counts = jnp.asarray([0, 3, 9, 5], jnp.int32)  # live rows 0, 12, 36, 20 of 36
+  full = _jit(sa.reference_block_sparse_attention, block_size=bs)(
+      q, k, v, *sel, extra_valid=valid, extra_positions=pos)
+  live = (np.arange(9)[None, :] < np.asarray(counts)[:, None])[:, :, None, None]
+  want = np.where(live, np.asarray(full), 0.0)
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(
+      q, k, v, *sel, extra_valid=valid, extra_positions=pos, query_counts=counts)
+  np.testing.assert_allclose(np.asarray(ref), want, atol=1e-6)
+  got = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl, kernel_config=cfg,
+             **kw)(q, k, v, *sel, extra_valid=valid, extra_positions=pos, query_counts=counts)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+  with pytest.raises(ValueError, match="query_counts"):
+    sa.block_sparse_attention(q, k, v, *sel, block_size=bs, query_counts=counts[:2])
+
+
+@pytest.mark.parametrize("impl,kw", [("reference", {}), ("xla_gather", {}),
+                                     ("pallas_gpu", {"interpret": True}),
+                                     ("pallas_tpu", {"interpret": True})])
+@pytest.mark.parametrize("per_head_sel,per_head_valid", [(True, False), (False, True),
+                                                         (True, True)])
+def test_dedup_extra_counts_rows_the_selection_attends_once(impl, kw, per_head_sel,
+                                                           per_head_valid):
+  """Extra rows inside a selected block (within the prompt range) or inside the response range
+  are dropped, per kv head; the others count. Checked against validity cleared by a Python loop
+  over the explicit key sets."""
+  args, bs = make_case(31, b=2, hq=8, hkv=2, t=6, n=8, per_head=per_head_sel, extra=False)
+  q, k, v, idx, cnt, ps, rs, re = args
+  b, s, hkv = k.shape[0], k.shape[1], k.shape[2]
+  rng = np.random.default_rng(31)
+  e = 24
+  # Half the positions inside selected blocks (some outside the prompt range), a few in the
+  # response, the rest anywhere; out-of-range ones are clipped like the gather clips them.
+  pos = rng.integers(-2, s + 2, (b, e))
+  for bi in range(b):
+    for j in range(e // 2):
+      blk = int(np.asarray(idx)[bi, j % idx.shape[1], j % idx.shape[2]])
+      pos[bi, j] = min(blk * bs + int(rng.integers(0, bs)), s - 1)
+    pos[bi, e // 2] = min(int(rs[bi]), s - 1)
+  valid = rng.random((b, e, hkv) if per_head_valid else (b, e)) < 0.8
+  cleared = np.broadcast_to(valid[..., None] if valid.ndim == 2 else valid, (b, e, hkv)).copy()
+  nb = -(-s // bs)
+  for bi in range(b):
+    r0, r1, p0 = int(rs[bi]), int(re[bi]), int(ps[bi])
+    for h in range(hkv):
+      gi = h if idx.shape[1] > 1 else 0
+      blocks = {int(x) for x in np.asarray(idx)[bi, gi, :int(cnt[bi, gi])] if 0 <= x < nb}
+      for j in range(e):
+        p = min(max(int(pos[bi, j]), 0), s - 1)
+        if (p // bs in blocks and p0 <= p < r0) or r0 <= p < r1:
+          cleared[bi, j, h] = False
+  pos_j, valid_j = jnp.asarray(pos, jnp.int32), jnp.asarray(valid)
+  want = _jit(sa.reference_block_sparse_attention, block_size=bs)(
+      q, k, v, *args[3:], extra_valid=jnp.asarray(cleared), extra_positions=pos_j)
+  fn = (sa.reference_block_sparse_attention if impl == "reference" else
+        functools.partial(sa.block_sparse_attention, implementation=impl,
+                          kernel_config={"block_m": 16, "num_splits": 3}
+                          if impl == "pallas_gpu" else None, **kw))
+  got = _jit(fn, block_size=bs, dedup_extra=True)(q, k, v, *args[3:], extra_valid=valid_j,
+                                                  extra_positions=pos_j)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  assert not np.array_equal(cleared, np.broadcast_to(
+      valid[..., None] if valid.ndim == 2 else valid, (b, e, hkv)))  # the case drops some
+  with pytest.raises(ValueError, match="dedup_extra"):
+    sa.block_sparse_attention(*args, block_size=bs, dedup_extra=True)
+
+
+def test_gpu_tile_plan_covers_each_live_tile_once():
+  """Every (slot, split) program works for one live tile; each live tile gets contiguous,
+  distinct split ids 0..splits-1 covering all its programs."""
+  from focus_jax.kernels.sparse import gpu
+  for m_tiles in (1, 2, 3, 4, 7):
+    for n_live in range(1, m_tiles + 1):
+      seen = {}
+      for slot in range(m_tiles):
+        for sp in range(3):
+          tile, split, splits = (int(x) for x in gpu._tile_plan(
+              jnp.int32(n_live * 16 - 5), 16, m_tiles, jnp.int32(slot), jnp.int32(sp), 3))
+          assert tile == slot % n_live
+          seen.setdefault(tile, []).append((split, splits))
+      assert sorted(seen) == list(range(n_live))
+      for tile, got in seen.items():
+        splits = {n for _, n in got}
+        assert len(splits) == 1 and sorted(i for i, _ in got) == list(range(splits.pop()))
+
+
 def test_jit_and_auto_on_cpu():
   args, bs = make_case(17)
   assert sa.resolve_implementation("auto", args[0].shape, args[1].shape, args[0].dtype,

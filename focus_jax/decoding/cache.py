@@ -206,9 +206,11 @@ DECODE_BLOCK = 64
 
 def all_blocks_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                          prompt_start: jax.Array, prompt_length: int,
-                         implementation: str = "auto") -> jax.Array:
+                         implementation: str = "auto",
+                         query_counts: jax.Array | None = None) -> jax.Array:
   """Dense attention over [prompt_start, L) as a block-sparse call with every prompt block
-  selected: the split-KV kernel then serves dense decode attention too."""
+  selected: the split-KV kernel then serves dense decode attention too. `query_counts` [B]:
+  only the first count queries are live (the kernel skips the rest; they come back as zeros)."""
   b, length = k_cache.shape[:2]
   nb = -(-prompt_length // DECODE_BLOCK)
   indices = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, 1, nb))
@@ -216,17 +218,21 @@ def all_blocks_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       q, k_cache, v_cache, indices, jnp.full((b, 1), nb, jnp.int32), prompt_start,
       jnp.full((b,), prompt_length, jnp.int32), jnp.full((b,), length, jnp.int32),
       block_size=DECODE_BLOCK, implementation=implementation,
-      max_response_len=length - prompt_length)
+      max_response_len=length - prompt_length, query_counts=query_counts)
 
 
 def dense_over_cache(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      key_valid: jax.Array | None, prompt_start: jax.Array, prompt_length: int,
-                     implementation: str = "auto") -> jax.Array:
+                     implementation: str = "auto",
+                     query_counts: jax.Array | None = None) -> jax.Array:
   """Few queries over a whole cache. On GPU/TPU the split-KV kernel (cuDNN and XLA do not split
-  the key axis for few queries: about 1 TB/s); elsewhere the XLA path with the key mask."""
+  the key axis for few queries: about 1 TB/s); elsewhere the XLA path with the key mask.
+  `query_counts` [B] lets the kernel skip padded query slots (queries t >= count: their
+  outputs are not to be used)."""
   if (implementation == "auto" and jax.default_backend() in ("gpu", "tpu")
       and k_cache.shape[1] >= DECODE_BLOCK):
-    return all_blocks_attention(q, k_cache, v_cache, prompt_start, prompt_length)
+    return all_blocks_attention(q, k_cache, v_cache, prompt_start, prompt_length,
+                                query_counts=query_counts)
   impl = "xla" if implementation == "auto" else implementation
   return dense_attention.attention(q, k_cache, v_cache, key_valid=key_valid, implementation=impl)
 

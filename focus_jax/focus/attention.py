@@ -44,7 +44,7 @@ class FocusAttend:
 
   focus: FocusConfig
   n_layers: int
-  query_valid: jax.Array  # [B, A]
+  query_valid: jax.Array  # [B, A], valid slots first (indicator.active_slots packs them)
   query_focus: jax.Array  # [B, A]: slots holding I_focus (un-widened) queries
   key_valid: jax.Array | None  # [B, L]
   prompt_start: jax.Array  # [B] first non-pad key
@@ -52,6 +52,11 @@ class FocusAttend:
   representatives: tuple[Any, ...]  # per layer: [B, NB, Hkv, D] for sparse layers, else None
   block_valid: jax.Array  # [B, NB]
   attention_impl: str = "auto"
+
+  @property
+  def query_counts(self) -> jax.Array:
+    """[B] live query slots: the kernels skip the padded ones (their outputs are dropped)."""
+    return jnp.sum(self.query_valid, axis=1, dtype=jnp.int32)
 
   def __call__(self, layer: int, q, k_cache, v_cache, carry: LayerCarry):
     if self.focus.is_dense(layer, self.n_layers):
@@ -63,7 +68,8 @@ class FocusAttend:
         carry = carry.replace(sink_positions=positions, sink_valid=valid)
       else:
         out = kv.dense_over_cache(q, k_cache, v_cache, self.key_valid, self.prompt_start,
-                                  self.prompt_length, self.attention_impl)
+                                  self.prompt_length, self.attention_impl,
+                                  query_counts=self.query_counts)
       if self.focus.diagnostics:
         n_keys = k_cache.shape[1] if self.key_valid is None else jnp.mean(
             jnp.sum(self.key_valid, axis=1))
@@ -83,21 +89,16 @@ class FocusAttend:
     response_end = jnp.full((b,), length, jnp.int32)
     extra = {}
     if cfg.n_sink:
-      # A sink inside a kept block is already attended there: keep each key once.
-      sink_block = carry.sink_positions // cfg.prompt_block_size  # [B, N]
-      kept = jnp.arange(indices.shape[2])[None, None, :] < counts[..., None]  # [B, G, C]
-      in_kept = jnp.any((indices[:, :, None, :] == sink_block[:, None, :, None])
-                        & kept[:, :, None, :], axis=-1)  # [B, G, N]
-      sink_valid = carry.sink_valid[:, :, None] & ~jnp.moveaxis(in_kept, 1, 2)  # [B, N, G]
-      if cfg.selection == "shared":
-        sink_valid = sink_valid[:, :, 0]
-      # The sinks are rows of this layer's cache: the GPU kernel gathers them itself.
-      extra = dict(extra_positions=carry.sink_positions, extra_valid=sink_valid)
+      # The sinks are rows of this layer's cache (the GPU kernel gathers them itself); one inside
+      # a kept block is already attended there, so the kernel counts each key once.
+      extra = dict(extra_positions=carry.sink_positions, extra_valid=carry.sink_valid,
+                   dedup_extra=True)
     # Top-k ids are distinct valid prompt blocks: the selection needs no normalising.
     out = block_sparse_attention(
         q, k_cache, v_cache, indices, counts, self.prompt_start, response_start, response_end,
         **extra, block_size=cfg.prompt_block_size, implementation=cfg.sparse_impl,
-        max_response_len=length - self.prompt_length, distinct_selection=True)
+        max_response_len=length - self.prompt_length, distinct_selection=True,
+        query_counts=self.query_counts)
     if cfg.diagnostics:
       carry = self._record(layer, q, k_cache, indices, counts, response_start, response_end,
                            extra.get("extra_valid"), carry)

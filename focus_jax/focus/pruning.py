@@ -75,7 +75,7 @@ def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
   hq, hkv = q.shape[2], representatives.shape[2]  # shapes checked by the relevance kernel
   group = hq // hkv
   weight = focus.astype(jnp.float32) / jnp.maximum(jnp.sum(focus, axis=1, keepdims=True), 1)
-  row_weight = jnp.tile(weight, (1, group)) / group  # rows (g, a) of group_queries
+  row_weight = jnp.repeat(weight, group, axis=1) / group  # rows (a, g) of group_queries
   relevance = relevance_kernel.block_relevance(
       group_queries(q, hkv), row_weight, representatives, block_valid, bound=kind == "bound",
       implementation=implementation)  # [B, Hkv, NB]

@@ -107,7 +107,8 @@ def response_blocks(rs: jax.Array, re: jax.Array, block_size: int) -> tuple[jax.
 
 
 def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
-                 extra_k, extra_v, extra_valid, block_size, extra_positions=None):
+                 extra_k, extra_v, extra_valid, block_size, extra_positions=None,
+                 query_counts=None, dedup_extra=False):
   """Shape checks at the public boundary; raises early with a readable message."""
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])
@@ -127,6 +128,12 @@ def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_st
     raise TypeError(f"block_indices must be integer, got {block_indices.dtype}")
   if not isinstance(block_size, int) or block_size <= 0:
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if query_counts is not None and (query_counts.shape != (bsz,)
+                                   or not jnp.issubdtype(query_counts.dtype, jnp.integer)):
+    raise ValueError(f"query_counts must be integer [B={bsz}], got "
+                     f"{query_counts.dtype}{list(query_counts.shape)}")
+  if dedup_extra and extra_positions is None:
+    raise ValueError("dedup_extra needs the extra keys as extra_positions (rows of the cache)")
   if extra_positions is not None:
     if extra_k is not None or extra_v is not None:
       raise ValueError("give the extra keys as extra_k/extra_v or as extra_positions, not both")
@@ -159,6 +166,26 @@ def gather_rows(k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.A
   return jnp.take_along_axis(k, rows, axis=1), jnp.take_along_axis(v, rows, axis=1)
 
 
+def extra_attended(sel: Selection, positions: jax.Array, block_size: int,
+                   seq_len: int) -> jax.Array:
+  """[B, G, E] bool: whether the selection already attends the cache row at each extra position
+  (inside a selected block and the prompt range, or inside the response range)."""
+  pos = jnp.clip(positions.astype(jnp.int32), 0, seq_len - 1)  # as gather_rows reads them
+  live = jnp.arange(sel.indices.shape[2]) < sel.counts[..., None]  # [B, G, N]
+  in_sel = jnp.any((sel.indices[:, :, None, :] == (pos // block_size)[:, None, :, None])
+                   & live[:, :, None, :], axis=-1)  # [B, G, E]
+  in_prompt = (pos >= sel.prompt_start[:, None]) & (pos < sel.response_start[:, None])
+  in_resp = (pos >= sel.response_start[:, None]) & (pos < sel.response_end[:, None])
+  return (in_sel & in_prompt[:, None]) | in_resp[:, None]
+
+
+def drop_attended_extra(extra_valid: jax.Array, attended: jax.Array, hkv: int) -> jax.Array:
+  """extra_valid [B, E] or [B, E, Hkv], attended [B, G, E] -> validity [B, E, Hkv]."""
+  keep = ~jnp.swapaxes(attended, 1, 2)  # [B, E, G]
+  valid = extra_valid[:, :, None] if extra_valid.ndim == 2 else extra_valid
+  return jnp.broadcast_to(valid & keep, keep.shape[:2] + (hkv,))
+
+
 def extra_valid_per_head(extra_valid: jax.Array, hkv: int) -> jax.Array:
   """[B, E] or [B, E, Hkv] -> [B, Hkv, E]: a sink may be valid for some heads only (a head that
   already attends to it inside a kept block must not count it twice)."""
@@ -173,7 +200,7 @@ def default_scale(scale: float | None, d: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Partial softmax results, layout [B, Hkv, R, ...] with R = G*T rows ordered (g, t).
+# Partial softmax results, layout [B, Hkv, R, ...] with R = T*G rows ordered (t, g).
 
 class Partial(NamedTuple):
   """An unnormalised softmax partial: out = acc / l, with running max m."""
@@ -183,17 +210,23 @@ class Partial(NamedTuple):
 
 
 def group_queries(q: jax.Array, hkv: int) -> jax.Array:
-  """q [B, T, Hq, D] -> [B, Hkv, G*T, D], rows (g, t): the G query heads of one kv head together."""
+  """q [B, T, Hq, D] -> [B, Hkv, T*G, D], rows (t, g): the G query heads of one kv head together,
+  query-major, so that the rows of the first n queries are the first n*G rows (a kernel can skip
+  the row tiles of padded query slots)."""
   b, t, hq, d = q.shape
   g = hq // hkv
-  return q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+  return q.reshape(b, t, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * g, d)
 
 
-def ungroup_rows(o: jax.Array, t: int) -> jax.Array:
-  """[B, Hkv, G*T, D] -> [B, T, Hq, D]."""
+def ungroup_rows(o: jax.Array, t: int, query_counts: jax.Array | None = None) -> jax.Array:
+  """[B, Hkv, T*G, D] -> [B, T, Hq, D]; with `query_counts` [B], queries t >= count are zeros."""
   b, hkv, r, d = o.shape
   g = r // t
-  return o.reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d)
+  out = o.reshape(b, hkv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hkv * g, d)
+  if query_counts is None:
+    return out
+  live = jnp.arange(t)[None, :] < query_counts[:, None]
+  return jnp.where(live[:, :, None, None], out, 0)
 
 
 def merge_partials(parts: list[Partial]) -> jax.Array:
@@ -247,17 +280,24 @@ def reference_block_sparse_attention(q, k, v, block_indices, block_counts, promp
                                      response_start, response_end, extra_k=None, extra_v=None,
                                      extra_valid=None, *, block_size: int,
                                      scale: float | None = None,
-                                     extra_positions=None) -> jax.Array:
+                                     extra_positions=None, query_counts=None,
+                                     dedup_extra=False) -> jax.Array:
   """The semantics, by a dense mask over the whole cache, in float32 (for tests; O(S) memory)."""
   check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
-               extra_k, extra_v, extra_valid, block_size, extra_positions)
-  if extra_positions is not None:
-    extra_k, extra_v = gather_rows(k, v, extra_positions)
+               extra_k, extra_v, extra_valid, block_size, extra_positions, query_counts,
+               dedup_extra)
   bsz, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   scale = default_scale(scale, d)
   mask = selection_key_mask(block_indices, block_counts, prompt_start, response_start,
                             response_end, block_size=block_size, seq_len=s_len)
+  if extra_positions is not None:
+    extra_k, extra_v = gather_rows(k, v, extra_positions)
+    if dedup_extra:  # rows the mask already holds: read off the mask itself
+      rows = jnp.clip(extra_positions.astype(jnp.int32), 0, s_len - 1)[:, None, :]
+      attended = jnp.take_along_axis(mask, jnp.broadcast_to(rows, mask.shape[:2] + rows.shape[2:]),
+                                     axis=-1)
+      extra_valid = drop_attended_extra(extra_valid, attended, hkv)
   mask = jnp.broadcast_to(mask, (bsz, hkv, s_len))
   kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
   if extra_k is not None:
@@ -273,7 +313,7 @@ def reference_block_sparse_attention(q, k, v, block_indices, block_counts, promp
   l = jnp.sum(p, axis=-1, keepdims=True)
   o = jnp.einsum("bhrs,bshd->bhrd", p, vf, precision=jax.lax.Precision.HIGHEST)
   o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
-  return ungroup_rows(o, t).astype(q.dtype)
+  return ungroup_rows(o, t, query_counts).astype(q.dtype)
 
 
 def pad_query_rows(qg: jax.Array, block_m: int) -> jax.Array:

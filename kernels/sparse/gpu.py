@@ -7,6 +7,12 @@ place from the [B, S, Hkv, D] cache (the G query heads of a kv head share it: GQ
 It writes an unnormalised partial (acc, m, l); a small XLA step merges the splits by log-sum-exp.
 Block ids are runtime inputs loaded inside the kernel (the GPU lowerings have no scalar prefetch).
 
+Query rows past `row_counts` (padded query slots; the rows are query-major, see
+`common.group_queries`) are not computed: a program whose row tile holds none of them works for a
+tile that does, as extra KV splits of it (`_tile_plan`), so the row tiles of a step that runs few
+queries split the keys finer instead of idling. Compute-bound layouts gain (Dream's 7-head groups:
+32 query slots make 4 tiles of 64 rows, 7 active queries make 1).
+
 Extra keys given as cache rows (`extra_positions`: Focus's sinks) are gathered inside the kernel
 by split 0 of each (batch * kv head, row tile), which starts its softmax from them: no XLA gather,
 no separate partial and no extra merge input (about 6 small kernels per sparse layer fewer).
@@ -69,23 +75,53 @@ def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int) -
   return dict(block_m=block_m, num_splits=splits, num_warps=4, num_stages=3)
 
 
-def extra_rows(positions: jax.Array, valid: jax.Array, hkv: int,
+def extra_rows(positions: jax.Array, valid: jax.Array,
                seq_len: int) -> tuple[jax.Array, jax.Array]:
-  """(positions [B, E'] clipped into the cache, validity [B, Hkv, E'] int32), E' = E padded to a
-  power of two >= 16 (a Triton dot's smallest side) with invalid rows."""
+  """(positions [B, E'] clipped into the cache, validity [B, 1 or Hkv, E'] int32), E' = E padded
+  to a power of two >= 16 (a Triton dot's smallest side) with invalid rows."""
   e = positions.shape[1]
   e_pad = max(16, pl.next_power_of_2(e))
   pos = jnp.clip(positions.astype(jnp.int32), 0, seq_len - 1)
-  ok = common.extra_valid_per_head(valid, hkv).astype(jnp.int32)
+  ok = (valid[:, None, :] if valid.ndim == 2 else jnp.swapaxes(valid, 1, 2)).astype(jnp.int32)
   if e_pad != e:
     pos = jnp.pad(pos, ((0, 0), (0, e_pad - e)))
     ok = jnp.pad(ok, ((0, 0), (0, 0), (0, e_pad - e)))
   return pos, ok
 
 
+def _tile_plan(live_rows, block_m: int, m_tiles: int, tile_slot, split, num_splits: int):
+  """Program (row-tile slot, split) -> (the row tile it works for, its split among that tile's
+  splits, how many splits the tile has). Live tiles are the first ceil(live_rows / block_m);
+  slot j works for tile j mod n_live, so each live tile gets every slot congruent to it."""
+  n_live = jnp.clip((live_rows + block_m - 1) // block_m, 1, m_tiles)
+  tile = tile_slot % n_live
+  helpers = (m_tiles - 1 - tile) // n_live + 1  # slots congruent to `tile`
+  return tile, (tile_slot // n_live) * num_splits + split, helpers * num_splits
+
+
+def merge_tile_slots(acc, m, l, live_rows, block_m: int) -> common.Partial:
+  """The kernel's partials [B, Hkv, splits, m_tiles * block_m, ...] (slot j's rows hold tile
+  j mod n_live's) merged by log-sum-exp into [B, Hkv, m_tiles * block_m, ...]: a masked
+  reduction over (split, slot) per tile, which XLA fuses (an einsum became a slow f32 GEMM)."""
+  bsz, hkv, splits, rows_pad, d = acc.shape
+  mt = rows_pad // block_m
+  n_live = jnp.clip((live_rows + block_m - 1) // block_m, 1, mt)  # [B]
+  owner = jnp.arange(mt)[None, :] % n_live[:, None]  # [B, slot]
+  assign = owner[:, :, None] == jnp.arange(mt)[None, None, :]  # [B, slot, tile]
+  assign = assign[:, None, None, :, :, None]  # [B, 1, 1, slot, tile, 1]
+  m5 = m.reshape(bsz, hkv, splits, mt, 1, block_m)
+  mx = jnp.max(jnp.where(assign, m5, common.NEG_INIT), axis=(2, 3))  # [B, Hkv, tile, block_m]
+  w = jnp.where(assign, jnp.exp(m5 - mx[:, :, None, None]), 0.0)  # [B, Hkv, S, slot, tile, bm]
+  l_tot = jnp.sum(w * l.reshape(bsz, hkv, splits, mt, 1, block_m), axis=(2, 3))
+  acc6 = acc.reshape(bsz, hkv, splits, mt, 1, block_m, d)
+  acc_tot = jnp.sum(w[..., None] * acc6, axis=(2, 3))  # [B, Hkv, tile, block_m, D]
+  return common.Partial(acc_tot.reshape(bsz, hkv, rows_pad, d), mx.reshape(bsz, hkv, rows_pad),
+                        l_tot.reshape(bsz, hkv, rows_pad))
+
+
 def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, *refs, block_size: int, num_splits: int,
             seq_len: int, scale: float, n_sel: int, static_items: int, prefetch: bool,
-            extra: bool):
+            extra: bool, block_m: int, m_tiles: int, dedup_extra: bool):
   if extra:
     xpos_ref, xvalid_ref, acc_ref, m_ref, l_ref = refs
   else:
@@ -99,15 +135,15 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, *refs, block_size: int, num_
   resp_first = rs // bs
   n_resp = jnp.where(re > rs, (re - 1) // bs - resp_first + 1, 0)
   total = count + n_resp
-  if static_items:  # a fixed trip count: each program walks `static_items` slots, masked past total
-    per = static_items
-  else:
-    per = (total + num_splits - 1) // num_splits
+  tile, split, splits = _tile_plan(meta_ref[4], block_m, m_tiles, pl.program_id(1), split,
+                                   num_splits)
+  # Static loops walk `static_items` slots (enough for num_splits splits), masked past hi_item.
+  per = (total + splits - 1) // splits
   lo_item = jnp.minimum(split * per, total)
   hi_item = jnp.minimum(lo_item + per, total)
 
-  q = q_ref[...]  # [block_m, D]
-  block_m, d = q.shape
+  q = q_ref[pl.ds(tile * block_m, block_m), :]  # [block_m, D]
+  d = q.shape[1]
   offs = jnp.arange(bs, dtype=jnp.int32)
 
   def slot(j):
@@ -148,9 +184,22 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, *refs, block_size: int, num_
     def extra_partial():
       """The extra keys (cache rows at xpos, masked by xvalid): the start of split 0's softmax."""
       pos = xpos_ref[...]
+      ok = xvalid_ref[...] != 0
+      if dedup_extra:  # a row a selected block (or the response) already attends counts once
+        blk = pos // bs
+        chunk = min(64, n_sel)
+
+        def scan(j, hit):
+          ids = sel_ref[pl.ds(j * chunk, chunk)]
+          live = (j * chunk + jnp.arange(chunk, dtype=jnp.int32)) < count
+          match = (blk[:, None] == ids[None, :]) & live[None, :]
+          return jnp.maximum(hit, jnp.max(match.astype(jnp.int32), axis=1))
+        hit = lax.fori_loop(0, (count + chunk - 1) // chunk, scan,
+                            jnp.zeros(pos.shape, jnp.int32))
+        ok = ok & ~((hit > 0) & (pos >= ps) & (pos < rs)) & ~((pos >= rs) & (pos < re))
       k, v = k_ref[pos, :], v_ref[pos, :]  # [E, D] gathers
       s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-      s = jnp.where((xvalid_ref[...] != 0)[None, :], s * scale, -jnp.inf)
+      s = jnp.where(ok[None, :], s * scale, -jnp.inf)
       m = jnp.maximum(jnp.max(s, axis=1), common.NEG_INIT)
       p = jnp.exp(s - m[:, None])
       acc = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
@@ -189,10 +238,12 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
                    block_size: int, scale: float, block_m: int, num_splits: int, num_warps: int,
                    num_stages: int, static_loop: bool = False, prefetch: bool = False,
                    n_resp_max: int = 0, extra_positions: jax.Array | None = None,
-                   extra_valid: jax.Array | None = None,
-                   interpret: bool = False) -> common.Partial:
+                   extra_valid: jax.Array | None = None, row_counts: jax.Array | None = None,
+                   dedup_extra: bool = False, interpret: bool = False) -> common.Partial:
   """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection,
-  and over the cache rows `extra_positions` [B, E] where `extra_valid` ([B, E] or [B, E, Hkv])."""
+  and over the cache rows `extra_positions` [B, E] where `extra_valid` ([B, E] or [B, E, Hkv]).
+  Rows at and past `row_counts` [B] are not computed (their partial is empty); with
+  `dedup_extra`, an extra row the selection already attends is skipped."""
   bsz, hkv, rows, d = qg.shape
   s_len = k.shape[1]
   g, n = sel.indices.shape[1:]
@@ -203,11 +254,14 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   idx = sel.indices
   if n_pad != n:
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, n_pad - n)), mode="edge")
+  live_rows = (jnp.full((bsz,), rows, jnp.int32) if row_counts is None
+               else jnp.clip(row_counts.astype(jnp.int32), 0, rows))
   meta = jnp.stack([sel.counts,
                     jnp.broadcast_to(sel.prompt_start[:, None], (bsz, g)),
                     jnp.broadcast_to(sel.response_start[:, None], (bsz, g)),
-                    jnp.broadcast_to(sel.response_end[:, None], (bsz, g))], axis=-1)
-  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 4))).astype(jnp.int32)  # [B, G, 8]
+                    jnp.broadcast_to(sel.response_end[:, None], (bsz, g)),
+                    jnp.broadcast_to(live_rows[:, None], (bsz, g))], axis=-1)
+  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 3))).astype(jnp.int32)  # [B, G, 8]
   per_head = g > 1
 
   def gsel(bh):
@@ -217,21 +271,24 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   extra = extra_positions is not None
   kernel = functools.partial(_kernel, block_size=block_size, num_splits=num_splits,
                              seq_len=s_len, scale=scale, n_sel=n_pad, static_items=static_items,
-                             prefetch=prefetch, extra=extra)
+                             prefetch=prefetch, extra=extra, block_m=block_m, m_tiles=m_tiles,
+                             dedup_extra=dedup_extra)
   grid = (bsz * hkv, m_tiles, num_splits)
   in_specs = [
       pl.BlockSpec((None, None, n_pad), lambda bh, mt, sp: (bh // hkv, gsel(bh), 0)),
       pl.BlockSpec((None, None, 8), lambda bh, mt, sp: (bh // hkv, gsel(bh), 0)),
-      pl.BlockSpec((None, None, block_m, d), lambda bh, mt, sp: (bh // hkv, bh % hkv, mt, 0)),
+      pl.BlockSpec((None, None, rows_pad, d), lambda bh, mt, sp: (bh // hkv, bh % hkv, 0, 0)),
       pl.BlockSpec((None, s_len, None, d), lambda bh, mt, sp: (bh // hkv, 0, bh % hkv, 0)),
       pl.BlockSpec((None, s_len, None, d), lambda bh, mt, sp: (bh // hkv, 0, bh % hkv, 0)),
   ]
   operands = [idx, meta, qg, k, v]
   if extra:
-    xpos, xvalid = extra_rows(extra_positions, extra_valid, hkv, s_len)
+    xpos, xvalid = extra_rows(extra_positions, extra_valid, s_len)
     e_pad = xpos.shape[1]
+    valid_per_head = xvalid.shape[1] > 1
     in_specs += [pl.BlockSpec((None, e_pad), lambda bh, mt, sp: (bh // hkv, 0)),
-                 pl.BlockSpec((None, None, e_pad), lambda bh, mt, sp: (bh // hkv, bh % hkv, 0))]
+                 pl.BlockSpec((None, None, e_pad), lambda bh, mt, sp: (
+                     bh // hkv, bh % hkv if valid_per_head else 0, 0))]
     operands += [xpos, xvalid]
   acc, m, l = pl.pallas_call(
       kernel,
@@ -253,6 +310,9 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
       name="block_sparse_attention_split_kv",
   )(*operands)
   # Merge the splits here (one fused XLA reduction); the caller merges extra segments on top.
+  if m_tiles > 1 and row_counts is not None:
+    part = merge_tile_slots(acc, m, l, live_rows, block_m)
+    return common.Partial(part.acc[:, :, :rows], part.m[:, :, :rows], part.l[:, :, :rows])
   mx = jnp.max(m, axis=2)
   w = jnp.exp(m - mx[:, :, None])
   l_tot = jnp.sum(w * l, axis=2)

@@ -9,7 +9,7 @@ ring of `num_stages` slots while the consumer warpgroups compute.
 
 Work layout (the same algorithm and partial format as `gpu.sparse_partial`):
 - grid (batch * kv head, row tile, KV split); `num_wgs` consumer warpgroups of `wg_rows` rows
-  each stack the G query heads of the kv head (`rows = G * T`, padded to whole row tiles), so
+  each stack the G query heads of the kv head (`rows = T * G`, padded to whole row tiles), so
   K/V are read once per row tile and never repeated (GQA).
 - the work items of a (batch, kv head) are its normalised selected blocks, then the blocks
   covering [response_start, response_end); split `s` walks a contiguous share of them. Block ids
