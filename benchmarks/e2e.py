@@ -77,12 +77,17 @@ def flops_forward(cfg, tokens: int, context: int) -> float:
   return 2 * layer_params * tokens + attn
 
 
+def weight_params(cfg) -> int:
+  """Parameters a cached step reads: all but the input embedding (a lookup, not read whole)."""
+  return cfg.num_params() - cfg.vocab_size * cfg.d_model
+
+
 def step_bytes(cfg, context: int, denoiser, batch: int = 1) -> float:
   """Bytes a cached step must read: the layer weights, the LM head (once for the batch), and
   every row's KV it attends (Focus: dense layers whole, sparse layers alpha of it, from the
   denoiser's own knobs)."""
   width = jnp.dtype(cfg.jnp_dtype).itemsize
-  weights = width * (cfg.num_params() - cfg.vocab_size * cfg.d_model)  # embedding not read
+  weights = width * weight_params(cfg)
   kv_per_token_layer = 2 * cfg.n_kv_heads * cfg.head_dim * width
   focus = getattr(denoiser, "focus", None)
   if focus is None:
@@ -90,6 +95,12 @@ def step_bytes(cfg, context: int, denoiser, batch: int = 1) -> float:
   dense = sum(focus.is_dense(l, cfg.n_layers) for l in range(cfg.n_layers))
   return weights + batch * kv_per_token_layer * context * (
       dense + focus.alpha * (cfg.n_layers - dense))
+
+
+def step_weight_flops(cfg, rows: int) -> float:
+  """FLOPs of `rows` query slots through the layer weights and the LM head (a cached step's
+  GEMMs): 2 per weight per row."""
+  return 2.0 * rows * weight_params(cfg)
 
 
 def time_generation(params, prompt, prompt_mask, cfg, rule, denoiser, block: int) -> dict:
@@ -191,9 +202,16 @@ def main(argv):
       sparse_floor = step_bytes(cfg, context + FLAGS.gen, denoiser, batch) / (copy_tbps * 1e12)
       row["refresh_floor_s"] = refresh_floor
       row["sparse_step_floor_s"] = sparse_floor
+      # A roofline per part: the GEMMs are bound by the weights' bytes or by their FLOPs (every
+      # query slot, block length per row, runs through the weights; at batch 8 the FLOPs win),
+      # the attention by its KV bytes.
+      weights_s = jnp.dtype(cfg.jnp_dtype).itemsize * weight_params(cfg) / (copy_tbps * 1e12)
+      gemm_s = max(weights_s, step_weight_flops(cfg, batch * block) / (FLAGS.matmul_tflops * 1e12))
+      row["sparse_step_roofline_s"] = gemm_s + (sparse_floor - weights_s)
       if "refresh_s" in row:
         row["refresh_vs_floor"] = row["refresh_s"] / refresh_floor
         row["sparse_step_vs_floor"] = row["sparse_step_s"] / sparse_floor
+        row["sparse_step_vs_roofline"] = row["sparse_step_s"] / row["sparse_step_roofline_s"]
       else:
         row["step_vs_floor"] = row["step_s"] / refresh_floor
       steps_run = row.get("num_steps", FLAGS.steps)  # fewer under threshold decoding

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,6 +43,12 @@ def test_e2e_variants_and_plot(tmp_path):
   assert abs(b2["tokens_per_s"] - 2 * 32 / b2["seconds"]) < 1e-6
   # Weights are read once per step, KV once per row: more than one row's floor, under two.
   assert b1["sparse_step_floor_s"] < b2["sparse_step_floor_s"] < 2 * b1["sparse_step_floor_s"]
+  # The roofline adds the GEMMs' compute bound: never below the HBM floor, and at most the HBM
+  # floor plus the step's FLOPs time; the ratio is against it.
+  for r in (b1, b2):
+    assert r["sparse_step_floor_s"] <= r["sparse_step_roofline_s"]
+    assert r["sparse_step_vs_roofline"] == pytest.approx(r["sparse_step_s"] /
+                                                         r["sparse_step_roofline_s"])
 
   png = tmp_path / "plot.png"
   subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot_e2e.py"), str(out),
