@@ -128,8 +128,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
   if impl == "reference":
     raise ValueError("the reference takes the raw selection: call block_sparse_attention")
-  if dedup_extra and extra_positions is None:
-    raise ValueError("dedup_extra needs the extra keys as extra_positions (rows of the cache)")
+  common.check_dedup_extra(dedup_extra, extra_positions)
   if extra_positions is not None and impl != "pallas_gpu":  # only that kernel gathers them itself
     if dedup_extra:
       extra_valid = common.drop_attended_extra(

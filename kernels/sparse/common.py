@@ -132,8 +132,7 @@ def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_st
                                    or not jnp.issubdtype(query_counts.dtype, jnp.integer)):
     raise ValueError(f"query_counts must be integer [B={bsz}], got "
                      f"{query_counts.dtype}{list(query_counts.shape)}")
-  if dedup_extra and extra_positions is None:
-    raise ValueError("dedup_extra needs the extra keys as extra_positions (rows of the cache)")
+  check_dedup_extra(dedup_extra, extra_positions)
   if extra_positions is not None:
     if extra_k is not None or extra_v is not None:
       raise ValueError("give the extra keys as extra_k/extra_v or as extra_positions, not both")
@@ -158,6 +157,11 @@ def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_st
     if extra_valid.shape not in (extra_k.shape[:2], extra_k.shape[:3]):
       raise ValueError(f"extra_valid must be [B, E] or per kv head [B, E, Hkv] = "
                        f"{extra_k.shape[:3]}, got {extra_valid.shape}")
+
+
+def check_dedup_extra(dedup_extra: bool, extra_positions) -> None:
+  if dedup_extra and extra_positions is None:
+    raise ValueError("dedup_extra needs the extra keys as extra_positions (rows of the cache)")
 
 
 def gather_rows(k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -89,11 +89,16 @@ def extra_rows(positions: jax.Array, valid: jax.Array,
   return pos, ok
 
 
+def _live_tiles(live_rows, block_m: int, m_tiles: int):
+  """Row tiles holding live rows: the first ceil(live_rows / block_m), at least one."""
+  return jnp.clip((live_rows + block_m - 1) // block_m, 1, m_tiles)
+
+
 def _tile_plan(live_rows, block_m: int, m_tiles: int, tile_slot, split, num_splits: int):
   """Program (row-tile slot, split) -> (the row tile it works for, its split among that tile's
   splits, how many splits the tile has). Live tiles are the first ceil(live_rows / block_m);
   slot j works for tile j mod n_live, so each live tile gets every slot congruent to it."""
-  n_live = jnp.clip((live_rows + block_m - 1) // block_m, 1, m_tiles)
+  n_live = _live_tiles(live_rows, block_m, m_tiles)
   tile = tile_slot % n_live
   helpers = (m_tiles - 1 - tile) // n_live + 1  # slots congruent to `tile`
   return tile, (tile_slot // n_live) * num_splits + split, helpers * num_splits
@@ -105,7 +110,7 @@ def merge_tile_slots(acc, m, l, live_rows, block_m: int) -> common.Partial:
   reduction over (split, slot) per tile, which XLA fuses (an einsum became a slow f32 GEMM)."""
   bsz, hkv, splits, rows_pad, d = acc.shape
   mt = rows_pad // block_m
-  n_live = jnp.clip((live_rows + block_m - 1) // block_m, 1, mt)  # [B]
+  n_live = _live_tiles(live_rows, block_m, mt)  # [B]
   owner = jnp.arange(mt)[None, :] % n_live[:, None]  # [B, slot]
   assign = owner[:, :, None] == jnp.arange(mt)[None, None, :]  # [B, slot, tile]
   assign = assign[:, None, None, :, :, None]  # [B, 1, 1, slot, tile, 1]
