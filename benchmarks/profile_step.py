@@ -25,7 +25,7 @@ from focus_jax.decoding import make_denoiser
 from focus_jax.sampling import loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trace_attribution import by_source, dumped_sources, kernel_times  # noqa: E402
+from trace_attribution import by_source, dumped_kernels, dumped_sources, kernel_times  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llada_8b", "preset")
@@ -36,13 +36,15 @@ flags.DEFINE_integer("steps", 5, "traced steps")
 flags.DEFINE_enum("phase", "cached", ["cached", "entry"],
                   "cached: the steps inside a block; entry: the block-entry step (the refresh)")
 flags.DEFINE_integer("top", 25, "kernels listed per mode")
+flags.DEFINE_string("dump_dir", None, "keep XLA's dumped modules here (default: a temporary "
+                    "folder)")
 flags.DEFINE_string("out", "benchmarks/results/profile_step.json", "JSON output")
 
 
 def main(argv):
   del argv
   # Before the backend starts: XLA writes each optimised module, whose names the trace uses.
-  dump_dir = tempfile.mkdtemp()
+  dump_dir = FLAGS.dump_dir or tempfile.mkdtemp()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
   cfg = presets.preset(FLAGS.model)
@@ -65,8 +67,9 @@ def main(argv):
       _, state = step(params, state, traced)
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
-    totals, (busy, span, launches) = kernel_times(trace_dir)
-    sources = dumped_sources(dump_dir)
+    counts = {}
+    totals, (busy, span, launches) = kernel_times(trace_dir, counts)
+    sources, kernels = dumped_sources(dump_dir), dumped_kernels(dump_dir)
     per_step = {k: v / FLAGS.steps for k, v in totals.items()}
     total = sum(per_step.values())
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[:FLAGS.top]
@@ -74,13 +77,17 @@ def main(argv):
                     "launches_per_step": launches / FLAGS.steps,
                     "busy_us_per_step": busy / FLAGS.steps, "span_us_per_step": span / FLAGS.steps,
                     "top_us_per_step": top,
+                    # [name, us per step, launches per step, its HLO: op, shapes, fused ops]
+                    "top_kernels": [[name, us, counts[name] / FLAGS.steps,
+                                     kernels.get(name) or kernels.get(name.split("__")[0], "")]
+                                    for name, us in top],
                     "by_source_us_per_step": by_source(per_step, sources)[:FLAGS.top]}
     print(f"\n{spec}: {total / 1000:.2f} ms of kernels per step, {len(per_step)} distinct, "
           f"{launches / FLAGS.steps:.0f} launches; "
           f"device busy {busy / FLAGS.steps / 1000:.2f} ms of a {span / FLAGS.steps / 1000:.2f} ms "
           "span per step")
-    for name, us in top:
-      print(f"  {us:9.1f} us  {name[:100]}")
+    for name, us, n, hlo in report[spec]["top_kernels"]:
+      print(f"  {us:9.1f} us {n:5.1f}x  {name[:60]:60}  {hlo[:160]}")
     print("  by source line:")
     for where, us, n in report[spec]["by_source_us_per_step"]:
       print(f"  {us:9.1f} us  {n:3d} kernels  {where[:100]}")

@@ -32,9 +32,10 @@ def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
   return busy, max(e for _, e in intervals) - min(s for s, _ in intervals)
 
 
-def kernel_times(trace_dir: str) -> tuple[dict[str, float], tuple[float, float, int]]:
+def kernel_times(trace_dir: str, counts: dict[str, int] | None = None
+                 ) -> tuple[dict[str, float], tuple[float, float, int]]:
   """Device event durations summed by name from the Perfetto JSON trace, and
-  (busy, span, number of events)."""
+  (busy, span, number of events). `counts`, if given, is filled with launches per name."""
   files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
   if not files:
     raise FileNotFoundError(f"no Perfetto trace under {trace_dir}")
@@ -51,6 +52,8 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], tuple[float, float, 
   for e in events:
     if e.get("ph") == "X" and e.get("pid") in device:
       totals[e["name"]] += float(e.get("dur", 0))
+      if counts is not None:
+        counts[e["name"]] = counts.get(e["name"], 0) + 1
       intervals.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))))
   return dict(totals), (*busy_and_span(intervals), len(intervals))
 
@@ -149,6 +152,55 @@ def dumped_sources(dump_dir: str) -> dict[str, str]:
   # gemm_fusion_684); CPU thunks keep it.
   sources.update({name.replace(".", "_"): where for name, where in sources.items()})
   return sources
+
+
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY )?%([\w.\-]+) \(.*\{$")
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
+_ANNOTATIONS = re.compile(r",? ?(metadata|backend_config|frontend_attributes)=.*$")
+
+
+def hlo_kernels(hlo_text: str, width: int = 300) -> dict[str, str]:
+  """Instruction name -> "opcode shape <- operands | fused ops", for reading a trace's kernels
+  (a transpose XLA inserted has no source frame; its shapes say which tensor it moves).
+
+  Fusions list the opcodes of the computation they call (parameters, tuples and
+  get-tuple-elements left out), so `wrapped_transpose` reads as the transpose it wraps."""
+  opcodes: dict[str, list[str]] = {}
+  current = None
+  defs = {}
+  for line in hlo_text.splitlines():
+    if m := _COMPUTATION.match(line):
+      current = opcodes.setdefault(m.group(1), [])
+    elif line.strip() == "}":
+      current = None
+    elif m := _DEFINITION.match(line):
+      name, shape, opcode, rest = m.groups()
+      if current is not None and opcode not in ("parameter", "tuple", "get-tuple-element",
+                                                "constant", "bitcast"):
+        current.append(opcode)
+      defs[name] = (shape, opcode, _ANNOTATIONS.sub("", rest))
+  out = {}
+  for name, (shape, opcode, rest) in defs.items():
+    called = re.search(r"calls=%([\w.\-]+)", rest)
+    operands = [o.strip().lstrip("%") for o in rest.split("), ")[0].rstrip(")").split(",")]
+    shown = [f"{o} {defs[o][0]}" if o in defs else o for o in operands if o]
+    text = f"{opcode} {shape} <- {', '.join(shown)}"
+    if called and called.group(1) in opcodes:
+      text += " | " + ",".join(dict.fromkeys(opcodes[called.group(1)]))
+    out[name] = text[:width]
+  return out
+
+
+def dumped_kernels(dump_dir: str) -> dict[str, str]:
+  """hlo_kernels over every optimised module XLA dumped (later compilations winning), also
+  under the GPU kernels' "_" spelling of "."."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")),
+                     key=os.path.getmtime):
+    with open(path) as f:
+      out.update(hlo_kernels(f.read()))
+  out.update({name.replace(".", "_"): text for name, text in out.items()})
+  return out
 
 
 def by_source(per_step: dict[str, float], sources: dict[str, str]) -> list[tuple[str, float, int]]:

@@ -67,3 +67,20 @@ def test_profile_step_attributes_kernels_on_the_tiny_model(tmp_path):
   places = [where for where, _, _ in report["by_source_us_per_step"]]
   assert any(p.startswith("focus_jax/focus/") for p in places), places
   assert any(p.startswith("models/") or p.startswith("kernels/") for p in places), places
+
+
+def test_hlo_kernels_name_the_fused_ops_and_operand_shapes():
+  kernels = trace_attribution.hlo_kernels(HLO)
+  # A fusion reads as the ops of the computation it calls, with its operands' shapes resolved
+  # from their definitions (here the entry's parameter, defined by the fused computation's name).
+  assert kernels["loop_exponential_fusion"].startswith("fusion f32[4]{0} <- x")
+  assert kernels["loop_exponential_fusion"].endswith("| exponential")
+  text = """HloModule t
+
+ENTRY %main (w: bf16[64,16]) -> bf16[16,64] {
+  %w.1 = bf16[64,16]{1,0} parameter(0)
+  ROOT %wrapped_transpose = bf16[16,64]{1,0} fusion(%w.1), kind=kInput, calls=%wt, metadata={op_name="x"}
+}
+"""
+  assert trace_attribution.hlo_kernels(text)["wrapped_transpose"] == (
+      "fusion bf16[16,64]{1,0} <- w.1 bf16[64,16]{1,0}")
