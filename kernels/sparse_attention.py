@@ -70,8 +70,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
                            extra_positions: jax.Array | None = None,
                            distinct_selection: bool = False,
                            query_counts: jax.Array | None = None,
-                           dedup_extra: bool = False) -> jax.Array:
-  """q [B,T,Hq,D], k/v [B,S,Hkv,D], block_indices [B,G,N] (G = 1 or Hkv) -> [B,T,Hq,D] in q.dtype.
+                           dedup_extra: bool = False, return_lse: bool = False):
+  """q [B,T,Hq,D], k/v [B,S,Hkv,D], block_indices [B,G,N] (G = 1 or Hkv) -> [B,T,Hq,D] in q.dtype;
+  with `return_lse`, (out, lse [B,T,Hq] float32): each row's log-sum-exp of its scaled logits
+  over the keys it attended (-inf where none), which `kernels.attention_mass` needs.
 
   Beyond the contract, all optional: `max_response_len` is a static upper bound on
   response_end - response_start (the XLA path slices a window of that length, the TPU kernel sizes
@@ -95,7 +97,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
     return reference_block_sparse_attention(
         q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
         extra_k, extra_v, extra_valid, block_size=block_size, scale=scale,
-        extra_positions=extra_positions, query_counts=query_counts, dedup_extra=dedup_extra)
+        extra_positions=extra_positions, query_counts=query_counts, dedup_extra=dedup_extra,
+        return_lse=return_lse)
   if distinct_selection:
     sel = selection_of_distinct(block_indices, block_counts, prompt_start, response_start,
                                 response_end, seq_len=k.shape[1])
@@ -106,7 +109,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
       q, k, v, sel, extra_k, extra_v, extra_valid, block_size=block_size, scale=scale_f,
       implementation=impl, max_response_len=max_response_len, interpret=interpret,
       kernel_config=kernel_config, extra_positions=extra_positions, query_counts=query_counts,
-      dedup_extra=dedup_extra)
+      dedup_extra=dedup_extra, return_lse=return_lse)
 
 
 def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, sel: Selection,
@@ -119,7 +122,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
                                       kernel_config: dict | None = None,
                                       extra_positions: jax.Array | None = None,
                                       query_counts: jax.Array | None = None,
-                                      dedup_extra: bool = False) -> jax.Array:
+                                      dedup_extra: bool = False, return_lse: bool = False):
   """`block_sparse_attention` on a selection already made by `normalize_selection` (or by
   `selection_of_distinct`).
 
@@ -143,7 +146,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     return _xla.xla_gather_attention(q, k, v, sel, extra_k, extra_v, extra_valid,
                                      block_size=block_size, scale=scale_f,
                                      max_response_len=max_response_len,
-                                     query_counts=query_counts)
+                                     query_counts=query_counts, return_lse=return_lse)
   nb = common.num_blocks(s_len, block_size)
   if max_response_len is None:
     n_resp_max = nb
@@ -190,4 +193,4 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   parts = [part]
   if extra_k is not None:
     parts.append(common.dense_partial(qg, extra_k, extra_v, extra_valid, scale_f))
-  return common.ungroup_rows(common.merge_partials(parts), t, query_counts).astype(q.dtype)
+  return common.finish(parts, t, query_counts, q.dtype, return_lse)

@@ -73,8 +73,9 @@ def make_case(seed: int, *, b=2, t=5, hq=4, hkv=2, d=128, s=512, bs=32, n=6, per
   return args, bs
 
 
-def brute_force(args, bs, scale=None):
-  """A per-row Python loop over explicit key sets, float64: independent of the reference."""
+def brute_force(args, bs, scale=None, with_lse=False):
+  """A per-row Python loop over explicit key sets, float64: independent of the reference. With
+  `with_lse`, also each row's log-sum-exp of its scaled logits ([B, T, Hq], -inf: no key)."""
   q, k, v, idx, cnt, ps, rs, re, *extra = [None if a is None else np.asarray(a, np.float64)
                                            if a.dtype != jnp.bool_ else np.asarray(a)
                                            for a in args]
@@ -85,6 +86,7 @@ def brute_force(args, bs, scale=None):
   nb = -(-s // bs)
   scale = 1.0 / np.sqrt(d) if scale is None else scale
   out = np.zeros(q.shape)
+  lse = np.full(q.shape[:3], -np.inf)
   for bi in range(b):
     r0 = min(max(rs[bi], 0), s)
     r1 = min(max(re[bi], r0), s)
@@ -111,7 +113,8 @@ def brute_force(args, bs, scale=None):
         sc = kk @ q[bi, ti, h] * scale
         p = np.exp(sc - sc.max())
         out[bi, ti, h] = p @ vv / p.sum()
-  return out
+        lse[bi, ti, h] = sc.max() + np.log(p.sum())
+  return (out, lse) if with_lse else out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,6 +258,38 @@ def test_selection_of_distinct_equals_the_normalised_selection(impl, kw):
   out = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl,
              distinct_selection=True, **kw)(q, k, v, idx, cnt, ps, rs, re, *extra)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl,kw,cfg", [
+    ("reference", {}, None),
+    ("xla_gather", {}, None),
+    ("pallas_tpu", {"interpret": "params"}, None),
+    ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=2)),  # slots become splits
+])
+@pytest.mark.parametrize("pattern", ["random", "no_keys"])
+def test_return_lse_is_each_rows_log_sum_exp(impl, kw, cfg, pattern):
+  """The lse `kernels.attention_mass` needs: per row, over the keys it attended (extra keys
+  included), -inf for rows with no key and for queries past `query_counts`."""
+  kw = dict(kw)
+  if kw.get("interpret") == "params":
+    kw["interpret"] = _interpret_params()
+  args, bs = make_case(41, b=3, hq=8, hkv=2, t=6, n=8, pattern=pattern)
+  counts = jnp.asarray([6, 0, 4], jnp.int32)
+  want_out, want_lse = brute_force(args, bs, with_lse=True)
+  live = np.arange(6)[None, :] < np.asarray(counts)[:, None]
+  fn = sa.reference_block_sparse_attention if impl == "reference" else functools.partial(
+      sa.block_sparse_attention, implementation=impl, kernel_config=cfg, **kw)
+  out, lse = _jit(fn, block_size=bs, return_lse=True)(*args, query_counts=counts)
+  assert lse.shape == args[0].shape[:3] and lse.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), np.where(live[..., None, None], want_out, 0.0),
+                             atol=2e-5, rtol=2e-5)
+  want_lse = np.where(live[..., None], want_lse, -np.inf)
+  lse = np.asarray(lse)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
+  np.testing.assert_allclose(lse[np.isfinite(want_lse)], want_lse[np.isfinite(want_lse)],
+                             atol=2e-5, rtol=2e-5)
+  if pattern == "no_keys":
+    assert np.all(np.isinf(lse))
 
 
 @pytest.mark.parametrize("impl,kw,cfg", [
@@ -526,6 +561,16 @@ def test_mosaic_gpu_matches_reference_interpreted(case):
   # bf16 output and bf16 probabilities in P V: ~2^-8 relative; a wrong block or mask is O(1).
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
   assert np.abs(out - ref).max() < 2e-2 * np.abs(ref).max()
+
+
+def test_mosaic_gpu_return_lse_interpreted():
+  kw, cfg = MGPU_CASES[0]
+  args, bs = make_case(300, dtype=jnp.bfloat16, **kw)
+  _, want = brute_force([a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args],
+                        bs, with_lse=True)
+  _, lse = _jit(sa.block_sparse_attention, block_size=bs, implementation="mosaic_gpu",
+                interpret=mgpu.gpu_interpret_params(), kernel_config=cfg, return_lse=True)(*args)
+  np.testing.assert_allclose(np.asarray(lse), want, atol=2e-2, rtol=1e-2)
 
 
 def test_mosaic_gpu_normalized_entry_and_more_splits_than_items():

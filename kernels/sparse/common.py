@@ -233,8 +233,9 @@ def ungroup_rows(o: jax.Array, t: int, query_counts: jax.Array | None = None) ->
   return jnp.where(live[:, :, None, None], out, 0)
 
 
-def merge_partials(parts: list[Partial]) -> jax.Array:
-  """Log-sum-exp merge of partials; rows that saw no key at all become zeros."""
+def merge_partials(parts: list[Partial], with_lse: bool = False):
+  """Log-sum-exp merge of partials; rows that saw no key at all become zeros. With `with_lse`,
+  also each row's log-sum-exp of its scaled logits ([B, Hkv, R] float32, -inf where no key)."""
   m = parts[0].m
   for p in parts[1:]:
     m = jnp.maximum(m, p.m)
@@ -244,7 +245,34 @@ def merge_partials(parts: list[Partial]) -> jax.Array:
     w = jnp.exp(p.m - m)
     l = l + w * p.l
     acc = acc + w[..., None] * p.acc
-  return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  if not with_lse:
+    return out
+  return out, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def ungroup_lse(lse: jax.Array, t: int, query_counts: jax.Array | None = None) -> jax.Array:
+  """Row statistics [B, Hkv, T*G] -> [B, T, Hq]; queries t >= count get -inf (saw no key)."""
+  b, hkv, r = lse.shape
+  g = r // t
+  out = lse.reshape(b, hkv, t, g).transpose(0, 2, 1, 3).reshape(b, t, hkv * g)
+  if query_counts is None:
+    return out
+  live = jnp.arange(t)[None, :] < query_counts[:, None]
+  return jnp.where(live[:, :, None], out, -jnp.inf)
+
+
+def group_rows(x: jax.Array, hkv: int) -> jax.Array:
+  """Per-(query, head) values [B, T, Hq] -> the rows of `group_queries`: [B, Hkv, T*G]."""
+  b, t, hq = x.shape
+  return x.reshape(b, t, hkv, hq // hkv).transpose(0, 2, 1, 3).reshape(b, hkv, -1)
+
+
+def finish(parts: list[Partial], t: int, query_counts, dtype, return_lse: bool):
+  """Merged partials as the public output [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq])."""
+  out, lse = merge_partials(parts, with_lse=True)
+  out = ungroup_rows(out, t, query_counts).astype(dtype)
+  return (out, ungroup_lse(lse, t, query_counts)) if return_lse else out
 
 
 def dense_partial(qg: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
@@ -285,8 +313,9 @@ def reference_block_sparse_attention(q, k, v, block_indices, block_counts, promp
                                      extra_valid=None, *, block_size: int,
                                      scale: float | None = None,
                                      extra_positions=None, query_counts=None,
-                                     dedup_extra=False) -> jax.Array:
-  """The semantics, by a dense mask over the whole cache, in float32 (for tests; O(S) memory)."""
+                                     dedup_extra=False, return_lse: bool = False):
+  """The semantics, by a dense mask over the whole cache, in float32 (for tests; O(S) memory).
+  With `return_lse`, (out, lse [B, T, Hq]) as `block_sparse_attention` returns them."""
   check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_start, response_end,
                extra_k, extra_v, extra_valid, block_size, extra_positions, query_counts,
                dedup_extra)
@@ -317,7 +346,12 @@ def reference_block_sparse_attention(q, k, v, block_indices, block_counts, promp
   l = jnp.sum(p, axis=-1, keepdims=True)
   o = jnp.einsum("bhrs,bshd->bhrd", p, vf, precision=jax.lax.Precision.HIGHEST)
   o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
-  return ungroup_rows(o, t, query_counts).astype(q.dtype)
+  out = ungroup_rows(o, t, query_counts).astype(q.dtype)
+  if not return_lse:
+    return out
+  lse = jnp.where(l > 0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(l > 0, l, 1.0)),
+                  -jnp.inf)[..., 0]
+  return out, ungroup_lse(lse, t, query_counts)
 
 
 def pad_query_rows(qg: jax.Array, block_m: int) -> jax.Array:

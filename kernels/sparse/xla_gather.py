@@ -13,9 +13,9 @@ from focus_jax.kernels.sparse import common
 
 def xla_gather_attention(q, k, v, sel: common.Selection, extra_k, extra_v, extra_valid, *,
                          block_size: int, scale: float, max_response_len: int | None,
-                         query_counts: jax.Array | None = None) -> jax.Array:
+                         query_counts: jax.Array | None = None, return_lse: bool = False):
   """q [B,T,Hq,D], k/v [B,S,Hkv,D], normalised selection -> [B,T,Hq,D] (queries t >=
-  `query_counts` zeroed).
+  `query_counts` zeroed); with `return_lse`, also each row's log-sum-exp [B, T, Hq].
 
   The response keys come from a window of static length `max_response_len` (the whole cache when
   None) starting at response_start, since its runtime length has no static bound otherwise.
@@ -60,7 +60,7 @@ def xla_gather_attention(q, k, v, sel: common.Selection, extra_k, extra_v, extra
   ]
   if extra_k is not None:
     parts.append(common.dense_partial(qg, extra_k, extra_v, extra_valid, scale))
-  return common.ungroup_rows(common.merge_partials(parts), t, query_counts).astype(q.dtype)
+  return common.finish(parts, t, query_counts, q.dtype, return_lse)
 
 
 def _partial(qg, k, v, valid, scale, layout: str) -> common.Partial:
