@@ -207,10 +207,11 @@ DECODE_BLOCK = 64
 def all_blocks_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                          prompt_start: jax.Array, prompt_length: int,
                          implementation: str = "auto",
-                         query_counts: jax.Array | None = None) -> jax.Array:
+                         query_counts: jax.Array | None = None, return_lse: bool = False):
   """Dense attention over [prompt_start, L) as a block-sparse call with every prompt block
   selected: the split-KV kernel then serves dense decode attention too. `query_counts` [B]:
-  only the first count queries are live (the kernel skips the rest; they come back as zeros)."""
+  only the first count queries are live (the kernel skips the rest; they come back as zeros).
+  `return_lse`: also each row's log-sum-exp [B, T, Hq] (see `block_sparse_attention`)."""
   b, length = k_cache.shape[:2]
   nb = -(-prompt_length // DECODE_BLOCK)
   indices = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (b, 1, nb))
@@ -218,7 +219,14 @@ def all_blocks_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       q, k_cache, v_cache, indices, jnp.full((b, 1), nb, jnp.int32), prompt_start,
       jnp.full((b,), prompt_length, jnp.int32), jnp.full((b,), length, jnp.int32),
       block_size=DECODE_BLOCK, implementation=implementation,
-      max_response_len=length - prompt_length, query_counts=query_counts)
+      max_response_len=length - prompt_length, query_counts=query_counts, return_lse=return_lse)
+
+
+def uses_split_kv(k_cache: jax.Array, implementation: str = "auto") -> bool:
+  """Whether dense attention over this cache runs as the split-KV kernel (`all_blocks_attention`):
+  "auto" on GPU and TPU, for caches of at least one decode block."""
+  return (implementation == "auto" and jax.default_backend() in ("gpu", "tpu")
+          and k_cache.shape[1] >= DECODE_BLOCK)
 
 
 def dense_over_cache(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -229,8 +237,7 @@ def dense_over_cache(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   the key axis for few queries: about 1 TB/s); elsewhere the XLA path with the key mask.
   `query_counts` [B] lets the kernel skip padded query slots (queries t >= count: their
   outputs are not to be used)."""
-  if (implementation == "auto" and jax.default_backend() in ("gpu", "tpu")
-      and k_cache.shape[1] >= DECODE_BLOCK):
+  if uses_split_kv(k_cache, implementation):
     return all_blocks_attention(q, k_cache, v_cache, prompt_start, prompt_length,
                                 query_counts=query_counts)
   impl = "xla" if implementation == "auto" else implementation

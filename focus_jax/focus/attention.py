@@ -61,8 +61,9 @@ class FocusAttend:
   def __call__(self, layer: int, q, k_cache, v_cache, carry: LayerCarry):
     if self.focus.is_dense(layer, self.n_layers):
       if layer == self.focus.sink_layer(self.n_layers):
-        out, scores = sinks.attention_with_sink_scores(q, k_cache, v_cache, self.key_valid,
-                                                       self.query_valid)
+        out, scores = sinks.attention_with_sink_scores(
+            q, k_cache, v_cache, self.key_valid, self.query_valid, self.prompt_start,
+            self.prompt_length, self.attention_impl)
         positions, valid = sinks.select_sinks(scores, self.prompt_start, self.prompt_length,
                                               self.focus.n_sink)
         carry = carry.replace(sink_positions=positions, sink_valid=valid)

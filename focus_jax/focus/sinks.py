@@ -10,17 +10,30 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from focus_jax.decoding import cache as kv
+from focus_jax.kernels.attention_mass import attention_mass
 from focus_jax.kernels.dense_attention import MASK_VALUE
 
 
 def attention_with_sink_scores(q: jax.Array, k: jax.Array, v: jax.Array,
-                               key_valid: jax.Array | None, query_valid: jax.Array):
+                               key_valid: jax.Array | None, query_valid: jax.Array,
+                               prompt_start: jax.Array, prompt_length: int,
+                               attention_impl: str = "auto"):
   """Dense attention that also returns the sink score of every key.
 
-  q [B, A, Hq, D], k/v [B, S, Hkv, D], key_valid [B, S], query_valid [B, A]
-  -> (out [B, A, Hq, D], scores [B, S] float32).
+  q [B, A, Hq, D], k/v [B, S, Hkv, D], key_valid [B, S] (the keys at or after prompt_start),
+  query_valid [B, A] (valid slots first) -> (out [B, A, Hq, D], scores [B, S] float32).
+
+  Where dense attention over the cache is the split-KV kernel (GPU, TPU), this is its two-pass
+  form: the kernel returns each row's log-sum-exp, and `attention_mass` reads K once more for
+  the probabilities' column sums. Elsewhere, one XLA softmax holds the probabilities.
   """
   b, a, hq, d = q.shape
+  if kv.uses_split_kv(k, attention_impl):
+    counts = jnp.sum(query_valid, axis=1, dtype=jnp.int32)
+    out, lse = kv.all_blocks_attention(q, k, v, prompt_start, prompt_length,
+                                       query_counts=counts, return_lse=True)
+    return out, attention_mass(q, k, lse, query_valid.astype(jnp.float32) / hq)
   hkv = k.shape[2]
   qg = q.reshape(b, a, hkv, hq // hkv, d)
   logits = jnp.einsum("bahgd,bshd->bhgas", qg, k, preferred_element_type=jnp.float32,
