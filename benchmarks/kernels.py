@@ -415,6 +415,105 @@ def phase_relevance(block_size: int, rounds: int = 3) -> list[dict]:
   return rows
 
 
+MASS_TILINGS = [(64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 8)]  # (key tile, warps)
+
+
+def phase_mass(rounds: int = 3) -> list[dict]:
+  """The sink layer's column sums (`kernels/attention_mass.py`), 32 queries: the XLA einsum
+  (which transposes the cache for its batched GEMM) against the Pallas kernel that reads K in
+  place, with a sweep of its (key tile, warps); then the whole sink layer
+  (`attention_with_sink_scores`): the one-pass XLA softmax against split-KV attention + mass.
+  LLaDA-8B and Dream-7B layouts at 8K and 32K, and LLaDA at 8K with batch 8.
+  Correctness: max |pallas - xla| / max |xla| with lse over all keys. TB/s over K's bytes."""
+  import jax
+  import jax.numpy as jnp
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from focus_jax.focus import sinks
+  from focus_jax.kernels import attention_mass as am
+  rows = []
+  grid = [("llada8b", 8192, 1), ("llada8b", 8192, 8), ("llada8b", 32768, 1),
+          ("dream7b", 8192, 1), ("dream7b", 32768, 1)]
+  tilings = MASS_TILINGS
+  if SMOKE:
+    grid, tilings = [("dream7b", 512, 1), ("llada8b", 512, 2)], MASS_TILINGS[:2]
+  for layout, ctx, bsz in grid:
+    lay = LAYOUTS[layout]
+    hq, hkv, d = lay["hq"], lay["hkv"], lay["d"]
+    s_len = ctx + GEN
+    layers = 2 if SMOKE else (4 if bsz > 1 else 8)
+    key = jax.random.PRNGKey(0)
+    ks = []
+    for _ in range(layers):
+      k1, key = jax.random.split(key)
+      ks.append(jax.random.normal(k1, (bsz, s_len, hkv, d), jnp.bfloat16))
+    q = jax.random.normal(key, (bsz, 32, hq, d), jnp.bfloat16)
+    logits = jnp.einsum("bthd,bshd->bths", q, jnp.repeat(ks[0], hq // hkv, axis=2),
+                        preferred_element_type=jnp.float32) * d ** -0.5
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    del logits
+    weight = jnp.full((bsz, 32), 1.0 / hq, jnp.float32)
+    p = dict(q=q, ks=ks, vs=ks, idx=lse, cnt=weight, ranges=())
+    passthrough = lambda lse_, w, ranges, s: (lse_, w)
+
+    def mass_layers(impl, **knobs):
+      def layer_fn(qc, ks_, vs_, l_, w_):
+        if impl == "xla":
+          masses = [am.attention_mass(qc, k, l_, w_, implementation="xla") for k in ks_]
+        else:
+          masses = [am.attention_mass_pallas(qc, k, l_, w_, scale=d ** -0.5, interpret=SMOKE,
+                                             **knobs) for k in ks_]
+        return [jnp.zeros_like(qc) + jnp.sum(m) for m in masses]
+      return layer_fn
+
+    def sink_layers(impl):
+      def layer_fn(qc, ks_, vs_, l_, w_):
+        valid = jnp.ones(qc.shape[:2], bool)
+        outs = []
+        for k in ks_:
+          o, sc = sinks.attention_with_sink_scores(
+              qc, k, k, None, valid, jnp.zeros((bsz,), jnp.int32), ctx, attention_impl=impl)
+          outs.append(o + jnp.sum(sc).astype(o.dtype))
+        return outs
+      return layer_fn
+
+    ref = am.attention_mass(q, ks[0], lse, weight, implementation="xla")
+    over = loop_overhead(p)
+    configs = {"xla": mass_layers("xla")}
+    errs = {}
+    for tile, warps in tilings:
+      name = f"pallas_t{tile}_w{warps}"
+      try:
+        out = am.attention_mass_pallas(q, ks[0], lse, weight, scale=d ** -0.5, tile=tile,
+                                       num_warps=warps, interpret=SMOKE)
+        errs[name] = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+        configs[name] = mass_layers("pallas", tile=tile, num_warps=warps)
+      except Exception as e:  # a tiling Triton cannot compile: record it, go on
+        errs[name] = f"{type(e).__name__}: {str(e)[:120]}"
+    default = am.attention_mass(q, ks[0], lse, weight, implementation="pallas_gpu",
+                                interpret=SMOKE)
+    mass_per_row = float(jnp.sum(default)) / bsz  # = 32 queries: each head's row sums to 1
+    configs["sink_xla"] = sink_layers("xla")
+    configs["sink_split"] = sink_layers("auto")
+    times = {name: [] for name in configs}
+    timers = {name: _iteration_timer(passthrough, fn, p) for name, fn in configs.items()}
+    for _ in range(1 if SMOKE else rounds):
+      for name, timer in timers.items():
+        times[name].append((timer()[0] - over) / layers)
+    us = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+    k_bytes = bsz * s_len * hkv * d * 2
+    pallas = {n: t for n, t in us.items() if n.startswith("pallas")}
+    best = min(pallas, key=pallas.get)
+    row = dict(layout=layout, context=ctx, batch=bsz, kv_heads=hkv, keys=s_len, us=us,
+               max_rel_err=errs, mass_per_row=mass_per_row, best_pallas=best,
+               best_pallas_tb_s=k_bytes / (us[best] * 1e-6) / 1e12)
+    print("MASS", json.dumps(row), flush=True)
+    rows.append(row)
+    del ks, p
+  return rows
+
+
 def phase_mgpu_dense(reps: int = 5) -> list[dict]:
   """The refresh's dense attention at 32K: cuDNN against JAX's Mosaic GPU (FA3-style) kernel.
 
@@ -917,6 +1016,8 @@ def main() -> None:
       res["waves"] = phase_waves(sa, a.block_size)
     elif ph == "relevance":
       res["relevance"] = phase_relevance(a.block_size)
+    elif ph == "mass":
+      res["mass"] = phase_mass()
     elif ph == "mgpu_dense":
       res["mgpu_dense"] = phase_mgpu_dense()
     elif ph == "mgpu_sparse":
