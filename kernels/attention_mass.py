@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from focus_jax.kernels.sparse.common import group_queries, group_rows
+from focus_jax.kernels.sparse.common import group_queries
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu")
 
@@ -76,9 +76,9 @@ def _rows(q, lse, query_weight, hkv: int):
   """Grouped rows [B, Hkv, R, D], their lse and weights [B, Hkv, R]; rows that add nothing get
   lse = +inf (exp(. - inf) = 0: no inf * 0)."""
   qg = group_queries(q, hkv)
-  lse_r = group_rows(lse.astype(jnp.float32), hkv)
   w = jnp.broadcast_to(query_weight.astype(jnp.float32)[:, :, None], lse.shape)
-  w_r = group_rows(w, hkv)
+  # [B, T, Hq] -> [B, Hkv, T*G]: the row order of `group_queries`, through a unit feature axis.
+  lse_r, w_r = (group_queries(x[..., None], hkv)[..., 0] for x in (lse.astype(jnp.float32), w))
   lse_r = jnp.where(jnp.isfinite(lse_r) & (w_r != 0), lse_r, jnp.inf)
   return qg, lse_r, jnp.where(jnp.isinf(lse_r), 0.0, w_r)
 

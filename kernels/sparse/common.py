@@ -222,15 +222,17 @@ def group_queries(q: jax.Array, hkv: int) -> jax.Array:
   return q.reshape(b, t, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * g, d)
 
 
-def ungroup_rows(o: jax.Array, t: int, query_counts: jax.Array | None = None) -> jax.Array:
-  """[B, Hkv, T*G, D] -> [B, T, Hq, D]; with `query_counts` [B], queries t >= count are zeros."""
+def ungroup_rows(o: jax.Array, t: int, query_counts: jax.Array | None = None,
+                 fill: float = 0.0) -> jax.Array:
+  """[B, Hkv, T*G, D] -> [B, T, Hq, D]; with `query_counts` [B], queries t >= count are `fill`
+  (zeros for outputs, -inf for a row statistic such as the lse, given with D = 1)."""
   b, hkv, r, d = o.shape
   g = r // t
   out = o.reshape(b, hkv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hkv * g, d)
   if query_counts is None:
     return out
   live = jnp.arange(t)[None, :] < query_counts[:, None]
-  return jnp.where(live[:, :, None, None], out, 0)
+  return jnp.where(live[:, :, None, None], out, fill)
 
 
 def merge_partials(parts: list[Partial], with_lse: bool = False):
@@ -252,27 +254,16 @@ def merge_partials(parts: list[Partial], with_lse: bool = False):
 
 
 def ungroup_lse(lse: jax.Array, t: int, query_counts: jax.Array | None = None) -> jax.Array:
-  """Row statistics [B, Hkv, T*G] -> [B, T, Hq]; queries t >= count get -inf (saw no key)."""
-  b, hkv, r = lse.shape
-  g = r // t
-  out = lse.reshape(b, hkv, t, g).transpose(0, 2, 1, 3).reshape(b, t, hkv * g)
-  if query_counts is None:
-    return out
-  live = jnp.arange(t)[None, :] < query_counts[:, None]
-  return jnp.where(live[:, :, None], out, -jnp.inf)
-
-
-def group_rows(x: jax.Array, hkv: int) -> jax.Array:
-  """Per-(query, head) values [B, T, Hq] -> the rows of `group_queries`: [B, Hkv, T*G]."""
-  b, t, hq = x.shape
-  return x.reshape(b, t, hkv, hq // hkv).transpose(0, 2, 1, 3).reshape(b, hkv, -1)
+  """Row log-sum-exps [B, Hkv, T*G] -> [B, T, Hq]; queries t >= count get -inf (saw no key)."""
+  return ungroup_rows(lse[..., None], t, query_counts, fill=-jnp.inf)[..., 0]
 
 
 def finish(parts: list[Partial], t: int, query_counts, dtype, return_lse: bool):
   """Merged partials as the public output [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq])."""
+  if not return_lse:
+    return ungroup_rows(merge_partials(parts), t, query_counts).astype(dtype)
   out, lse = merge_partials(parts, with_lse=True)
-  out = ungroup_rows(out, t, query_counts).astype(dtype)
-  return (out, ungroup_lse(lse, t, query_counts)) if return_lse else out
+  return ungroup_rows(out, t, query_counts).astype(dtype), ungroup_lse(lse, t, query_counts)
 
 
 def dense_partial(qg: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
