@@ -68,23 +68,37 @@ def random_params(config: C.ModelConfig, seed: int = 0, shardings=None):
 
   Normal(0, 0.02) matrices and unit norm weights, leaf by leaf with the hardware RNG
   ("unsafe_rbg": quality is irrelevant here, speed is not: threefry over 8B values and a Flax
-  init trace each took minutes on an H100), and nothing passes through host memory.
+  init trace each took minutes on an H100), and nothing passes through host memory. One small
+  program per distinct (shape, sharding), not one program making all leaves: compiling that
+  took most of a minute for the 8B on a GPU.
   """
   key = jax.random.key(seed, impl="unsafe_rbg")
   shapes = jax.eval_shape(Transformer(config).init_params, jax.random.key(0))
-  leaves, treedef = jax.tree.flatten(shapes)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  shardings = (jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+               if shardings is not None else [None] * len(flat))
+  if len(shardings) != len(flat):
+    raise ValueError(f"got {len(shardings)} shardings for {len(flat)} parameters")
+  keys = jax.random.split(key, len(flat))
+  out = [_leaf_maker(_leaf_kind(jax.tree_util.keystr(path)), tuple(leaf.shape),
+                     jnp.dtype(leaf.dtype), sh)(k)
+         for (path, leaf), sh, k in zip(flat, shardings, keys)]
+  return jax.tree.unflatten(treedef, out)
 
+
+def _leaf_kind(path: str) -> str:
+  if "norm" in path:
+    return "ones"
+  return "zeros" if path.endswith("['bias']") else "normal"
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_maker(kind: str, shape: tuple[int, ...], dtype, sharding):
   def make(k):
-    keys = jax.random.split(k, len(leaves))
-    out = []
-    for path, leaf, kk in zip(paths, leaves, keys):
-      if "norm" in path:
-        out.append(jnp.ones(leaf.shape, leaf.dtype))
-      elif path.endswith("['bias']"):
-        out.append(jnp.zeros(leaf.shape, leaf.dtype))
-      else:
-        out.append((0.02 * jax.random.normal(kk, leaf.shape, jnp.float32)).astype(leaf.dtype))
-    return jax.tree.unflatten(treedef, out)
+    if kind == "ones":
+      return jnp.ones(shape, dtype)
+    if kind == "zeros":
+      return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+  return jax.jit(make, out_shardings=sharding)
 
-  return jax.jit(make, out_shardings=shardings)(key)
