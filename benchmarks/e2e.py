@@ -37,12 +37,15 @@ flags.DEFINE_list("contexts", ["8192", "32768"], "prompt lengths")
 flags.DEFINE_list("modes", ["dual_cache", "focus"],
                   "decoding modes (vanilla: per step); a mode may carry knobs: "
                   "focus+reuse_prompt_kv=true+refresh_every_blocks=2, and per-variant schedule "
-                  "knobs block=, batch=, threshold= (else --block, --batch, --threshold)")
+                  "knobs block=, batch=, threshold=, matmul= (else --block, --batch, "
+                  "--threshold, --matmul_impl)")
 flags.DEFINE_integer("gen", 256, "generation length")
 flags.DEFINE_integer("steps", 256, "denoising steps")
 flags.DEFINE_integer("block", 32, "block length")
 flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_float("threshold", 0.0, "> 0: threshold parallel decoding")
+flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas_gpu", "auto"],
+                  "ModelConfig.matmul_impl: how the projections' matmuls run")
 flags.DEFINE_integer("repeats", 2, "timed generations per configuration")
 flags.DEFINE_integer("generate_up_to", 1 << 30, "contexts up to this time the whole jitted "
                      "generation; longer ones (64K, 128K: minutes per generation) take tokens/s "
@@ -129,13 +132,13 @@ def save(results):
 
 def main(argv):
   del argv
-  cfg = presets.preset(FLAGS.model)
+  base_cfg = presets.preset(FLAGS.model)
   device = jax.devices()[0]
   gpu = getattr(device, "device_kind", str(device))
   copy_tbps = FLAGS.copy_tbps or (4.3 if "H200" in gpu else 2.88)
   focus_knobs = parse_knobs(FLAGS.focus)
   t0 = time.perf_counter()
-  params = presets.random_params(cfg, 0)
+  params = presets.random_params(base_cfg, 0)
   jax.block_until_ready(params)
   print(f"{gpu}: {FLAGS.model} random params in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
@@ -148,11 +151,13 @@ def main(argv):
       block = int(options.pop("block", FLAGS.block))
       batch = int(options.pop("batch", FLAGS.batch))
       threshold = float(options.pop("threshold", FLAGS.threshold))
+      cfg = base_cfg.replace(matmul_impl=options.pop("matmul", FLAGS.matmul_impl))
       generate = context <= FLAGS.generate_up_to or bool(threshold)
       blocks = FLAGS.gen // block
       row = dict(model=FLAGS.model, gpu=gpu, jax=jax.__version__, context=context,
                  gen=FLAGS.gen, steps=FLAGS.steps, block=block, batch=batch,
                  mode=mode, variant=spec, threshold=threshold or None,
+                 matmul_impl=cfg.matmul_impl,
                  focus=focus_knobs if mode == "focus" else None, repeats=FLAGS.repeats,
                  xla_flags=os.environ.get("XLA_FLAGS") or None)
       rng = np.random.default_rng([context, batch])

@@ -5,6 +5,8 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
   copy   the device copy bandwidth (bytes read + written), the ceiling for the targets
   tune   GPU kernel tilings at 32K, alpha 0.5, 32 queries, both layouts
   waves  the default KV split count (one wave of resident programs) against its neighbours
+  matmul  a cached step's GEMMs (few rows x a large weight): XLA against the weight-streaming
+         Pallas kernel over a sweep of its tilings (`kernels/matmul.py`)
   mgpu_dense  the refresh's dense attention at 32K: cuDNN vs JAX's Mosaic GPU (FA3-style) kernel
   mgpu_sparse  the Mosaic GPU (wgmma + TMA) split-KV sparse kernel: correctness against the
          float32 reference, then 32K timing against pallas_gpu and a sweep of its tiling knobs
@@ -22,6 +24,7 @@ warm-up, `block_until_ready` around each; reported per layer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -514,6 +517,134 @@ def phase_mass(rounds: int = 3) -> list[dict]:
   return rows
 
 
+MATMUL_SHAPES = {  # (K, N) of a cached step's GEMMs; "swiglu": silu(x @ gate) * (x @ up)
+    "llada8b": dict(q_o=(4096, 4096), swiglu=(4096, 12288), gate_up=(4096, 12288),
+                    down=(12288, 4096), lm_head=(4096, 126464)),
+    "dream7b": dict(q_o=(3584, 3584), k_v=(3584, 512), swiglu=(3584, 18944),
+                    down=(18944, 3584), lm_head=(3584, 152064)),
+}
+MATMUL_TILES = ((64, 128), (64, 256), (64, 512), (128, 64), (128, 128), (128, 256), (256, 64),
+                (256, 128))  # (block_n, k_chunk): weight tiles of 16-32K elements (32-64 KB)
+
+
+def matmul_tilings(k: int, n: int, swiglu: bool):
+  """(block_n, k_chunk, programs) grid at 4 warps / 3 stages; `phase_matmul` then sweeps warps
+  and stages around the grid's best. SwiGLU has no K split, so no `programs` axis."""
+  for block_n, k_chunk in MATMUL_TILES:
+    for programs in ((264,) if swiglu else (132, 264, 528)):
+      if n % block_n == 0 and k % k_chunk == 0:
+        yield dict(block_n=block_n, k_chunk=k_chunk, programs=programs, num_stages=3)
+
+
+def phase_matmul(rows: int = 32, impls=("xla", "pallas"), label: str = "", rounds: int = 2,
+                 layouts=None):
+  """The GEMMs of a cached step (`kernels/matmul.py`): `rows` x K times K x N, bf16, and the
+  SwiGLU up-projection (two such weights, silu(gate) * up).
+
+  Each timed layer is y_l = op(x + c, w_l) with c = 1e-30 * y_{l-1}[0, 0]: a chain, as in the
+  model, where every projection's input comes out of an elementwise op (XLA fuses that op into
+  its GEMM; a Pallas call runs it as one more small kernel, so the timing charges it). Every y_l
+  is returned from the loop, so XLA cannot shrink a dot to the element the chain reads. L
+  distinct weights (>= 400 MB in all: no L2 reuse) per iteration of a fori_loop; per op =
+  (t(r=4) - t(r=1)) / 3 / L. TB/s over the weights' bytes."""
+  import jax
+  import jax.numpy as jnp
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from focus_jax.kernels import matmul as mm
+  out = []
+  shapes = [(lay, name, kn) for lay, d in MATMUL_SHAPES.items() for name, kn in d.items()
+            if layouts is None or lay in layouts]
+  if SMOKE:
+    shapes = [("tiny", "square", (512, 256)), ("tiny", "swiglu", (512, 256))]
+  for layout, name, (k, n) in shapes:
+    is_swiglu = name == "swiglu"
+    n_weights = 2 if is_swiglu else 1
+    weight_bytes = n_weights * k * n * 2
+    layers = 2 if SMOKE else max(2, math.ceil(4e8 / weight_bytes))
+    key = jax.random.PRNGKey(0)
+    ws = [tuple(0.05 * jax.random.normal(jax.random.fold_in(key, n_weights * i + j), (k, n),
+                                         jnp.bfloat16) for j in range(n_weights))
+          for i in range(layers)]
+    x = jax.random.normal(key, (rows, k), jnp.bfloat16)
+
+    def chain(op):
+      def run(r, x0, ws_):
+        def body(i, carry):
+          c, _ = carry
+          ys = []
+          for w in ws_:
+            y = op(x0 + c.astype(x0.dtype), *w)
+            c = 1e-30 * y[0, 0].astype(jnp.float32)
+            ys.append(y)
+          return c, tuple(ys)
+        zeros = tuple(jnp.zeros((rows, n), x0.dtype) for _ in ws_)
+        return jax.lax.fori_loop(0, r, body, (jnp.float32(0), zeros))
+      f = jax.jit(run)
+
+      def measure():
+        t1, first = timeit(f, (jnp.int32(1), x, ws), reps=5)
+        t4, _ = timeit(f, (jnp.int32(4), x, ws), reps=5)
+        return (t4 - t1) / 3 / layers, first
+      return measure
+
+    if is_swiglu:
+      xla_op = lambda a, wg, wu: jax.nn.silu(a @ wg) * (a @ wu)
+      pallas_op = lambda t: (lambda a, wg, wu: mm.swiglu_pallas(a, wg, wu, tiling=t,
+                                                                interpret=SMOKE))
+      default = mm.DEFAULT_SWIGLU_TILING
+    else:
+      xla_op = lambda a, w: a @ w
+      pallas_op = lambda t: (lambda a, w: mm.matmul_pallas(a, w, tiling=t, interpret=SMOKE))
+      default = mm.DEFAULT_TILING
+    ref = np.asarray(jax.jit(xla_op)(x, *ws[0]), np.float32)
+    us, errs = {}, {}
+
+    def time_configs(items):
+      timers = {}
+      for nm, fn in items:
+        try:
+          got = np.asarray(jax.jit(fn)(x, *ws[0]), np.float32)
+          errs[nm] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+          timers[nm] = chain(fn)
+        except Exception as e:  # a tiling Triton cannot compile: record it, go on
+          errs[nm] = f"{type(e).__name__}: {str(e)[:160]}"
+      times = {nm: [] for nm in timers}
+      for _ in range(1 if SMOKE else rounds):
+        for nm, timer in timers.items():
+          times[nm].append(timer()[0])
+      us.update({nm: statistics.median(v) * 1e6 for nm, v in times.items()})
+
+    if "xla" in impls:
+      time_configs([("xla", xla_op)])
+    if "pallas" in impls:
+      grid = {f"pallas_n{t['block_n']}_k{t['k_chunk']}_p{t['programs']}": mm.MatmulTiling(**t)
+              for t in matmul_tilings(k, n, is_swiglu)}
+      time_configs([(nm, pallas_op(t)) for nm, t in grid.items()])
+      timed = [nm for nm in grid if nm in us]
+      if timed:  # warps and stages around the best grid point
+        best = grid[min(timed, key=us.get)]
+        extra = []
+        for warps, stages in ((8, 3), (4, 2), (4, 4), (8, 4)):
+          t = dataclasses.replace(best, num_warps=warps, num_stages=stages)
+          extra.append((f"pallas_n{t.block_n}_k{t.k_chunk}_p{t.programs}_w{warps}_s{stages}",
+                        pallas_op(t)))
+        time_configs(extra)
+      if mm.supported((rows, k), (k, n), jnp.bfloat16, default) is None:
+        time_configs([("pallas_default", pallas_op(default))])
+    row = dict(layout=layout, gemm=name, k=k, n=n, rows=rows, layers=layers, label=label,
+               us=us, tb_s={nm: weight_bytes / (v * 1e-6) / 1e12 for nm, v in us.items()},
+               max_rel_err=errs)
+    ranked = sorted(us, key=us.get)
+    row["best"] = ranked[0] if ranked else None
+    print("MATMUL", layout, name, label, " ".join(f"{nm}={us[nm]:.1f}" for nm in ranked[:4]),
+          "| xla", f"{us.get('xla', float('nan')):.1f}", flush=True)
+    out.append(row)
+    del ws
+  return out
+
+
 def phase_mgpu_dense(reps: int = 5) -> list[dict]:
   """The refresh's dense attention at 32K: cuDNN against JAX's Mosaic GPU (FA3-style) kernel.
 
@@ -902,6 +1033,11 @@ def summary(res: dict) -> None:
       c = c if isinstance(c, str) else " ".join(f"{k[:6]}={int(v)}" for k, v in c.items())
       print(f"tune {r['layout']:8} {r.get('impl', ''):10} {r.get('us', float('nan')):8.1f} us "
             f"{r.get('tb_s', float('nan')):5.2f} TB/s  {c} {r.get('error', '')[:80]}")
+  for r in res.get("matmul", []):
+    us, tb = r["us"], r["tb_s"]
+    line = " ".join(f"{nm} {us[nm]:.1f} us {tb[nm]:.2f} TB/s" for nm in
+                    ("xla", r["best"], "pallas_default") if nm in us)
+    print(f"matmul {r['layout']:8} {r['gemm']:8} {r['label']:8} {line}")
   if "sweep" in res:
     print(f"{'layout':8} {'ctx':>6} {'a':>4} {'T':>3} {'kern us':>8} {'TB/s':>5} {'xla us':>8} "
           f"{'x xla':>6} {'e2e us':>7} {'xlae2e':>7} {'cudnn us':>8} {'x dense':>7}")
@@ -972,7 +1108,11 @@ def main() -> None:
   ap.add_argument("--mgpu-parts", default="check,time,sweep",
                   help="mgpu_sparse: comma-separated parts among check, time, sweep")
   ap.add_argument("--mgpu-layouts", default=None,
-                  help="mgpu_sparse: comma-separated layouts to time (default: all)")
+                  help="mgpu_sparse, matmul: comma-separated layouts to time (default: all)")
+  ap.add_argument("--matmul-impls", default="xla,pallas",
+                  help="matmul: among xla, pallas")
+  ap.add_argument("--matmul-label", default="",
+                  help="matmul: recorded with each row (e.g. the XLA_FLAGS of the run)")
   a = ap.parse_args()
   global CTXS, TUNE_SET
   TUNE_SET = a.tune_set
@@ -1018,6 +1158,9 @@ def main() -> None:
       res["relevance"] = phase_relevance(a.block_size)
     elif ph == "mass":
       res["mass"] = phase_mass()
+    elif ph == "matmul":
+      res["matmul"] = phase_matmul(impls=a.matmul_impls.split(","), label=a.matmul_label,
+                                   layouts=a.mgpu_layouts and a.mgpu_layouts.split(","))
     elif ph == "mgpu_dense":
       res["mgpu_dense"] = phase_mgpu_dense()
     elif ph == "mgpu_sparse":

@@ -39,6 +39,7 @@ flags.DEFINE_integer("top", 25, "kernels listed per mode")
 flags.DEFINE_string("dump_dir", None, "keep XLA's dumped modules here (default: a temporary "
                     "folder)")
 flags.DEFINE_string("out", "benchmarks/results/profile_step.json", "JSON output")
+flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas_gpu", "auto"], "ModelConfig.matmul_impl")
 
 
 def main(argv):
@@ -47,7 +48,7 @@ def main(argv):
   dump_dir = FLAGS.dump_dir or tempfile.mkdtemp()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
-  cfg = presets.preset(FLAGS.model)
+  cfg = presets.preset(FLAGS.model).replace(matmul_impl=FLAGS.matmul_impl)
   params = presets.random_params(cfg, 0)
   prompt = jnp.zeros((FLAGS.batch, FLAGS.context), jnp.int32) + 7
   canvas = loop.make_canvas(prompt, None, 256, 32, cfg.mask_token_id)

@@ -51,7 +51,16 @@ class ModelConfig:
   # "positions_and_queries": Dream, positions are cumsum(mask)-1 and pad queries are masked too.
   padding: Literal["key_only", "positions_and_queries"] = "key_only"
 
+  # --- execution (not architecture) ---------------------------------------------------------
+  # How the projections' matmuls run (`kernels/matmul.py`): "xla"; "pallas_gpu", a
+  # weight-streaming Pallas kernel for calls of few rows (a cached step's query slots), XLA for
+  # the rest; "auto", the Pallas kernel on a single GPU, XLA otherwise.
+  matmul_impl: Literal["xla", "pallas_gpu", "auto"] = "xla"
+
   def __post_init__(self):
+    if self.matmul_impl not in ("xla", "pallas_gpu", "auto"):
+      raise ValueError(f"matmul_impl must be 'xla', 'pallas_gpu' or 'auto', got "
+                       f"{self.matmul_impl!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     if self.n_heads % self.n_kv_heads:

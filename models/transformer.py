@@ -17,6 +17,8 @@ mutable module state.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Sequence
 
 import chex
@@ -24,10 +26,38 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from focus_jax.kernels import matmul
 from focus_jax.models.attention import Attention, check_qkv
 from focus_jax.models.config import ModelConfig
 
 _init = nn.initializers.normal(stddev=0.02)
+
+
+def _streams(implementation: str, x: jax.Array, w_shape) -> bool:
+  """Whether this projection runs in the weight-streaming Pallas kernels (`kernels/matmul.py`):
+  asked for, a plain bf16 call of few rows (a cached step) on shapes the kernels serve. A refresh
+  (thousands of rows) and float32 stay on XLA; "auto" streams on a single GPU only (a sharded
+  weight would have to be gathered for a custom call)."""
+  if implementation == "auto":
+    implementation = ("pallas_gpu" if jax.default_backend() == "gpu" and jax.device_count() == 1
+                      else "xla")
+  rows = math.prod(x.shape[:-1])
+  return (implementation == "pallas_gpu"
+          and matmul.supported((rows, x.shape[-1]), w_shape, x.dtype) is None)
+
+
+def _interpret() -> bool:
+  return jax.default_backend() != "gpu"  # off a GPU (tests) the kernels run interpreted
+
+
+def _matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, *, implementation: str):
+  """nn.Dense's contraction, streamed through `kernels.matmul` where `_streams` says so."""
+  (contract_lhs, contract_rhs), batch = dimension_numbers
+  plain = (tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,)
+           and not batch[0] and rhs.ndim == 2 and lhs.dtype == rhs.dtype)
+  if not (plain and _streams(implementation, lhs, rhs.shape)):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
+  return matmul.matmul(lhs, rhs, implementation="pallas_gpu", interpret=_interpret())
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -66,13 +96,37 @@ class RMSNorm(nn.Module):
     return weight * xf.astype(self.dtype)
 
 
-def _dense(features: int, axes: tuple[str, str], dtype, name: str, bias_axis: str | None = None):
+def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
+           bias_axis: str | None = None):
+  dtype = cfg.jnp_dtype
   return nn.Dense(
       features, use_bias=bias_axis is not None, dtype=dtype, param_dtype=dtype, name=name,
+      dot_general=None if cfg.matmul_impl == "xla" else functools.partial(
+          _matmul_dot_general, implementation=cfg.matmul_impl),
       kernel_init=nn.with_logical_partitioning(_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                              (bias_axis,) if bias_axis else (None,)),
       precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+
+
+class _Kernel(nn.Module):
+  """A bias-free projection's weight [in, features], named and initialised as nn.Dense's
+  "kernel" (same parameter tree), for projections computed outside nn.Dense."""
+  features: int
+  axes: tuple[str, str]
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, in_features: int) -> jax.Array:
+    dt = self.config.jnp_dtype
+    return self.param("kernel", nn.with_logical_partitioning(_init, self.axes),
+                      (in_features, self.features), dt)
+
+
+def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w as nn.Dense computes it (float32 at HIGHEST precision)."""
+  precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
 class Block(nn.Module):
@@ -93,9 +147,9 @@ class Block(nn.Module):
     bias_kv = "kv_heads" if cfg.qkv_bias else None
     x = rows(x)  # the residual stream continues for the output rows only
     t = x.shape[1]
-    q = _dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), dt, "q_proj", bias_q)(rows(h))
-    k = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), dt, "k_proj", bias_kv)(h)
-    v = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), dt, "v_proj", bias_kv)(h)
+    q = _dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), cfg, "q_proj", bias_q)(rows(h))
+    k = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "k_proj", bias_kv)(h)
+    v = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "v_proj", bias_kv)(h)
     q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
     k = k.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
     v = v.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
@@ -106,12 +160,16 @@ class Block(nn.Module):
                                         query_rows=output_rows)
     chex.assert_shape(out, (b, t, cfg.n_heads, cfg.head_dim))
     out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
-    x = x + _dense(cfg.d_model, ("heads", "embed"), dt, "o_proj")(out)
+    x = x + _dense(cfg.d_model, ("heads", "embed"), cfg, "o_proj")(out)
 
     h = RMSNorm(cfg.rms_eps, dt, name="mlp_norm")(x)
-    gate = _dense(cfg.mlp_hidden, ("embed", "mlp"), dt, "gate_proj")(h)
-    up = _dense(cfg.mlp_hidden, ("embed", "mlp"), dt, "up_proj")(h)
-    x = x + _dense(cfg.d_model, ("mlp", "embed"), dt, "down_proj")(nn.silu(gate) * up)
+    w_gate = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="gate_proj")(cfg.d_model)
+    w_up = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="up_proj")(cfg.d_model)
+    if _streams(cfg.matmul_impl, h, w_gate.shape):  # both weights in one pass, silu fused
+      act = matmul.swiglu(h, w_gate, w_up, implementation="pallas_gpu", interpret=_interpret())
+    else:
+      act = nn.silu(_dot(h, w_gate)) * _dot(h, w_up)
+    x = x + _dense(cfg.d_model, ("mlp", "embed"), cfg, "down_proj")(act)
     return x, layer_state, carry
 
 
@@ -136,7 +194,7 @@ class Transformer(nn.Module):
                           embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
     self.layers = [Block(cfg, i) for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.rms_eps, cfg.jnp_dtype)
-    self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg.jnp_dtype, "lm_head")
+    self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attention: Attention,
                layer_states: Sequence[Any] | None = None, carry: Any = None,

@@ -1,0 +1,151 @@
+"""kernels.matmul: the weight-streaming Pallas kernels (interpret mode) against float64, their
+shape rules and errors, and the model's `matmul_impl` (which projections stream, parity)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from focus_jax.kernels import matmul as mm
+from focus_jax.models import config as C
+from focus_jax.models.attention import SelfAttention
+from focus_jax.models.transformer import Transformer
+
+T = mm.MatmulTiling
+
+
+def _operands(seed, m, k, n, dtype=jnp.bfloat16, weights=1):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  ws = [jnp.asarray(0.05 * rng.standard_normal((k, n)), dtype) for _ in range(weights)]
+  as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+  return x, ws, as64
+
+
+def _close(got, want):
+  """Within the output dtype's rounding (bf16: 2^-8 relative) plus a sliver of the scale."""
+  got = np.asarray(got.astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(got, want, rtol=8e-3, atol=2e-3 * np.max(np.abs(want)))
+
+
+# (m, k, n, tiling): one split; several splits with a short last one (5 chunks over 3 splits:
+# 2, 2, 1); rows padded (1 -> 16, 33 -> 64); the most rows served; float16.
+MATMUL_CASES = [
+    (32, 512, 256, T(block_n=128, k_chunk=128, programs=2)),
+    (7, 640, 128, T(block_n=64, k_chunk=128, programs=6)),
+    (1, 256, 64, T(block_n=64, k_chunk=64, programs=1)),
+    (33, 384, 192, T(block_n=64, k_chunk=128, programs=9)),
+    (64, 256, 128, T(block_n=32, k_chunk=32, programs=64)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(MATMUL_CASES)))
+def test_matmul_matches_float64(case):
+  m, k, n, tiling = MATMUL_CASES[case]
+  x, (w,), as64 = _operands(case, m, k, n)
+  got = jax.jit(functools.partial(mm.matmul, implementation="pallas_gpu", tiling=tiling,
+                                  interpret=True))(x, w)
+  assert got.shape == (m, n) and got.dtype == x.dtype
+  _close(got, as64(x) @ as64(w))
+
+
+def test_matmul_float16_and_leading_axes():
+  x, (w,), as64 = _operands(9, 12, 256, 128, jnp.float16)
+  x3 = x.reshape(2, 6, 256)
+  got = mm.matmul(x3, w, implementation="pallas_gpu", tiling=T(block_n=64, k_chunk=64),
+                  interpret=True)
+  assert got.shape == (2, 6, 128) and got.dtype == jnp.float16
+  _close(got.reshape(12, 128), as64(x) @ as64(w))
+
+
+@pytest.mark.parametrize("m,n,tiling", [(20, 256, T(block_n=64, k_chunk=128)),
+                                        (3, 128, T(block_n=128, k_chunk=64))])
+def test_swiglu_matches_float64(m, n, tiling):
+  x, (wg, wu), as64 = _operands(m, m, 384, n, weights=2)
+  got = jax.jit(functools.partial(mm.swiglu, implementation="pallas_gpu", tiling=tiling,
+                                  interpret=True))(x, wg, wu)
+  g, u = as64(x) @ as64(wg), as64(x) @ as64(wu)
+  _close(got, g / (1 + np.exp(-g)) * u)
+  _close(mm.swiglu(x, wg, wu, implementation="xla"), g / (1 + np.exp(-g)) * u)
+
+
+def test_split_count_fills_the_target_grid_without_empty_splits():
+  # 4096 columns / 128 = 32 tiles; 264 programs -> 8 splits of 12288 / 128 = 96 chunks.
+  assert mm.split_count(12288, 4096, T(block_n=128, k_chunk=128, programs=264)) == 8
+  # Wide N: one split. Few chunks: at most one split per chunk.
+  assert mm.split_count(4096, 126464, T()) == 1
+  assert mm.split_count(256, 128, T(block_n=128, k_chunk=128, programs=100)) == 2
+
+
+def test_supported_names_what_it_cannot_serve():
+  assert mm.supported((32, 4096), (4096, 4096), jnp.bfloat16) is None
+  assert "rows" in mm.supported((65, 4096), (4096, 4096), jnp.bfloat16)
+  assert "float32" in mm.supported((32, 4096), (4096, 4096), jnp.float32)
+  assert "block_n" in mm.supported((32, 4096), (4096, 4000), jnp.bfloat16)
+  assert "k_chunk" in mm.supported((32, 4000), (4000, 4096), jnp.bfloat16)
+
+
+def test_bad_input_is_refused_early():
+  x, (w,), _ = _operands(0, 8, 256, 128)
+  with pytest.raises(ValueError, match="power of two"):
+    mm.matmul_pallas(x, w, tiling=T(block_n=96), interpret=True)
+  with pytest.raises(ValueError, match="cannot run this: .*rows"):
+    mm.matmul_pallas(jnp.zeros((100, 256), jnp.bfloat16), w, interpret=True)
+  with pytest.raises(ValueError, match="does not match"):
+    mm.matmul(x, jnp.zeros((128, 128), jnp.bfloat16))
+  with pytest.raises(ValueError, match="share a dtype"):
+    mm.matmul(x, w.astype(jnp.float32))
+  with pytest.raises(ValueError, match="implementation"):
+    mm.matmul(x, w, implementation="cublas")
+
+
+def _kernel_sized(dtype="bfloat16", matmul_impl="xla"):
+  """A tiny LLaDA whose every projection (and the LM head) has kernel-sized dims."""
+  return C.llada_family(vocab_size=256, d_model=256, n_layers=2, n_heads=2, n_kv_heads=2,
+                        head_dim=128, mlp_hidden=512, rms_eps=1e-5, rope_theta=10000.0,
+                        max_sequence_length=512, mask_token_id=255, eos_token_id=254,
+                        dtype=dtype, matmul_impl=matmul_impl)
+
+
+def _forward(cfg, params, length):
+  tokens = (jnp.arange(length)[None] * 7) % 250
+  hidden, _, _ = Transformer(cfg).apply({"params": params}, tokens, jnp.arange(length)[None],
+                                        SelfAttention())
+  return Transformer(cfg).apply({"params": params}, hidden, method=Transformer.logits)
+
+
+def test_model_streams_few_row_calls_and_matches_xla():
+  """matmul_impl="pallas_gpu": a 32-row call runs every projection, the fused SwiGLU and the LM
+  head in Pallas (one pallas_call per layer's q, k, v, o, swiglu, down, plus the head) and
+  matches XLA; a 128-row call stays on XLA."""
+  cfg = _kernel_sized()
+  params = Transformer(cfg).init_params(jax.random.key(0))
+  streamed = cfg.replace(matmul_impl="pallas_gpu")
+  jaxpr = str(jax.make_jaxpr(functools.partial(_forward, streamed, length=32))(params))
+  assert jaxpr.count("pallas_call") == cfg.n_layers * 6 + 1
+  assert "swiglu_up" in jaxpr
+  long_jaxpr = str(jax.make_jaxpr(functools.partial(_forward, streamed, length=128))(params))
+  assert "pallas_call" not in long_jaxpr
+  want = np.asarray(_forward(cfg, params, 32))
+  got = np.asarray(_forward(streamed, params, 32))
+  np.testing.assert_allclose(got, want, atol=0.05 * np.max(np.abs(want)))
+  assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) > 0.9
+
+
+def test_float32_models_never_stream():
+  cfg = _kernel_sized("float32", "pallas_gpu")
+  params = Transformer(cfg).init_params(jax.random.key(0))
+  assert "pallas_call" not in str(jax.make_jaxpr(functools.partial(_forward, cfg, length=32))(
+      params))
+
+
+def test_config_validates_and_round_trips_matmul_impl():
+  with pytest.raises(ValueError, match="matmul_impl"):
+    _kernel_sized(matmul_impl="cublas")
+  cfg = _kernel_sized(matmul_impl="auto")
+  assert C.ModelConfig.from_json(cfg.to_json()) == cfg
