@@ -44,7 +44,7 @@ flags.DEFINE_integer("steps", 256, "denoising steps")
 flags.DEFINE_integer("block", 32, "block length")
 flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_float("threshold", 0.0, "> 0: threshold parallel decoding")
-flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas_gpu", "auto"],
+flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas_gpu", "auto", "pallas_gpu_mlp"],
                   "ModelConfig.matmul_impl: how the projections' matmuls run")
 flags.DEFINE_integer("repeats", 2, "timed generations per configuration")
 flags.DEFINE_integer("generate_up_to", 1 << 30, "contexts up to this time the whole jitted "

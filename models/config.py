@@ -54,12 +54,13 @@ class ModelConfig:
   # --- execution (not architecture) ---------------------------------------------------------
   # How the projections' matmuls run (`kernels/matmul.py`): "xla"; "pallas_gpu", a
   # weight-streaming Pallas kernel for calls of few rows (a cached step's query slots), XLA for
-  # the rest; "auto", the Pallas kernel on a single GPU, XLA otherwise.
-  matmul_impl: Literal["xla", "pallas_gpu", "auto"] = "xla"
+  # the rest; "pallas_gpu_mlp", only the fused SwiGLU up-projection streams; "auto", the Pallas
+  # kernels on a single GPU, XLA otherwise.
+  matmul_impl: Literal["xla", "pallas_gpu", "auto", "pallas_gpu_mlp"] = "xla"
 
   def __post_init__(self):
-    if self.matmul_impl not in ("xla", "pallas_gpu", "auto"):
-      raise ValueError(f"matmul_impl must be 'xla', 'pallas_gpu' or 'auto', got "
+    if self.matmul_impl not in ("xla", "pallas_gpu", "auto", "pallas_gpu_mlp"):
+      raise ValueError("matmul_impl must be 'xla', 'pallas_gpu', 'pallas_gpu_mlp' or 'auto', got "
                        f"{self.matmul_impl!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")

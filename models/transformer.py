@@ -101,7 +101,7 @@ def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
   dtype = cfg.jnp_dtype
   return nn.Dense(
       features, use_bias=bias_axis is not None, dtype=dtype, param_dtype=dtype, name=name,
-      dot_general=None if cfg.matmul_impl == "xla" else functools.partial(
+      dot_general=None if cfg.matmul_impl in ("xla", "pallas_gpu_mlp") else functools.partial(
           _matmul_dot_general, implementation=cfg.matmul_impl),
       kernel_init=nn.with_logical_partitioning(_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
@@ -165,7 +165,8 @@ class Block(nn.Module):
     h = RMSNorm(cfg.rms_eps, dt, name="mlp_norm")(x)
     w_gate = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="gate_proj")(cfg.d_model)
     w_up = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="up_proj")(cfg.d_model)
-    if _streams(cfg.matmul_impl, h, w_gate.shape):  # both weights in one pass, silu fused
+    mlp_impl = "pallas_gpu" if cfg.matmul_impl == "pallas_gpu_mlp" else cfg.matmul_impl
+    if _streams(mlp_impl, h, w_gate.shape):  # both weights in one pass, silu fused
       act = matmul.swiglu(h, w_gate, w_up, implementation="pallas_gpu", interpret=_interpret())
     else:
       act = nn.silu(_dot(h, w_gate)) * _dot(h, w_up)

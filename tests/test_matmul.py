@@ -137,6 +137,13 @@ def test_model_streams_few_row_calls_and_matches_xla():
   assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) > 0.9
 
 
+def test_mlp_only_streams_just_the_swiglu():
+  cfg = _kernel_sized(matmul_impl="pallas_gpu_mlp")
+  params = Transformer(cfg).init_params(jax.random.key(0))
+  jaxpr = str(jax.make_jaxpr(functools.partial(_forward, cfg, length=32))(params))
+  assert jaxpr.count("pallas_call") == cfg.n_layers == jaxpr.count("swiglu_up")
+
+
 def test_float32_models_never_stream():
   cfg = _kernel_sized("float32", "pallas_gpu")
   params = Transformer(cfg).init_params(jax.random.key(0))
