@@ -108,17 +108,22 @@ def _kernel(x_ref, w_ref, out_ref, *, k_chunk: int, chunks_per_split: int, chunk
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
+def _padded_rows(x: jax.Array, w_shape, tiling: MatmulTiling, what: str) -> jax.Array:
+  """Checks the call and pads x's rows to a Triton dot's side (padded rows are discarded)."""
+  _check_tiling(tiling)
+  why = supported(x.shape, w_shape, x.dtype, tiling)
+  if why:
+    raise ValueError(f"pallas_gpu {what} cannot run this: {why}")
+  m = x.shape[0]
+  rows = max(16, pl.next_power_of_2(m))
+  return jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
+
+
 def matmul_pallas(x: jax.Array, w: jax.Array, *, tiling: MatmulTiling = DEFAULT_TILING,
                   interpret: bool = False) -> jax.Array:
   """x [M, K] @ w [K, N] -> [M, N] in x's dtype, float32 accumulation."""
-  _check_tiling(tiling)
-  why = supported(x.shape, w.shape, x.dtype, tiling)
-  if why:
-    raise ValueError(f"pallas_gpu matmul cannot run this: {why}")
-  m, k = x.shape
-  n = w.shape[1]
-  rows = max(16, pl.next_power_of_2(m))  # a Triton dot's side; padded rows are discarded
-  xp = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
+  xp = _padded_rows(x, w.shape, tiling, "matmul")
+  (m, k), rows, n = x.shape, xp.shape[0], w.shape[1]
   chunks = k // tiling.k_chunk
   splits = split_count(k, n, tiling)
   per_split = -(-chunks // splits)
@@ -167,15 +172,9 @@ def swiglu_pallas(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, *,
   """silu(x @ w_gate) * (x @ w_up) [M, F] in one pass over both weights: each program streams
   the same columns of the two, so a SwiGLU up-projection is one launch with no K split (F is
   wide) and the gate never goes to HBM."""
-  _check_tiling(tiling)
   chex.assert_equal_shape([w_gate, w_up])
-  why = supported(x.shape, w_gate.shape, x.dtype, tiling)
-  if why:
-    raise ValueError(f"pallas_gpu swiglu cannot run this: {why}")
-  m, k = x.shape
-  n = w_gate.shape[1]
-  rows = max(16, pl.next_power_of_2(m))
-  xp = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
+  xp = _padded_rows(x, w_gate.shape, tiling, "swiglu")
+  (m, k), rows, n = x.shape, xp.shape[0], w_gate.shape[1]
   kernel = functools.partial(_swiglu_kernel, k_chunk=tiling.k_chunk, chunks=k // tiling.k_chunk,
                              block_n=tiling.block_n)
   whole = lambda j: (0, 0)
