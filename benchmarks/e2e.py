@@ -26,6 +26,7 @@ import numpy as np
 
 from focus_jax import memory, presets, step_timing
 from focus_jax.decoding import make_denoiser
+from focus_jax.models.config import MATMUL_IMPLS
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning
 from focus_jax.sampling import generate_tokens, loop
@@ -44,7 +45,7 @@ flags.DEFINE_integer("steps", 256, "denoising steps")
 flags.DEFINE_integer("block", 32, "block length")
 flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_float("threshold", 0.0, "> 0: threshold parallel decoding")
-flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas_gpu", "auto", "pallas_gpu_mlp"],
+flags.DEFINE_enum("matmul_impl", "xla", list(MATMUL_IMPLS),
                   "ModelConfig.matmul_impl: how the projections' matmuls run")
 flags.DEFINE_integer("repeats", 2, "timed generations per configuration")
 flags.DEFINE_integer("generate_up_to", 1 << 30, "contexts up to this time the whole jitted "

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from focus_jax import presets, step_timing
 from focus_jax.decoding import make_denoiser
+from focus_jax.models.config import MATMUL_IMPLS
 from focus_jax.sampling import loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ flags.DEFINE_integer("top", 25, "kernels listed per mode")
 flags.DEFINE_string("dump_dir", None, "keep XLA's dumped modules here (default: a temporary "
                     "folder)")
 flags.DEFINE_string("out", "benchmarks/results/profile_step.json", "JSON output")
-flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas_gpu", "auto"], "ModelConfig.matmul_impl")
+flags.DEFINE_enum("matmul_impl", "xla", list(MATMUL_IMPLS), "ModelConfig.matmul_impl")
 
 
 def main(argv):

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 
 Family = Literal["llada", "dream"]
 
+# ModelConfig.matmul_impl's choices (benchmarks list them in their flags).
+MATMUL_IMPLS = ("xla", "pallas_gpu", "auto", "pallas_gpu_mlp")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -59,9 +61,8 @@ class ModelConfig:
   matmul_impl: Literal["xla", "pallas_gpu", "auto", "pallas_gpu_mlp"] = "xla"
 
   def __post_init__(self):
-    if self.matmul_impl not in ("xla", "pallas_gpu", "auto", "pallas_gpu_mlp"):
-      raise ValueError("matmul_impl must be 'xla', 'pallas_gpu', 'pallas_gpu_mlp' or 'auto', got "
-                       f"{self.matmul_impl!r}")
+    if self.matmul_impl not in MATMUL_IMPLS:
+      raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got {self.matmul_impl!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     if self.n_heads % self.n_kv_heads:

@@ -17,7 +17,6 @@ mutable module state.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -33,14 +32,29 @@ from focus_jax.models.config import ModelConfig
 _init = nn.initializers.normal(stddev=0.02)
 
 
+def _single_gpu_capability() -> float | None:
+  """The CUDA compute capability of the only device when it is a GPU, else None."""
+  if jax.default_backend() != "gpu" or jax.device_count() != 1:
+    return None
+  return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+
+
+def _resolved(implementation: str) -> str:
+  """ModelConfig.matmul_impl with "auto" resolved: "pallas_gpu_mlp" on a single GPU with bf16
+  tensor cores (compute capability >= 8.0), else "xla". On an H200 streaming the SwiGLU alone won
+  every same-machine A/B of the LLaDA-8B 8K Focus step (`kernels/matmul.py`); streaming every
+  projection lost. A sharded weight would have to be gathered for a custom call, so
+  multi-device runs stay on XLA."""
+  if implementation != "auto":
+    return implementation
+  capability = _single_gpu_capability()
+  return "pallas_gpu_mlp" if capability is not None and capability >= 8.0 else "xla"
+
+
 def _streams(implementation: str, x: jax.Array, w_shape) -> bool:
-  """Whether this projection runs in the weight-streaming Pallas kernels (`kernels/matmul.py`):
-  asked for, a plain bf16 call of few rows (a cached step) on shapes the kernels serve. A refresh
-  (thousands of rows) and float32 stay on XLA; "auto" streams on a single GPU only (a sharded
-  weight would have to be gathered for a custom call)."""
-  if implementation == "auto":
-    implementation = ("pallas_gpu" if jax.default_backend() == "gpu" and jax.device_count() == 1
-                      else "xla")
+  """Whether a projection asked to stream ("pallas_gpu") runs in the weight-streaming Pallas
+  kernels (`kernels/matmul.py`): a plain bf16 call of few rows (a cached step) on shapes the
+  kernels serve. A refresh (thousands of rows) and float32 stay on XLA."""
   rows = math.prod(x.shape[:-1])
   return (implementation == "pallas_gpu"
           and matmul.supported((rows, x.shape[-1]), w_shape, x.dtype) is None)
@@ -50,12 +64,12 @@ def _interpret() -> bool:
   return jax.default_backend() != "gpu"  # off a GPU (tests) the kernels run interpreted
 
 
-def _matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, *, implementation: str):
+def _streamed_dot_general(lhs, rhs, dimension_numbers, precision=None):
   """nn.Dense's contraction, streamed through `kernels.matmul` where `_streams` says so."""
   (contract_lhs, contract_rhs), batch = dimension_numbers
   plain = (tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,)
            and not batch[0] and rhs.ndim == 2 and lhs.dtype == rhs.dtype)
-  if not (plain and _streams(implementation, lhs, rhs.shape)):
+  if not (plain and _streams("pallas_gpu", lhs, rhs.shape)):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
   return matmul.matmul(lhs, rhs, implementation="pallas_gpu", interpret=_interpret())
 
@@ -101,8 +115,7 @@ def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
   dtype = cfg.jnp_dtype
   return nn.Dense(
       features, use_bias=bias_axis is not None, dtype=dtype, param_dtype=dtype, name=name,
-      dot_general=None if cfg.matmul_impl in ("xla", "pallas_gpu_mlp") else functools.partial(
-          _matmul_dot_general, implementation=cfg.matmul_impl),
+      dot_general=_streamed_dot_general if _resolved(cfg.matmul_impl) == "pallas_gpu" else None,
       kernel_init=nn.with_logical_partitioning(_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                              (bias_axis,) if bias_axis else (None,)),
@@ -165,8 +178,8 @@ class Block(nn.Module):
     h = RMSNorm(cfg.rms_eps, dt, name="mlp_norm")(x)
     w_gate = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="gate_proj")(cfg.d_model)
     w_up = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="up_proj")(cfg.d_model)
-    mlp_impl = "pallas_gpu" if cfg.matmul_impl == "pallas_gpu_mlp" else cfg.matmul_impl
-    if _streams(mlp_impl, h, w_gate.shape):  # both weights in one pass, silu fused
+    streamed = _resolved(cfg.matmul_impl) in ("pallas_gpu", "pallas_gpu_mlp")
+    if _streams("pallas_gpu" if streamed else "xla", h, w_gate.shape):  # both weights in one pass, silu fused
       act = matmul.swiglu(h, w_gate, w_up, implementation="pallas_gpu", interpret=_interpret())
     else:
       act = nn.silu(_dot(h, w_gate)) * _dot(h, w_up)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from focus_jax.kernels import matmul as mm
 from focus_jax.models import config as C
 from focus_jax.models.attention import SelfAttention
+from focus_jax.models import transformer
 from focus_jax.models.transformer import Transformer
 
 T = mm.MatmulTiling
@@ -142,6 +143,17 @@ def test_mlp_only_streams_just_the_swiglu():
   params = Transformer(cfg).init_params(jax.random.key(0))
   jaxpr = str(jax.make_jaxpr(functools.partial(_forward, cfg, length=32))(params))
   assert jaxpr.count("pallas_call") == cfg.n_layers == jaxpr.count("swiglu_up")
+
+
+@pytest.mark.parametrize("capability, swiglus", [(None, 0), (7.5, 0), (8.0, 2), (9.0, 2)])
+def test_auto_streams_the_swiglu_on_one_recent_gpu(monkeypatch, capability, swiglus):
+  """"auto": the SwiGLU streams on a single GPU of compute capability >= 8.0 (bf16 tensor
+  cores), nothing else streams; off a GPU (None) or on an older one, all XLA."""
+  monkeypatch.setattr(transformer, "_single_gpu_capability", lambda: capability)
+  cfg = _kernel_sized(matmul_impl="auto")
+  params = Transformer(cfg).init_params(jax.random.key(0))
+  jaxpr = str(jax.make_jaxpr(functools.partial(_forward, cfg, length=32))(params))
+  assert jaxpr.count("pallas_call") == swiglus == jaxpr.count("swiglu_up")
 
 
 def test_float32_models_never_stream():
