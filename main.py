@@ -60,7 +60,8 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
-  model = focus_jax.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh)
+  model = focus_jax.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
+                         matmul_impl=cfg.matmul_impl)
   example = None
   if cfg.task:
     prompt, mask, example = _task_prompt(cfg, model)

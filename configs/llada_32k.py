@@ -16,4 +16,5 @@ def get_config():
   c.gen_length = 256
   c.steps = 256
   c.block_length = 32
+  c.matmul_impl = "auto"  # SwiGLU streamed on one GPU: H200 8K Focus step 6.04-6.08 vs 6.36 ms
   return c

@@ -38,18 +38,21 @@ class Model:
 
 
 def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
-         mesh: jax.sharding.Mesh | None = None) -> Model:
+         mesh: jax.sharding.Mesh | None = None, matmul_impl: str | None = None) -> Model:
   """A preset name (random weights: "tiny", "llada_8b", "ultra_llada", "dream_7b") or the path
-  of a converted checkpoint or a Hugging Face directory."""
+  of a converted checkpoint or a Hugging Face directory. `matmul_impl` overrides the config's
+  `ModelConfig.matmul_impl` (how a cached step's projections run; "auto" suits LLaDA-8B)."""
   mesh = mesh or sharding.make_mesh()
+  with_impl = lambda c: c if matmul_impl is None else c.replace(matmul_impl=matmul_impl)
   if source in presets.PRESETS:
-    config = presets.preset(source, dtype)
+    config = with_impl(presets.preset(source, dtype))
     params = presets.random_params(config, seed, sharding.param_shardings(config, mesh))
     tokenizer = presets.tiny_tokenizer() if source == "tiny" else None
     return Model(config, params, tokenizer, name=f"{source} (random weights)", mesh=mesh)
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
   from focus_jax.checkpoints_convert import load_model  # pylint: disable=g-import-not-at-top
   config, params = load_model(source, mesh=mesh, dtype=dtype)
+  config = with_impl(config)
   try:
     tokenizer = tokenization.load_tokenizer(source)
   except FileNotFoundError as e:  # weights shipped without tokenizer files

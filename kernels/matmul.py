@@ -16,18 +16,19 @@ projections: 4096 columns are 32 tiles of 128, too few programs to keep every SM
 float32 accumulators. "xla" is `lax.dot_general`. "auto" picks "pallas_gpu" on GPU for shapes it
 serves (see `supported`), else "xla".
 
-**Measured (H200, 2026-12-03), not adopted.** Kernel alone, 32 rows, chained as in a model
+**Measured (H200, 2026-12-03).** Kernel alone, 32 rows, chained as in a model
 (`benchmarks/kernels.py --phases matmul`, `benchmarks/results/kernels_h200_matmul.json`): the
 SwiGLU up-projection of LLaDA-8B (201 MB) 42.5 us with the default tiling against 72.6 us for
 XLA's two dots, Dream-7B's 74.0 against 86.8 us; single GEMMs tie XLA or lose (q/o 12.2 vs 9.7
-us). Repeats of one tiling in that sweep spread up to 1.5x, so trust only large gaps. End to end
-the streamed model is slower: LLaDA-8B 8K Focus cached step 7.00 ms against 6.29 ms with XLA
-(two interleaved A/B pairs, `benchmarks/results/e2e_h200_ab_matmul.json`). A custom call cuts
-the step's XLA fusions (norms and residual adds into the GEMMs, sibling projections merged), and
-the separate kernels that replace them cost more than the streaming gains. So
-`ModelConfig.matmul_impl` stays "xla" by default. Streaming only the SwiGLU ("pallas_gpu_mlp")
-measured 6.11 / 6.13 ms against 6.17 / 6.34 ms (`e2e_h200_ab_matmul_mlp.json`): 1-3%, inside the
-spread of two pairs, so not yet the default.
+us). Repeats of one tiling in that sweep spread up to 1.5x, so trust only large gaps. End to end,
+streaming every projection is slower: LLaDA-8B 8K Focus cached step 7.00 ms against 6.29 ms with
+XLA (`benchmarks/results/e2e_h200_ab_matmul.json`). A custom call cuts the step's XLA fusions
+(norms and residual adds into the GEMMs, sibling projections merged), and the separate kernels
+that replace them cost more than the streaming gains. Streaming only the SwiGLU
+(`ModelConfig.matmul_impl="pallas_gpu_mlp"`, or "auto" on one GPU) won all six same-machine
+comparisons of that step, by 0.06-0.33 ms (6.04 against 6.36 ms in the latest,
+`e2e_h200_ab_session3.json`), so the LLaDA configs use "auto". For Dream-7B it loses (6.07
+against 5.81 ms): the model default stays "xla".
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ class ModelConfig:
   # --- execution (not architecture) ---------------------------------------------------------
   # How the projections' matmuls run (`kernels/matmul.py`): "xla"; "pallas_gpu", a
   # weight-streaming Pallas kernel for calls of few rows (a cached step's query slots), XLA for
-  # the rest; "pallas_gpu_mlp", only the fused SwiGLU up-projection streams; "auto", the Pallas
-  # kernels on a single GPU, XLA otherwise.
+  # the rest; "pallas_gpu_mlp", only the fused SwiGLU up-projection streams; "auto",
+  # "pallas_gpu_mlp" on a single GPU of compute capability >= 8.0, XLA otherwise. The LLaDA
+  # configs ask for "auto" (faster there on an H200); it is slower for Dream-7B's shape.
   matmul_impl: Literal["xla", "pallas_gpu", "auto", "pallas_gpu_mlp"] = "xla"
 
   def __post_init__(self):

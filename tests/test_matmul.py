@@ -156,6 +156,27 @@ def test_auto_streams_the_swiglu_on_one_recent_gpu(monkeypatch, capability, swig
   assert jaxpr.count("pallas_call") == swiglus == jaxpr.count("swiglu_up")
 
 
+@pytest.mark.parametrize("on_gpu, length, barriers", [(True, 128, 4), (True, 32, 0),
+                                                      (False, 128, 0)])
+def test_gpu_library_gemm_inputs_are_materialised(monkeypatch, on_gpu, length, barriers):
+  """On a GPU, a call of more rows than the streaming kernels serve puts each norm's output
+  behind an optimization barrier (two per layer); few-row calls and other backends do not."""
+  monkeypatch.setattr(transformer, "_on_gpu", lambda: on_gpu)
+  cfg = _kernel_sized()
+  params = Transformer(cfg).init_params(jax.random.key(0))
+  jaxpr = str(jax.make_jaxpr(functools.partial(_forward, cfg, length=length))(params))
+  assert jaxpr.count("optimization_barrier") == barriers
+
+
+def test_load_overrides_matmul_impl():
+  import focus_jax  # pylint: disable=g-import-not-at-top
+  assert focus_jax.load("tiny", matmul_impl="pallas_gpu_mlp").config.matmul_impl == (
+      "pallas_gpu_mlp")
+  assert focus_jax.load("tiny").config.matmul_impl == "xla"
+  with pytest.raises(ValueError, match="matmul_impl"):
+    focus_jax.load("tiny", matmul_impl="cublas")
+
+
 def test_float32_models_never_stream():
   cfg = _kernel_sized("float32", "pallas_gpu")
   params = Transformer(cfg).init_params(jax.random.key(0))
