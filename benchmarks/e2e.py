@@ -26,9 +26,9 @@ import numpy as np
 
 from focus_jax import memory, presets, step_timing
 from focus_jax.decoding import make_denoiser
-from focus_jax.models.config import MATMUL_IMPLS
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning
+from focus_jax.models.config import MATMUL_IMPLS
 from focus_jax.sampling import generate_tokens, loop
 from focus_jax.pipeline import sampler_rule
 

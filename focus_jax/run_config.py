@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.decoding = decoding_knobs()
   c.attention_impl = "auto"  # dense attention: "auto" (cuDNN on GPU), "xla", "cudnn"
   # A cached step's projections (ModelConfig.matmul_impl): None keeps the model's ("xla");
-  # "auto" streams the SwiGLU through a Pallas kernel on one GPU (faster for LLaDA-8B's shape,
+  # "auto" streams the SwiGLU through a Pallas kernel on one Hopper GPU (faster for LLaDA-8B's shape,
   # slower for Dream-7B's: README), "xla", "pallas_gpu_mlp", "pallas_gpu".
   c.matmul_impl = placeholder(str)
   c.repeats = 1  # timed runs per mode after compilation (median reported)

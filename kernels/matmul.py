@@ -14,7 +14,8 @@ accumulates in float32, and writes a float32 partial; with more than one split, 
 projections: 4096 columns are 32 tiles of 128, too few programs to keep every SM streaming).
 `swiglu` streams a SwiGLU's gate and up weights in one pass and applies silu(gate) * up to the
 float32 accumulators. "xla" is `lax.dot_general`. "auto" picks "pallas_gpu" on GPU for shapes it
-serves (see `supported`), else "xla".
+serves (see `supported`), else "xla"; the model's `ModelConfig.matmul_impl="auto"` is narrower (only
+the SwiGLU, only on one Hopper GPU).
 
 **Measured (H200, 2026-12-03).** Kernel alone, 32 rows, chained as in a model
 (`benchmarks/kernels.py --phases matmul`, `benchmarks/results/kernels_h200_matmul.json`): the

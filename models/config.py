@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
 Family = Literal["llada", "dream"]
 
 # ModelConfig.matmul_impl's choices (benchmarks list them in their flags).
-MATMUL_IMPLS = ("xla", "pallas_gpu", "auto", "pallas_gpu_mlp")
+MatmulImpl = Literal["xla", "pallas_gpu", "auto", "pallas_gpu_mlp"]
+MATMUL_IMPLS = get_args(MatmulImpl)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -57,9 +58,9 @@ class ModelConfig:
   # How the projections' matmuls run (`kernels/matmul.py`): "xla"; "pallas_gpu", a
   # weight-streaming Pallas kernel for calls of few rows (a cached step's query slots), XLA for
   # the rest; "pallas_gpu_mlp", only the fused SwiGLU up-projection streams; "auto",
-  # "pallas_gpu_mlp" on a single GPU of compute capability >= 8.0, XLA otherwise. The LLaDA
+  # "pallas_gpu_mlp" on a single Hopper GPU (compute capability 9.x), XLA otherwise. The LLaDA
   # configs ask for "auto" (faster there on an H200); it is slower for Dream-7B's shape.
-  matmul_impl: Literal["xla", "pallas_gpu", "auto", "pallas_gpu_mlp"] = "xla"
+  matmul_impl: MatmulImpl = "xla"
 
   def __post_init__(self):
     if self.matmul_impl not in MATMUL_IMPLS:

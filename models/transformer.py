@@ -36,43 +36,45 @@ def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
-def _single_gpu_capability() -> float | None:
-  """The CUDA compute capability of the only device when it is a GPU, else None."""
+def _single_cuda_capability() -> tuple[int, int] | None:
+  """(major, minor) CUDA compute capability of the only device when it is an NVIDIA GPU; None
+  off a GPU, with several devices, or where the capability is not "major.minor" (ROCm: gfx*)."""
   if not _on_gpu() or jax.device_count() != 1:
     return None
-  return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+  try:
+    major, minor = str(getattr(jax.devices()[0], "compute_capability", "")).split(".")
+    return int(major), int(minor)
+  except ValueError:
+    return None
 
 
 def _resolved(implementation: str) -> str:
-  """ModelConfig.matmul_impl with "auto" resolved: "pallas_gpu_mlp" on a single GPU with bf16
-  tensor cores (compute capability >= 8.0), else "xla". On an H200 streaming the SwiGLU alone won
-  every same-machine A/B of the LLaDA-8B 8K Focus step (`kernels/matmul.py`); streaming every
-  projection lost. A sharded weight would have to be gathered for a custom call, so
-  multi-device runs stay on XLA."""
+  """ModelConfig.matmul_impl with "auto" resolved: "pallas_gpu_mlp" on a single Hopper GPU
+  (compute capability 9.x, the only one measured: README), else "xla". A sharded weight would
+  have to be gathered for a custom call, so multi-device runs stay on XLA."""
   if implementation != "auto":
     return implementation
-  capability = _single_gpu_capability()
-  return "pallas_gpu_mlp" if capability is not None and capability >= 8.0 else "xla"
+  capability = _single_cuda_capability()
+  return "pallas_gpu_mlp" if capability is not None and capability[0] == 9 else "xla"
 
 
-def _streams(implementation: str, x: jax.Array, w_shape) -> bool:
-  """Whether a projection asked to stream ("pallas_gpu") runs in the weight-streaming Pallas
-  kernels (`kernels/matmul.py`): a plain bf16 call of few rows (a cached step) on shapes the
-  kernels serve. A refresh (thousands of rows) and float32 stay on XLA."""
-  rows = math.prod(x.shape[:-1])
-  return (implementation == "pallas_gpu"
-          and matmul.supported((rows, x.shape[-1]), w_shape, x.dtype) is None)
+def _streams(x: jax.Array, w_shape) -> bool:
+  """Whether a projection asked to stream runs in the weight-streaming Pallas kernels
+  (`kernels/matmul.py`): a plain bf16 call of few rows (a cached step) on shapes the kernels
+  serve. A refresh (thousands of rows) and float32 stay on XLA."""
+  return matmul.supported((math.prod(x.shape[:-1]), x.shape[-1]), w_shape, x.dtype) is None
 
 
-def _library_gemm_input(h: jax.Array) -> jax.Array:
-  """A projection input of more rows than the streaming kernels serve, materialised on a GPU.
+# Calls of more rows than this are refresh-sized: a cached step has 32 query slots a sequence.
+REFRESH_ROWS = 2048
 
-  Without the barrier XLA fuses the norm's scale into the GEMMs that read it. H200, 2026-12-03:
-  a LLaDA-8B refresh ran 1.6-2.4% faster with it (32K: 1.648 vs 1.675 s; 8K batch 8: 1.920 vs
-  1.965 s), as with Triton GEMMs switched off altogether; at 256 rows (a batch-8 cached step)
-  the q|k Triton GEMM fused with the norm took 1.75 ms of 14.6 and 1.25 ms without it. Few-row
-  calls keep the fusion: there XLA's split-K Triton GEMMs stream the weights well."""
-  if _on_gpu() and math.prod(h.shape[:-1]) > matmul.MAX_ROWS:
+
+def _materialised_norm(h: jax.Array) -> jax.Array:
+  """A norm's output behind an optimization barrier in refresh-sized GPU calls, so that XLA
+  does not fuse its scale into the GEMMs that read it: a LLaDA-8B refresh ran 1.6-2.3% faster
+  (README, 2026-12-03). Cached steps keep the fusion (at 256 rows the barrier measured slower).
+  Training on a GPU also passes through it; its effect there is unmeasured."""
+  if _on_gpu() and math.prod(h.shape[:-1]) > REFRESH_ROWS:
     return jax.lax.optimization_barrier(h)
   return h
 
@@ -86,7 +88,7 @@ def _streamed_dot_general(lhs, rhs, dimension_numbers, precision=None):
   (contract_lhs, contract_rhs), batch = dimension_numbers
   plain = (tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,)
            and not batch[0] and rhs.ndim == 2 and lhs.dtype == rhs.dtype)
-  if not (plain and _streams("pallas_gpu", lhs, rhs.shape)):
+  if not (plain and _streams(lhs, rhs.shape)):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
   return matmul.matmul(lhs, rhs, implementation="pallas_gpu", interpret=_interpret())
 
@@ -172,7 +174,7 @@ class Block(nn.Module):
     dt = cfg.jnp_dtype
     b = x.shape[0]
     rows = (lambda a: a) if output_rows is None else (lambda a: jnp.take(a, output_rows, axis=1))
-    h = _library_gemm_input(RMSNorm(cfg.rms_eps, dt, name="attn_norm")(x))
+    h = _materialised_norm(RMSNorm(cfg.rms_eps, dt, name="attn_norm")(x))
     bias_q = "heads" if cfg.qkv_bias else None
     bias_kv = "kv_heads" if cfg.qkv_bias else None
     x = rows(x)  # the residual stream continues for the output rows only
@@ -192,11 +194,11 @@ class Block(nn.Module):
     out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
     x = x + _dense(cfg.d_model, ("heads", "embed"), cfg, "o_proj")(out)
 
-    h = _library_gemm_input(RMSNorm(cfg.rms_eps, dt, name="mlp_norm")(x))
+    h = _materialised_norm(RMSNorm(cfg.rms_eps, dt, name="mlp_norm")(x))
     w_gate = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="gate_proj")(cfg.d_model)
     w_up = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="up_proj")(cfg.d_model)
     streamed = _resolved(cfg.matmul_impl) in ("pallas_gpu", "pallas_gpu_mlp")
-    if _streams("pallas_gpu" if streamed else "xla", h, w_gate.shape):  # both weights in one pass, silu fused
+    if streamed and _streams(h, w_gate.shape):  # both weights in one pass, silu fused
       act = matmul.swiglu(h, w_gate, w_up, implementation="pallas_gpu", interpret=_interpret())
     else:
       act = nn.silu(_dot(h, w_gate)) * _dot(h, w_up)

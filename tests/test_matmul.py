@@ -145,23 +145,41 @@ def test_mlp_only_streams_just_the_swiglu():
   assert jaxpr.count("pallas_call") == cfg.n_layers == jaxpr.count("swiglu_up")
 
 
-@pytest.mark.parametrize("capability, swiglus", [(None, 0), (7.5, 0), (8.0, 2), (9.0, 2)])
-def test_auto_streams_the_swiglu_on_one_recent_gpu(monkeypatch, capability, swiglus):
-  """"auto": the SwiGLU streams on a single GPU of compute capability >= 8.0 (bf16 tensor
-  cores), nothing else streams; off a GPU (None) or on an older one, all XLA."""
-  monkeypatch.setattr(transformer, "_single_gpu_capability", lambda: capability)
+@pytest.mark.parametrize("capability, swiglus", [(None, 0), ((8, 0), 0), ((9, 0), 2),
+                                                 ((10, 0), 0)])
+def test_auto_streams_the_swiglu_on_one_hopper_gpu(monkeypatch, capability, swiglus):
+  """"auto": the SwiGLU streams on a single GPU of compute capability 9.x (the one measured),
+  nothing else streams; off a GPU (None) or on other GPUs, all XLA."""
+  monkeypatch.setattr(transformer, "_single_cuda_capability", lambda: capability)
   cfg = _kernel_sized(matmul_impl="auto")
   params = Transformer(cfg).init_params(jax.random.key(0))
   jaxpr = str(jax.make_jaxpr(functools.partial(_forward, cfg, length=32))(params))
   assert jaxpr.count("pallas_call") == swiglus == jaxpr.count("swiglu_up")
 
 
-@pytest.mark.parametrize("on_gpu, length, barriers", [(True, 128, 4), (True, 32, 0),
-                                                      (False, 128, 0)])
-def test_gpu_library_gemm_inputs_are_materialised(monkeypatch, on_gpu, length, barriers):
-  """On a GPU, a call of more rows than the streaming kernels serve puts each norm's output
-  behind an optimization barrier (two per layer); few-row calls and other backends do not."""
+class _Device:
+  def __init__(self, capability):
+    self.compute_capability = capability
+
+
+@pytest.mark.parametrize("on_gpu, devices, want", [
+    (True, [_Device("9.0")], (9, 0)), (True, [_Device("8.6")], (8, 6)),
+    (True, [_Device("gfx90a")], None),  # ROCm names its architecture instead
+    (True, [_Device("9.0"), _Device("9.0")], None), (False, [_Device("9.0")], None)])
+def test_single_cuda_capability(monkeypatch, on_gpu, devices, want):
   monkeypatch.setattr(transformer, "_on_gpu", lambda: on_gpu)
+  monkeypatch.setattr(transformer.jax, "devices", lambda: devices)
+  monkeypatch.setattr(transformer.jax, "device_count", lambda: len(devices))
+  assert transformer._single_cuda_capability() == want  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("on_gpu, length, barriers", [(True, 101, 4), (True, 100, 0),
+                                                      (False, 101, 0)])
+def test_refresh_sized_gpu_calls_materialise_the_norms(monkeypatch, on_gpu, length, barriers):
+  """On a GPU, a call of more rows than REFRESH_ROWS puts each norm's output behind an
+  optimization barrier (two per layer); smaller calls and other backends do not."""
+  monkeypatch.setattr(transformer, "_on_gpu", lambda: on_gpu)
+  monkeypatch.setattr(transformer, "REFRESH_ROWS", 100)
   cfg = _kernel_sized()
   params = Transformer(cfg).init_params(jax.random.key(0))
   jaxpr = str(jax.make_jaxpr(functools.partial(_forward, cfg, length=length))(params))

@@ -117,9 +117,8 @@ def merge_tile_slots(acc, m, l, live_rows, block_m: int) -> common.Partial:
   j mod n_live's) merged by log-sum-exp into [B, Hkv, m_tiles * block_m, ...].
 
   Two stages: the splits first (`_merge_splits`, one pass over the large partials), then the
-  slots into their tiles, a masked reduction over m_tiles x m_tiles small per-slot results.
-  Folding slots and splits in one masked reduction made XLA transpose the partials and reduce
-  them at a fraction of the bandwidth: as long as the attention itself for Dream-7B at 32K."""
+  slots into their tiles over the small per-slot results. One masked reduction over both made
+  XLA transpose the partials first (kernels/README.md has the numbers)."""
   per_slot = _merge_splits(acc, m, l)  # [B, Hkv, slot * block_m, ...]
   bsz, hkv, rows_pad, d = per_slot.acc.shape
   mt = rows_pad // block_m
