@@ -129,6 +129,11 @@ class RMSNorm(nn.Module):
     return weight * xf.astype(self.dtype)
 
 
+def _precision(dtype) -> jax.lax.Precision | None:
+  """float32 models multiply at HIGHEST precision (the parity tests' fp32 tolerance needs it)."""
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
 def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
            bias_axis: str | None = None):
   dtype = cfg.jnp_dtype
@@ -138,7 +143,7 @@ def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
       kernel_init=nn.with_logical_partitioning(_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                              (bias_axis,) if bias_axis else (None,)),
-      precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+      precision=_precision(dtype))
 
 
 class _Kernel(nn.Module):
@@ -156,9 +161,8 @@ class _Kernel(nn.Module):
 
 
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x @ w as nn.Dense computes it (float32 at HIGHEST precision)."""
-  precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  """x @ w as nn.Dense computes it."""
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=_precision(x.dtype))
 
 
 class Block(nn.Module):

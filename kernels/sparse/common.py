@@ -212,6 +212,18 @@ class Partial(NamedTuple):
   m: jax.Array    # [B, Hkv, R] float32 (NEG_INIT where no key was seen)
   l: jax.Array    # [B, Hkv, R] float32 (0 where no key was seen)
 
+  def first_rows(self, rows: int) -> "Partial":
+    """The first `rows` rows (a kernel's partials carry padded row tiles)."""
+    return Partial(self.acc[:, :, :rows], self.m[:, :, :rows], self.l[:, :, :rows])
+
+
+def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> Partial:
+  """A split-KV kernel's partials [B, Hkv, splits, R, ...] merged by log-sum-exp over the split
+  axis: a reduction over a major axis, which XLA fuses into one pass without transposing."""
+  mx = jnp.max(m, axis=2)
+  w = jnp.exp(m - mx[:, :, None])
+  return Partial(jnp.sum(w[..., None] * acc, axis=2), mx, jnp.sum(w * l, axis=2))
+
 
 def group_queries(q: jax.Array, hkv: int) -> jax.Array:
   """q [B, T, Hq, D] -> [B, Hkv, T*G, D], rows (t, g): the G query heads of one kv head together,

@@ -104,22 +104,14 @@ def _tile_plan(live_rows, block_m: int, m_tiles: int, tile_slot, split, num_spli
   return tile, (tile_slot // n_live) * num_splits + split, helpers * num_splits
 
 
-def _merge_splits(acc, m, l) -> common.Partial:
-  """Log-sum-exp merge over the kernel's split axis (2): a reduction over a major axis, which
-  XLA fuses into one pass over the partials without transposing them."""
-  mx = jnp.max(m, axis=2)
-  w = jnp.exp(m - mx[:, :, None])
-  return common.Partial(jnp.sum(w[..., None] * acc, axis=2), mx, jnp.sum(w * l, axis=2))
-
-
 def merge_tile_slots(acc, m, l, live_rows, block_m: int) -> common.Partial:
   """The kernel's partials [B, Hkv, splits, m_tiles * block_m, ...] (slot j's rows hold tile
   j mod n_live's) merged by log-sum-exp into [B, Hkv, m_tiles * block_m, ...].
 
-  Two stages: the splits first (`_merge_splits`, one pass over the large partials), then the
+  Two stages: the splits first (`common.merge_splits`, one pass over the large partials), then the
   slots into their tiles over the small per-slot results. One masked reduction over both made
   XLA transpose the partials first (kernels/README.md has the numbers)."""
-  per_slot = _merge_splits(acc, m, l)  # [B, Hkv, slot * block_m, ...]
+  per_slot = common.merge_splits(acc, m, l)  # [B, Hkv, slot * block_m, ...]
   bsz, hkv, rows_pad, d = per_slot.acc.shape
   mt = rows_pad // block_m
   n_live = _live_tiles(live_rows, block_m, mt)  # [B]
@@ -327,7 +319,5 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   )(*operands)
   # Merge the splits here (one fused XLA reduction); the caller merges extra segments on top.
   if m_tiles > 1 and row_counts is not None:
-    part = merge_tile_slots(acc, m, l, live_rows, block_m)
-  else:
-    part = _merge_splits(acc, m, l)
-  return common.Partial(part.acc[:, :, :rows], part.m[:, :, :rows], part.l[:, :, :rows])
+    return merge_tile_slots(acc, m, l, live_rows, block_m).first_rows(rows)
+  return common.merge_splits(acc, m, l).first_rows(rows)

@@ -513,8 +513,4 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   )(idx, meta, qg, k, v)
   # m is in log2 units of the scaled scores; back to natural log (merge_partials' convention).
   m = jnp.where(l > 0, m2 * LN2, common.NEG_INIT)
-  mx = jnp.max(m, axis=2)
-  wts = jnp.exp(m - mx[:, :, None])
-  l_tot = jnp.sum(wts * l, axis=2)
-  acc_tot = jnp.sum(wts[..., None] * acc, axis=2)
-  return common.Partial(acc_tot[:, :, :rows], mx[:, :, :rows], l_tot[:, :, :rows])
+  return common.merge_splits(acc, m, l).first_rows(rows)

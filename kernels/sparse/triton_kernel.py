@@ -112,7 +112,4 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
       num_warps=num_warps, num_stages=num_stages,
       scale=float(scale), S=s_len, HKV=hkv, G_SEL=g, N_SEL=n, ROWS_PAD=rows_pad,
       NUM_SPLITS=num_splits, BS=block_size, BLOCK_M=block_m, D=d, STAGES=num_stages)
-  mx = jnp.max(m, axis=2)
-  w = jnp.exp(m - mx[:, :, None])
-  return common.Partial(jnp.sum(w[..., None] * acc, axis=2)[:, :, :rows], mx[:, :, :rows],
-                        jnp.sum(w * l, axis=2)[:, :, :rows])
+  return common.merge_splits(acc, m, l).first_rows(rows)
