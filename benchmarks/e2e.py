@@ -29,7 +29,8 @@ from focus_jax.decoding import make_denoiser
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning
 from focus_jax.models.config import MATMUL_IMPLS
-from focus_jax.sampling import generate_tokens, loop
+from focus_jax.models.transformer import compiler_options
+from focus_jax.sampling import compile_generation, loop
 from focus_jax.pipeline import sampler_rule
 
 FLAGS = flags.FLAGS
@@ -113,7 +114,7 @@ def time_generation(params, prompt, prompt_mask, cfg, rule, denoiser, block: int
   kwargs = dict(config=cfg, rule=rule, denoiser=denoiser, gen_length=FLAGS.gen,
                 block_length=block)
   t0 = time.perf_counter()
-  compiled = generate_tokens.lower(*args, **kwargs).compile()
+  compiled = compile_generation(*args, **kwargs)
   out = {"compile_s": time.perf_counter() - t0}
   runs = []
   for _ in range(FLAGS.repeats):
@@ -160,7 +161,8 @@ def main(argv):
                  mode=mode, variant=spec, threshold=threshold or None,
                  matmul_impl=cfg.matmul_impl,
                  focus=focus_knobs if mode == "focus" else None, repeats=FLAGS.repeats,
-                 xla_flags=os.environ.get("XLA_FLAGS") or None)
+                 xla_flags=os.environ.get("XLA_FLAGS") or None,
+                 compiler_options=compiler_options(cfg) or None)
       rng = np.random.default_rng([context, batch])
       prompt = jnp.asarray(rng.integers(0, 100000, size=(batch, context)), jnp.int32)
       prompt_mask = None  # unpadded: no mask, as pipeline.generate_ids passes it

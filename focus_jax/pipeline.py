@@ -23,7 +23,7 @@ import numpy as np
 from focus_jax import memory, presets, sharding, step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.models.config import ModelConfig
-from focus_jax.sampling import dream_rule, generate_tokens, llada_rule, loop
+from focus_jax.sampling import compile_generation, dream_rule, llada_rule, loop
 
 
 @dataclasses.dataclass
@@ -116,7 +116,7 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   kwargs = dict(config=model.config, rule=rule, denoiser=denoiser, gen_length=gen_length,
                 block_length=block_length, cfg_scale=cfg_scale)
   t0 = time.perf_counter()
-  compiled = generate_tokens.lower(*args, **kwargs).compile()
+  compiled = compile_generation(*args, **kwargs)
   compile_seconds = time.perf_counter() - t0
   t0 = time.perf_counter()
   state = jax.block_until_ready(compiled(*args))

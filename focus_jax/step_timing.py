@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from focus_jax.decoding.base import Canvas, Denoiser, StepContext
+from focus_jax.models.transformer import compiler_options
 
 
 def entry_context(canvas: Canvas, batch: int) -> StepContext:
@@ -32,7 +33,7 @@ def entry_context(canvas: Canvas, batch: int) -> StepContext:
 def jitted_step(denoiser: Denoiser, canvas: Canvas) -> Callable[..., Any]:
   """(params, state, ctx) -> (logits, state), state donated."""
   return jax.jit(lambda p, s, c: denoiser.window_logits(p, canvas, s, c)[::2],
-                 donate_argnums=(1,))
+                 donate_argnums=(1,), compiler_options=compiler_options(denoiser.config) or None)
 
 
 def median_step_seconds(step, params, state, ctx: StepContext, repeats: int):
@@ -65,7 +66,8 @@ def in_loop_step_seconds(denoiser: Denoiser, params, canvas: Canvas, state, ctx:
       return state, acc + jnp.sum(logits[..., 0])
     return jax.lax.fori_loop(0, n, body, (state, jnp.float32(0)))
 
-  loop = jax.jit(run, donate_argnums=(1,))
+  loop = jax.jit(run, donate_argnums=(1,),
+                 compiler_options=compiler_options(denoiser.config) or None)
 
   def timed(n):
     nonlocal state

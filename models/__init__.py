@@ -3,4 +3,4 @@
 from focus_jax.models.attention import Attention, SelfAttention
 from focus_jax.models.config import ModelConfig, dream_7b, from_hf_config, llada_8b
 from focus_jax.models.family import align_logits, forward_logits, positions_and_masks
-from focus_jax.models.transformer import Transformer
+from focus_jax.models.transformer import Transformer, compiler_options

@@ -314,3 +314,22 @@ def test_dream_config_gets_its_dense_tail():
   knobs = {k: v for k, v in mod.get_config().decoding.focus.items() if v is not None}
   assert make_denoiser(tiny("dream"), "focus", **knobs).focus.dense_tail == 4
   assert make_denoiser(tiny("llada"), "focus", **knobs).focus.dense_tail == 0
+
+
+def test_compile_generation_hands_the_configs_xla_options_to_the_compiler(model, monkeypatch):
+  """`compile_generation` compiles with `compiler_options(config)`: the same tokens as the plain
+  jitted call with a real option, and an option XLA does not know fails the compile (so the
+  options do reach it)."""
+  from focus_jax.sampling import compile_generation, generate as gen_module  # pylint: disable=g-import-not-at-top
+  cfg, params = model
+  prompt, mask = prompts()
+  kwargs = dict(config=cfg, rule=rule_for(cfg), denoiser=make_denoiser(cfg, "dual_cache"),
+                gen_length=GEN, block_length=BLOCK)
+  args = (params, prompt, mask, jax.random.key(0))
+  want = generate_tokens(*args, **kwargs).tokens
+  monkeypatch.setattr(gen_module, "compiler_options",
+                      lambda c: {"xla_gpu_dot_merger_threshold_mb": 128} if c is cfg else {})
+  np.testing.assert_array_equal(compile_generation(*args, **kwargs)(*args).tokens, want)
+  monkeypatch.setattr(gen_module, "compiler_options", lambda c: {"xla_no_such_option": 1})
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    compile_generation(*args, **kwargs)

@@ -16,6 +16,7 @@ import jax
 
 from focus_jax.decoding.base import Denoiser
 from focus_jax.models.config import ModelConfig
+from focus_jax.models.transformer import compiler_options
 from focus_jax.sampling import loop
 from focus_jax.sampling.dream import DreamRule
 from focus_jax.sampling.llada import LLaDARule
@@ -82,3 +83,11 @@ def generate_tokens(params: Any, prompt: jax.Array, prompt_mask: jax.Array | Non
   final = loop.run(params, canvas, denoiser, rule, rng, config.mask_token_id, cfg_scale)
   return GenerateOutput(tokens=final.tokens, num_steps=final.num_steps,
                         stats=getattr(final.denoiser_state, "stats", {}))
+
+
+def compile_generation(params: Any, prompt: jax.Array, prompt_mask: jax.Array | None,
+                       rng: jax.Array, **static) -> jax.stages.Compiled:
+  """`generate_tokens` lowered and compiled ahead of time with the XLA options its model config
+  asks for (`models.transformer.compiler_options`); call the result with the four arrays."""
+  lowered = generate_tokens.lower(params, prompt, prompt_mask, rng, **static)
+  return lowered.compile(compiler_options(static["config"]) or None)
