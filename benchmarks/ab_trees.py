@@ -101,6 +101,16 @@ def summary(rows: list[dict]) -> list[dict]:
           for (c, v, t), g in groups.items()]
 
 
+def _write_report(out: str, e2e_args: list[str], rounds: int, meta: dict, rows: list) -> dict:
+  report = {"e2e_args": e2e_args, "rounds": rounds, "trees": meta, "results": rows,
+            "summary": summary(rows)}
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(out + ".tmp", out)
+  return report
+
+
 def run(trees_dir: str, rounds: int, e2e_args: list[str], out: str, install: bool = True,
         timeout_s: int = 600) -> dict:
   with open(os.path.join(trees_dir, "ORDER")) as f:
@@ -130,11 +140,9 @@ def run(trees_dir: str, rounds: int, e2e_args: list[str], out: str, install: boo
       with open(result) as f:
         for r in json.load(f)["results"]:
           rows.append({**r, "tree": name, "commit": meta[name]["commit"], "round": round_})
-  report = {"e2e_args": e2e_args, "rounds": rounds, "trees": meta, "results": rows,
-            "summary": summary(rows)}
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(report, f, indent=1)
+      # Rewritten after every run: a call cut short by its time limit keeps what finished.
+      report = _write_report(out, e2e_args, rounds, meta, rows)
+  report = _write_report(out, e2e_args, rounds, meta, rows)
   for s in report["summary"]:
     print(f"{s['context']:>7} {s['variant'][:40]:40} {s['tree'][:12]:12} "
           f"step {s['sparse_step_s'] * 1e3:8.3f} ms  refresh {s['refresh_s']:7.3f} s  "
