@@ -127,6 +127,8 @@ def run(trees_dir: str, rounds: int, e2e_args: list[str], out: str, install: boo
       _install(tree, site)
     env_paths[name] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
   rows = []
+  # Rewritten after every run: a call cut short by its time limit keeps what finished.
+  report = _write_report(out, e2e_args, rounds, meta, rows)
   for round_ in range(rounds):
     for name in names:
       result = os.path.join(tempfile.mkdtemp(), "e2e.json")
@@ -136,13 +138,11 @@ def run(trees_dir: str, rounds: int, e2e_args: list[str], out: str, install: boo
                             capture_output=True, text=True, timeout=timeout_s)
       if proc.returncode:
         rows.append({"tree": name, "round": round_, "error": proc.stderr[-2000:]})
-        continue
-      with open(result) as f:
-        for r in json.load(f)["results"]:
-          rows.append({**r, "tree": name, "commit": meta[name]["commit"], "round": round_})
-      # Rewritten after every run: a call cut short by its time limit keeps what finished.
+      else:
+        with open(result) as f:
+          rows.extend({**r, "tree": name, "commit": meta[name]["commit"], "round": round_}
+                      for r in json.load(f)["results"])
       report = _write_report(out, e2e_args, rounds, meta, rows)
-  report = _write_report(out, e2e_args, rounds, meta, rows)
   for s in report["summary"]:
     print(f"{s['context']:>7} {s['variant'][:40]:40} {s['tree'][:12]:12} "
           f"step {s['sparse_step_s'] * 1e3:8.3f} ms  refresh {s['refresh_s']:7.3f} s  "

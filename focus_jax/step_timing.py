@@ -30,10 +30,16 @@ def entry_context(canvas: Canvas, batch: int) -> StepContext:
                      planned_unmask=jnp.ones((batch,), jnp.int32), block_entry=True)
 
 
+def _jit_donating_state(fn: Callable[..., Any], denoiser: Denoiser) -> Callable[..., Any]:
+  """fn jitted as the generation compiles it (the model config's XLA options), its second
+  argument (the loop state) donated."""
+  return jax.jit(fn, donate_argnums=(1,), compiler_options=compiler_options(denoiser.config))
+
+
 def jitted_step(denoiser: Denoiser, canvas: Canvas) -> Callable[..., Any]:
   """(params, state, ctx) -> (logits, state), state donated."""
-  return jax.jit(lambda p, s, c: denoiser.window_logits(p, canvas, s, c)[::2],
-                 donate_argnums=(1,), compiler_options=compiler_options(denoiser.config) or None)
+  return _jit_donating_state(lambda p, s, c: denoiser.window_logits(p, canvas, s, c)[::2],
+                             denoiser)
 
 
 def median_step_seconds(step, params, state, ctx: StepContext, repeats: int):
@@ -66,8 +72,7 @@ def in_loop_step_seconds(denoiser: Denoiser, params, canvas: Canvas, state, ctx:
       return state, acc + jnp.sum(logits[..., 0])
     return jax.lax.fori_loop(0, n, body, (state, jnp.float32(0)))
 
-  loop = jax.jit(run, donate_argnums=(1,),
-                 compiler_options=compiler_options(denoiser.config) or None)
+  loop = _jit_donating_state(run, denoiser)
 
   def timed(n):
     nonlocal state
