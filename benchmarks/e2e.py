@@ -162,7 +162,7 @@ def main(argv):
                  matmul_impl=cfg.matmul_impl,
                  focus=focus_knobs if mode == "focus" else None, repeats=FLAGS.repeats,
                  xla_flags=os.environ.get("XLA_FLAGS") or None,
-                 compiler_options=compiler_options(cfg) or None)
+                 compiler_options=compiler_options(cfg, batch) or None)
       rng = np.random.default_rng([context, batch])
       prompt = jnp.asarray(rng.integers(0, 100000, size=(batch, context)), jnp.int32)
       prompt_mask = None  # unpadded: no mask, as pipeline.generate_ids passes it

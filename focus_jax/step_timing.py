@@ -30,16 +30,18 @@ def entry_context(canvas: Canvas, batch: int) -> StepContext:
                      planned_unmask=jnp.ones((batch,), jnp.int32), block_entry=True)
 
 
-def _jit_donating_state(fn: Callable[..., Any], denoiser: Denoiser) -> Callable[..., Any]:
-  """fn jitted as the generation compiles it (the model config's XLA options), its second
-  argument (the loop state) donated."""
-  return jax.jit(fn, donate_argnums=(1,), compiler_options=compiler_options(denoiser.config))
+def _jit_donating_state(fn: Callable[..., Any], denoiser: Denoiser,
+                        canvas: Canvas) -> Callable[..., Any]:
+  """fn jitted as the generation compiles it (the model config's XLA options at the canvas's
+  batch size), its second argument (the loop state) donated."""
+  options = compiler_options(denoiser.config, canvas.tokens.shape[0])
+  return jax.jit(fn, donate_argnums=(1,), compiler_options=options)
 
 
 def jitted_step(denoiser: Denoiser, canvas: Canvas) -> Callable[..., Any]:
   """(params, state, ctx) -> (logits, state), state donated."""
   return _jit_donating_state(lambda p, s, c: denoiser.window_logits(p, canvas, s, c)[::2],
-                             denoiser)
+                             denoiser, canvas)
 
 
 def median_step_seconds(step, params, state, ctx: StepContext, repeats: int):
@@ -72,7 +74,7 @@ def in_loop_step_seconds(denoiser: Denoiser, params, canvas: Canvas, state, ctx:
       return state, acc + jnp.sum(logits[..., 0])
     return jax.lax.fori_loop(0, n, body, (state, jnp.float32(0)))
 
-  loop = _jit_donating_state(run, denoiser)
+  loop = _jit_donating_state(run, denoiser, canvas)
 
   def timed(n):
     nonlocal state

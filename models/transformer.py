@@ -62,13 +62,18 @@ def _resolved(implementation: str) -> str:
 # their weights total at most this many MB. Its default (32) merges LLaDA-8B's q and k (2 x 32 MiB)
 # and leaves v apart; 128 makes q, k and v one GEMM.
 AUTO_DOT_MERGER_THRESHOLD_MB = 128
+# The merge pays only where a cached step's GEMMs stream weights (few rows): at batch 8 (256
+# rows) it made LLaDA-8B's 8K Focus step 12.99 -> 15.73 ms (same H200, e2e_h200_ab_session5.json).
+AUTO_DOT_MERGER_MAX_BATCH = 1
 
 
-def compiler_options(config: ModelConfig) -> dict[str, int]:
-  """XLA options for jitting this config's forward passes. With `matmul_impl="auto"` on a single
-  Hopper GPU (where "auto" streams the SwiGLU), a layer's q, k and v projections also merge into
-  one GEMM: LLaDA-8B's 8K Focus step 6.23 -> 6.00 ms (H200, 2026-12-03, README). Elsewhere none."""
-  if config.matmul_impl != "auto" or _resolved("auto") != "pallas_gpu_mlp":
+def compiler_options(config: ModelConfig, batch_size: int) -> dict[str, int]:
+  """XLA options for jitting this config's forward passes at this batch size. With
+  `matmul_impl="auto"` on a single Hopper GPU (where "auto" streams the SwiGLU) and batch 1, a
+  layer's q, k and v projections also merge into one GEMM: LLaDA-8B's 8K Focus step 6.23 -> 6.00
+  ms (H200, 2026-12-03, README). Elsewhere none."""
+  if (config.matmul_impl != "auto" or _resolved("auto") != "pallas_gpu_mlp"
+      or batch_size > AUTO_DOT_MERGER_MAX_BATCH):
     return {}
   return {"xla_gpu_dot_merger_threshold_mb": AUTO_DOT_MERGER_THRESHOLD_MB}
 

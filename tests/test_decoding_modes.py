@@ -317,9 +317,9 @@ def test_dream_config_gets_its_dense_tail():
 
 
 def test_compile_generation_hands_the_configs_xla_options_to_the_compiler(model, monkeypatch):
-  """`compile_generation` compiles with `compiler_options(config)`: the same tokens as the plain
-  jitted call with a real option, and an option XLA does not know fails the compile (so the
-  options do reach it)."""
+  """`compile_generation` compiles with `compiler_options(config, batch)`: the same tokens as
+  the plain jitted call with a real option, and an option XLA does not know fails the compile
+  (so the options do reach it)."""
   from focus_jax.sampling import compile_generation, generate as gen_module  # pylint: disable=g-import-not-at-top
   cfg, params = model
   prompt, mask = prompts()
@@ -328,8 +328,9 @@ def test_compile_generation_hands_the_configs_xla_options_to_the_compiler(model,
   args = (params, prompt, mask, jax.random.key(0))
   want = generate_tokens(*args, **kwargs).tokens
   monkeypatch.setattr(gen_module, "compiler_options",
-                      lambda c: {"xla_gpu_dot_merger_threshold_mb": 128} if c is cfg else {})
+                      lambda c, b: ({"xla_gpu_dot_merger_threshold_mb": 128}
+                                    if c is cfg and b == prompt.shape[0] else {}))
   np.testing.assert_array_equal(compile_generation(*args, **kwargs)(*args).tokens, want)
-  monkeypatch.setattr(gen_module, "compiler_options", lambda c: {"xla_no_such_option": 1})
+  monkeypatch.setattr(gen_module, "compiler_options", lambda c, b: {"xla_no_such_option": 1})
   with pytest.raises(Exception, match="xla_no_such_option"):
     compile_generation(*args, **kwargs)

@@ -209,12 +209,15 @@ def test_config_validates_and_round_trips_matmul_impl():
   assert C.ModelConfig.from_json(cfg.to_json()) == cfg
 
 
-@pytest.mark.parametrize("impl, capability, merged", [
-    ("auto", (9, 0), True), ("auto", (8, 0), False), ("auto", None, False),
-    ("xla", (9, 0), False), ("pallas_gpu_mlp", (9, 0), False)])
-def test_auto_merges_the_qkv_dots_on_one_hopper_gpu(monkeypatch, impl, capability, merged):
-  """"auto" on one Hopper GPU also asks XLA to merge a layer's q, k and v dots (the dot-merger
-  threshold); every other setting leaves XLA's options alone."""
+@pytest.mark.parametrize("impl, capability, batch, merged", [
+    ("auto", (9, 0), 1, True), ("auto", (9, 0), 8, False), ("auto", (8, 0), 1, False),
+    ("auto", None, 1, False), ("xla", (9, 0), 1, False), ("pallas_gpu_mlp", (9, 0), 1, False)])
+def test_auto_merges_the_qkv_dots_on_one_hopper_gpu(monkeypatch, impl, capability, batch,
+                                                    merged):
+  """"auto" on one Hopper GPU at batch 1 also asks XLA to merge a layer's q, k and v dots (the
+  dot-merger threshold; at batch 8 the merge was slower); every other setting leaves XLA's
+  options alone."""
   monkeypatch.setattr(transformer, "_single_cuda_capability", lambda: capability)
   want = {"xla_gpu_dot_merger_threshold_mb": transformer.AUTO_DOT_MERGER_THRESHOLD_MB}
-  assert transformer.compiler_options(_kernel_sized(matmul_impl=impl)) == (want if merged else {})
+  got = transformer.compiler_options(_kernel_sized(matmul_impl=impl), batch)
+  assert got == (want if merged else {})

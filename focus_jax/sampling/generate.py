@@ -90,4 +90,4 @@ def compile_generation(params: Any, prompt: jax.Array, prompt_mask: jax.Array | 
   """`generate_tokens` lowered and compiled ahead of time with the XLA options its model config
   asks for (`models.transformer.compiler_options`); call the result with the four arrays."""
   lowered = generate_tokens.lower(params, prompt, prompt_mask, rng, **static)
-  return lowered.compile(compiler_options(static["config"]))
+  return lowered.compile(compiler_options(static["config"], prompt.shape[0]))
