@@ -127,6 +127,101 @@ def merge_tile_slots(acc, m, l, live_rows, block_m: int) -> common.Partial:
                         l_tot.reshape(bsz, hkv, rows_pad))
 
 
+MERGE_ROWS = 8  # rows of one merge program: [splits, 8, D chunk] partials fit in registers
+MERGE_D = 64  # head-dim chunk of one merge program
+
+
+def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_tiles: int,
+                  rows: int, g: int, hq: int, hkv: int, n_splits: int, d_chunk: int):
+  """One program: MERGE_ROWS rows x d_chunk of one (batch, kv head). It merges, by log-sum-exp,
+  every split of every slot that worked for the rows' tile, normalises, and writes the rows in
+  the public [T * Hq, D] order (row t*G + g of kv head h is query t, head h*G + g)."""
+  out_ref = out_refs[0]
+  h = pl.program_id(0) % hkv
+  r0 = pl.program_id(1) * MERGE_ROWS
+  d0 = pl.program_id(2) * d_chunk
+  live_rows = live_ref[0]
+  n_live = _live_tiles(live_rows, block_m, m_tiles)
+  tile = r0 // block_m
+  n_slots = jnp.where(tile < n_live, (m_tiles - 1 - tile) // n_live + 1, 0)
+  # The splits in power-of-two runs (17 = 16 + 1): each run is one unmasked [run, rows, d] load.
+  runs, s0 = [], 0
+  for bit in reversed(range(n_splits.bit_length())):
+    if n_splits >> bit & 1:
+      runs.append((s0, 1 << bit))
+      s0 += 1 << bit
+
+  def merge_slot(i, carry):
+    row = (tile + i * n_live) * block_m + r0 % block_m  # the slot's copy of these rows
+    for start, size in runs:
+      mx, l, acc = carry
+      at = (pl.ds(start, size), pl.ds(row, MERGE_ROWS))
+      m_s, l_s = m_ref[at], l_ref[at]  # [run, rows]
+      a_s = acc_ref[at + (pl.ds(d0, d_chunk),)]  # [run, rows, d]
+      mx_new = jnp.maximum(mx, jnp.max(m_s, axis=0))
+      w = jnp.exp(m_s - mx_new[None, :])
+      corr = jnp.exp(mx - mx_new)
+      carry = (mx_new, l * corr + jnp.sum(w * l_s, axis=0),
+               acc * corr[:, None] + jnp.sum(w[:, :, None] * a_s, axis=0))
+    return carry
+
+  init = (jnp.full((MERGE_ROWS,), common.NEG_INIT, jnp.float32),
+          jnp.zeros((MERGE_ROWS,), jnp.float32), jnp.zeros((MERGE_ROWS, d_chunk), jnp.float32))
+  mx, l, acc = lax.fori_loop(0, n_slots, merge_slot, init)
+  r = r0 + jnp.arange(MERGE_ROWS, dtype=jnp.int32)
+  seen = (l > 0) & (r < live_rows)  # padded query slots come back as zeros
+  out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+  dest = (r // g) * hq + h * g + r % g
+  in_range = r < rows
+  cols = d0 + jnp.arange(d_chunk, dtype=jnp.int32)
+  plgpu.store(out_ref.at[dest[:, None], cols[None, :]], out.astype(out_ref.dtype),
+              mask=in_range[:, None])  # a scatter of rows; array indices on both axes
+  if len(out_refs) > 1:
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+      lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+      plgpu.store(out_refs[1].at[dest], lse, mask=in_range)
+
+
+def merge_to_output(acc, m, l, live_rows, *, block_m: int, rows: int, t: int, hq: int, dtype,
+                    return_lse: bool, interpret: bool = False):
+  """The kernel's partials [B, Hkv, splits, m_tiles * block_m, ...] -> the public output
+  [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq] float32), in one Pallas kernel.
+
+  The XLA form of the same merge (`merge_tile_slots`, then normalise, ungroup and cast) ran as
+  five kernels per sparse layer, about 0.27 ms of a Dream-7B 32K step (H200 trace,
+  `profile_step_h200_dream_cached_r4.json`). Rows >= live_rows[b] are zeros (lse -inf)."""
+  bsz, hkv, n_splits, rows_pad, d = acc.shape
+  m_tiles = rows_pad // block_m
+  g = hq // hkv
+  d_chunk = min(MERGE_D, d)
+  kernel = functools.partial(_merge_kernel, block_m=block_m, m_tiles=m_tiles, rows=rows, g=g,
+                             hq=hq, hkv=hkv, n_splits=n_splits, d_chunk=d_chunk)
+  part_spec = lambda *tail: pl.BlockSpec((None, None, n_splits, rows_pad) + tail,
+                                         lambda bh, r, dc: (bh // hkv, bh % hkv, 0, 0)
+                                         + (0,) * len(tail))
+  out_shape = [jax.ShapeDtypeStruct((bsz, t * hq, d), dtype)]
+  out_specs = [pl.BlockSpec((None, t * hq, d), lambda bh, r, dc: (bh // hkv, 0, 0))]
+  if return_lse:
+    out_shape.append(jax.ShapeDtypeStruct((bsz, t * hq), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, t * hq), lambda bh, r, dc: (bh // hkv, 0)))
+  outs = pl.pallas_call(
+      kernel,
+      grid=(bsz * hkv, rows_pad // MERGE_ROWS, d // d_chunk),
+      in_specs=[pl.BlockSpec((None, 1), lambda bh, r, dc: (bh // hkv, 0)),
+                part_spec(d), part_spec(), part_spec()],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="block_sparse_attention_merge",
+  )(live_rows.astype(jnp.int32)[:, None], acc, m, l)
+  out = outs[0].reshape(bsz, t, hq, d)
+  if not return_lse:
+    return out
+  return out, outs[1].reshape(bsz, t, hq)
+
+
 def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, *refs, block_size: int, num_splits: int,
             seq_len: int, scale: float, n_sel: int, static_items: int, prefetch: bool,
             extra: bool, block_m: int, m_tiles: int, dedup_extra: bool):
@@ -243,15 +338,40 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, *refs, block_size: int, num_
 
 
 def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
+                   row_counts: jax.Array | None = None, **kwargs) -> common.Partial:
+  """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection,
+  and over the cache rows `extra_positions` [B, E] where `extra_valid` ([B, E] or [B, E, Hkv]).
+  Rows at and past `row_counts` [B] are not computed (their partial is empty); with
+  `dedup_extra`, an extra row the selection already attends is skipped. The splits are merged
+  in XLA: for callers that merge further segments on top (see `sparse_attention`)."""
+  (acc, m, l), live_rows = split_partials(qg, k, v, sel, row_counts=row_counts, **kwargs)
+  rows, block_m = qg.shape[2], kwargs["block_m"]
+  if acc.shape[3] > block_m and row_counts is not None:
+    return merge_tile_slots(acc, m, l, live_rows, block_m).first_rows(rows)
+  return common.merge_splits(acc, m, l).first_rows(rows)
+
+
+def sparse_attention(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
+                     t: int, hq: int, dtype, return_lse: bool = False,
+                     row_counts: jax.Array | None = None, interpret: bool = False, **kwargs):
+  """The whole attention of `sparse_partial`'s contract, merged and laid out by one Pallas
+  kernel (`merge_to_output`): out [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq] float32).
+  Rows at and past `row_counts` come back as zeros (lse -inf), as padded query slots do."""
+  (acc, m, l), live_rows = split_partials(qg, k, v, sel, row_counts=row_counts,
+                                          interpret=interpret, **kwargs)
+  return merge_to_output(acc, m, l, live_rows, block_m=kwargs["block_m"], rows=qg.shape[2], t=t,
+                         hq=hq, dtype=dtype, return_lse=return_lse, interpret=interpret)
+
+
+def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
                    block_size: int, scale: float, block_m: int, num_splits: int, num_warps: int,
                    num_stages: int, static_loop: bool = False, prefetch: bool = False,
                    n_resp_max: int = 0, extra_positions: jax.Array | None = None,
                    extra_valid: jax.Array | None = None, row_counts: jax.Array | None = None,
-                   dedup_extra: bool = False, interpret: bool = False) -> common.Partial:
-  """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection,
-  and over the cache rows `extra_positions` [B, E] where `extra_valid` ([B, E] or [B, E, Hkv]).
-  Rows at and past `row_counts` [B] are not computed (their partial is empty); with
-  `dedup_extra`, an extra row the selection already attends is skipped."""
+                   dedup_extra: bool = False, interpret: bool = False):
+  """The split-KV kernel itself: ((acc [B, Hkv, splits, R_pad, D], m, l [B, Hkv, splits,
+  R_pad]) float32, live rows [B] int32). R_pad is R padded to row tiles; a slot's rows hold the
+  partial of live tile `slot mod n_live` (`_tile_plan`)."""
   bsz, hkv, rows, d = qg.shape
   s_len = k.shape[1]
   g, n = sel.indices.shape[1:]
@@ -317,7 +437,4 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
       interpret=interpret,
       name="block_sparse_attention_split_kv",
   )(*operands)
-  # Merge the splits here (one fused XLA reduction); the caller merges extra segments on top.
-  if m_tiles > 1 and row_counts is not None:
-    return merge_tile_slots(acc, m, l, live_rows, block_m).first_rows(rows)
-  return common.merge_splits(acc, m, l).first_rows(rows)
+  return (acc, m, l), live_rows
