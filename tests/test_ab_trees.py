@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.append(os.path.join(ROOT, "benchmarks"))  # after site-packages: benchmarks/kernels.py must not shadow the `kernels` package
 import ab_trees  # noqa: E402  pylint: disable=g-import-not-at-top
 
 

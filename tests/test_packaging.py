@@ -38,3 +38,23 @@ def test_public_api_imports_in_a_clean_interpreter():
   out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                        check=True)
   assert out.stdout.strip() == "generate"
+
+
+def test_top_level_kernels_at_the_repository_root_is_the_installed_package():
+  """Python run at the repository root sees kernels/ as a top-level `kernels`, the import name of
+  Hugging Face's package that transformers imports (`from kernels import ...`): the folder hands
+  that import to the installed package, or fails naming `focus_jax.kernels` when there is none."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  code = "import kernels, sys; print(kernels.__file__)"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  try:
+    importlib.metadata.version("kernels")
+  except importlib.metadata.PackageNotFoundError:
+    assert out.returncode != 0 and "focus_jax.kernels" in out.stderr, out.stderr
+    return
+  assert out.returncode == 0, out.stderr
+  assert not os.path.realpath(out.stdout.strip()).startswith(os.path.realpath(ROOT) + os.sep)
+  ours = subprocess.run([sys.executable, "-c", "import focus_jax.kernels as k; print(k.__file__)"],
+                        cwd=ROOT, capture_output=True, text=True, check=True)
+  assert os.path.realpath(ours.stdout.strip()) == os.path.join(os.path.realpath(ROOT), "kernels",
+                                                                "__init__.py")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.append(os.path.join(ROOT, "benchmarks"))  # after site-packages: benchmarks/kernels.py must not shadow the `kernels` package
 
 import trace_attribution  # noqa: E402  (a script folder, not a package)
 
