@@ -5,6 +5,8 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
   copy   the device copy bandwidth (bytes read + written), the ceiling for the targets
   tune   GPU kernel tilings at 32K, alpha 0.5, 32 queries, both layouts
   waves  the default KV split count (one wave of resident programs) against its neighbours
+  live   the kernel and its merge as a Focus step calls it (32 query slots, 7 or 32 live) over
+         KV split counts, row tiles and merge forms
   matmul  a cached step's GEMMs (few rows x a large weight): XLA against the weight-streaming
          Pallas kernel over a sweep of its tilings (`kernels/matmul.py`)
   mgpu_dense  the refresh's dense attention at 32K: cuDNN vs JAX's Mosaic GPU (FA3-style) kernel
@@ -365,6 +367,62 @@ def phase_waves(sa, block_size: int, rounds: int = 3) -> list[dict]:
                  tb_s=p["bytes"] / t / 1e12, us_rounds=[x * 1e6 for x in times[sp]])
       print("WAVES", row, flush=True)
       rows.append(row)
+  return rows
+
+
+def live_configs(base: dict, layout: str) -> list[dict]:
+  """Tilings around the default for a step with few live queries: the merge kernel's tiles
+  (rows x head-dim chunk per program, slots unrolled as masked loads), the split kernel's
+  pipeline depth and warps, one split count below, and the XLA merge instead of the kernel."""
+  out = [base]
+  for rows, d, unroll in ((8, 32, False), (4, 64, False), (4, 32, False), (8, 64, True),
+                          (8, 32, True), (4, 32, True), (16, 32, True)):
+    if unroll and layout != "dream7b":  # one row tile: nothing to unroll
+      continue
+    out.append(dict(base, merge_rows=rows, merge_d=d, merge_unroll=unroll))
+  out += [dict(base, num_stages=2), dict(base, num_stages=4), dict(base, num_warps=8),
+          dict(base, num_splits=base["num_splits"] // 2), dict(base, fused_merge=False)]
+  return out
+
+
+def phase_live(block_size: int, live_counts=(7, 32), rounds: int = 2) -> list[dict]:
+  """The split-KV kernel with its merge, as a Focus step calls it: 32K, alpha 0.5, 32 query
+  slots of which `live` are live (`query_counts`; a timed Dream step has about 7), over a sweep
+  of tilings (`live_configs`). Per layer, interleaved rounds, median."""
+  import jax.numpy as jnp
+  sa, _ = _import_kernels()
+  from focus_jax.kernels.sparse import gpu
+  rows = []
+  for layout, lay in LAYOUTS.items():
+    layers = layers_for(layout, TARGET_CTX)
+    p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, layers)
+    n_resp = -(-GEN // block_size) + 1
+    base = gpu.default_config(1, lay["hkv"], lay["hq"] // lay["hkv"] * 32, p["n"], n_resp)
+    cfgs = [base] if SMOKE else live_configs(base, layout)
+    over = loop_overhead(p)
+    for live in live_counts:
+      counts = jnp.full((1,), live, jnp.int32)
+
+      def layers_fn(cfg):
+        def layer_fn(q, ks, vs, sel):
+          return [sa.block_sparse_attention_normalized(
+              q, k, v, sel, block_size=block_size, implementation="pallas_gpu",
+              max_response_len=GEN, kernel_config=cfg, query_counts=counts, interpret=SMOKE)
+              for k, v in zip(ks, vs)]
+        prep = lambda idx, cnt, ranges, s_len: (sa.normalize_selection(
+            idx, cnt, *ranges, block_size=block_size, seq_len=s_len),)
+        return prep, layer_fn
+      timers = [_iteration_timer(*layers_fn(c), p) for c in cfgs]
+      times = [[] for _ in cfgs]
+      for _ in range(1 if SMOKE else rounds):
+        for i, timer in enumerate(timers):
+          times[i].append((timer()[0] - over) / layers)
+      for cfg, ts in zip(cfgs, times):
+        t = statistics.median(ts)
+        row = dict(layout=layout, live_queries=live, cfg=cfg, default=cfg == base,
+                   us=t * 1e6, tb_s=p["bytes"] / t / 1e12, us_rounds=[x * 1e6 for x in ts])
+        print("LIVE", json.dumps(row), flush=True)
+        rows.append(row)
   return rows
 
 
@@ -1154,6 +1212,8 @@ def main() -> None:
       res["tune"] = phase_tune(sa, a.block_size)
     elif ph == "waves":
       res["waves"] = phase_waves(sa, a.block_size)
+    elif ph == "live":
+      res["live"] = phase_live(a.block_size)
     elif ph == "relevance":
       res["relevance"] = phase_relevance(a.block_size)
     elif ph == "mass":

@@ -80,7 +80,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
   its grid by it; without it both assume the whole cache, correct but slower); `interpret` runs a
   Pallas kernel in interpret mode (True, or `pltpu.InterpretParams()` for the TPU kernel);
   `kernel_config` overrides the GPU kernel's tiling (block_m, num_splits, num_warps, num_stages);
-  `fused_merge=False` in it merges the splits in XLA instead of the merge kernel (for A/B);
+  `fused_merge=False` in it merges the splits in XLA instead of the merge kernel (for A/B), and
+  `merge_rows`, `merge_d`, `merge_unroll` tile that kernel (`sparse.gpu.merge_to_output`);
   `extra_positions` [B, E] int gives the extra keys as rows of k/v instead of extra_k/extra_v;
   `distinct_selection=True` promises that the first `block_counts` ids are distinct, in range
   and inside the prompt (a top-k over valid prompt blocks), so the dedup of
@@ -168,6 +169,8 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     if cfg.get("static_loop"):
       cfg["n_resp_max"] = n_resp_max
     fused_merge = cfg.pop("fused_merge", True)
+    merge_cfg = {key: cfg.pop(key) for key in ("merge_rows", "merge_d", "merge_unroll")
+                 if key in cfg}  # the merge kernel's tiling
     if impl == "jax_triton":
       from focus_jax.kernels.sparse import triton_kernel as _triton
       part = _triton.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f, **cfg)
@@ -178,7 +181,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
                       row_counts=rows_of(query_counts), dedup_extra=dedup_extra, **cfg)
       if fused_merge and extra_k is None:  # nothing to merge on top: one kernel finishes
         return _gpu.sparse_attention(qg, k, v, sel, t=t, hq=hq, dtype=q.dtype,
-                                     return_lse=return_lse, **gpu_args)
+                                     return_lse=return_lse, **merge_cfg, **gpu_args)
       part = _gpu.sparse_partial(qg, k, v, sel, **gpu_args)
   elif impl == "mosaic_gpu":
     why = _mgpu.supported(q.shape, k.shape, q.dtype, block_size)

@@ -302,6 +302,10 @@ def test_return_lse_is_each_rows_log_sum_exp(impl, kw, cfg, pattern):
     ("pallas_gpu", {"interpret": True}, dict(block_m=64, num_splits=2)),  # one tile
     ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=5)),  # merge runs of 4 + 1
     ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=2, fused_merge=False)),
+    # the merge kernel's slots unrolled as masked loads, smaller merge tiles
+    ("pallas_gpu", {"interpret": True},
+     dict(block_m=16, num_splits=3, merge_unroll=True, merge_rows=4, merge_d=16)),
+    ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=2, merge_rows=16)),
 ])
 def test_query_counts_zero_padded_slots_and_keep_live_rows(impl, kw, cfg):
   args, bs = make_case(29, b=4, hq=8, hkv=2, t=9, n=8, extra=False)
@@ -657,8 +661,9 @@ def test_mosaic_gpu_lowers_for_cuda(layout, semantics):
 
 
 @pytest.mark.parametrize("layout", ["llada8b", "dream7b"])
-@pytest.mark.parametrize("return_lse", [False, True])
-def test_pallas_gpu_lowers_for_cuda(layout, return_lse):
+@pytest.mark.parametrize("return_lse,merge", [(False, {}), (True, {}),
+                                              (True, dict(merge_unroll=True, merge_d=32))])
+def test_pallas_gpu_lowers_for_cuda(layout, return_lse, merge):
   # The Triton lowering runs in Python on any host: the split-KV kernel and the merge kernel's
   # scatter of rows into [T * Hq, D] (interpret mode does not check what Triton accepts).
   hq, hkv = {"llada8b": (32, 32), "dream7b": (28, 4)}[layout]
@@ -669,7 +674,7 @@ def test_pallas_gpu_lowers_for_cuda(layout, return_lse):
   sel = sa.Selection(i32(b, hkv, n), i32(b, hkv), i32(b), i32(b), i32(b))
   f = functools.partial(sa.block_sparse_attention_normalized, block_size=bs,
                         implementation="pallas_gpu", max_response_len=256, dedup_extra=True,
-                        return_lse=return_lse)
+                        return_lse=return_lse, kernel_config=merge or None)
   text = jax.jit(f).trace(q, kv, kv, sel, extra_positions=i32(b, 8),
                           extra_valid=jax.ShapeDtypeStruct((b, 8), jnp.bool_),
                           query_counts=i32(b)).lower(lowering_platforms=("cuda",)).as_text()

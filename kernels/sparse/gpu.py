@@ -127,37 +127,56 @@ def merge_tile_slots(acc, m, l, live_rows, block_m: int) -> common.Partial:
                         l_tot.reshape(bsz, hkv, rows_pad))
 
 
-MERGE_ROWS = 8  # rows of one merge program: [splits, 8, D chunk] partials fit in registers
-MERGE_D = 64  # head-dim chunk of one merge program
+MERGE_ROWS = 8  # rows of one merge program
+MERGE_D = 64  # head-dim chunk of one merge program: [splits, rows, d] float32 in registers
+
+
+def _power_of_two_runs(n: int) -> list[tuple[int, int]]:
+  """(start, size) runs of power-of-two sizes covering range(n), largest first (17 = 16 + 1):
+  each run is one [run, rows, d] load, as Triton tiles need power-of-two shapes."""
+  runs, s0 = [], 0
+  for bit in reversed(range(n.bit_length())):
+    if n >> bit & 1:
+      runs.append((s0, 1 << bit))
+      s0 += 1 << bit
+  return runs
 
 
 def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_tiles: int,
-                  rows: int, g: int, hq: int, hkv: int, n_splits: int, d_chunk: int):
-  """One program: MERGE_ROWS rows x d_chunk of one (batch, kv head). It merges, by log-sum-exp,
+                  rows: int, g: int, hq: int, hkv: int, n_splits: int, d_chunk: int,
+                  merge_rows: int, unroll: bool):
+  """One program: merge_rows rows x d_chunk of one (batch, kv head). It merges, by log-sum-exp,
   every split of every slot that worked for the rows' tile, normalises, and writes the rows in
-  the public [T * Hq, D] order (row t*G + g of kv head h is query t, head h*G + g)."""
+  the public [T * Hq, D] order (row t*G + g of kv head h is query t, head h*G + g).
+
+  `unroll`: the slots as a static loop of masked loads (a dead slot loads nothing), so their
+  loads can all be in flight at once; otherwise a loop over the live slots only."""
   out_ref = out_refs[0]
   h = pl.program_id(0) % hkv
-  r0 = pl.program_id(1) * MERGE_ROWS
+  r0 = pl.program_id(1) * merge_rows
   d0 = pl.program_id(2) * d_chunk
   live_rows = live_ref[0]
   n_live = _live_tiles(live_rows, block_m, m_tiles)
   tile = r0 // block_m
   n_slots = jnp.where(tile < n_live, (m_tiles - 1 - tile) // n_live + 1, 0)
-  # The splits in power-of-two runs (17 = 16 + 1): each run is one unmasked [run, rows, d] load.
-  runs, s0 = [], 0
-  for bit in reversed(range(n_splits.bit_length())):
-    if n_splits >> bit & 1:
-      runs.append((s0, 1 << bit))
-      s0 += 1 << bit
+  runs = _power_of_two_runs(n_splits)
 
-  def merge_slot(i, carry):
+  def merge_slot(i, carry, live=None):
     row = (tile + i * n_live) * block_m + r0 % block_m  # the slot's copy of these rows
+    if live is not None:  # unrolled: a dead slot's (clamped) rows are masked off
+      row = jnp.minimum(row, m_tiles * block_m - merge_rows)
     for start, size in runs:
       mx, l, acc = carry
-      at = (pl.ds(start, size), pl.ds(row, MERGE_ROWS))
-      m_s, l_s = m_ref[at], l_ref[at]  # [run, rows]
-      a_s = acc_ref[at + (pl.ds(d0, d_chunk),)]  # [run, rows, d]
+      at = (pl.ds(start, size), pl.ds(row, merge_rows))
+      a_at = at + (pl.ds(d0, d_chunk),)
+      if live is None:
+        m_s, l_s, a_s = m_ref[at], l_ref[at], acc_ref[a_at]  # [run, rows (, d)]
+      else:  # a dead slot contributes m = NEG_INIT, l = 0, acc = 0: nothing
+        mask = jnp.full((size, merge_rows), live)
+        m_s = plgpu.load(m_ref.at[at], mask=mask, other=common.NEG_INIT)
+        l_s = plgpu.load(l_ref.at[at], mask=mask, other=0.0)
+        a_s = plgpu.load(acc_ref.at[a_at], mask=jnp.full((size, merge_rows, d_chunk), live),
+                         other=0.0)
       mx_new = jnp.maximum(mx, jnp.max(m_s, axis=0))
       w = jnp.exp(m_s - mx_new[None, :])
       corr = jnp.exp(mx - mx_new)
@@ -165,10 +184,15 @@ def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_ti
                acc * corr[:, None] + jnp.sum(w[:, :, None] * a_s, axis=0))
     return carry
 
-  init = (jnp.full((MERGE_ROWS,), common.NEG_INIT, jnp.float32),
-          jnp.zeros((MERGE_ROWS,), jnp.float32), jnp.zeros((MERGE_ROWS, d_chunk), jnp.float32))
-  mx, l, acc = lax.fori_loop(0, n_slots, merge_slot, init)
-  r = r0 + jnp.arange(MERGE_ROWS, dtype=jnp.int32)
+  carry = (jnp.full((merge_rows,), common.NEG_INIT, jnp.float32),
+           jnp.zeros((merge_rows,), jnp.float32), jnp.zeros((merge_rows, d_chunk), jnp.float32))
+  if unroll:
+    for i in range(m_tiles):
+      carry = merge_slot(i, carry, live=i < n_slots)
+  else:
+    carry = lax.fori_loop(0, n_slots, merge_slot, carry)
+  mx, l, acc = carry
+  r = r0 + jnp.arange(merge_rows, dtype=jnp.int32)
   seen = (l > 0) & (r < live_rows)  # padded query slots come back as zeros
   out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
   dest = (r // g) * hq + h * g + r % g
@@ -184,7 +208,8 @@ def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_ti
 
 
 def merge_to_output(acc, m, l, live_rows, *, block_m: int, rows: int, t: int, hq: int, dtype,
-                    return_lse: bool, interpret: bool = False):
+                    return_lse: bool, merge_rows: int = MERGE_ROWS, merge_d: int = MERGE_D,
+                    merge_unroll: bool = False, interpret: bool = False):
   """The kernel's partials [B, Hkv, splits, m_tiles * block_m, ...] -> the public output
   [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq] float32), in one Pallas kernel.
 
@@ -194,9 +219,11 @@ def merge_to_output(acc, m, l, live_rows, *, block_m: int, rows: int, t: int, hq
   bsz, hkv, n_splits, rows_pad, d = acc.shape
   m_tiles = rows_pad // block_m
   g = hq // hkv
-  d_chunk = min(MERGE_D, d)
+  d_chunk = min(merge_d, d)
+  merge_rows = min(merge_rows, block_m)
   kernel = functools.partial(_merge_kernel, block_m=block_m, m_tiles=m_tiles, rows=rows, g=g,
-                             hq=hq, hkv=hkv, n_splits=n_splits, d_chunk=d_chunk)
+                             hq=hq, hkv=hkv, n_splits=n_splits, d_chunk=d_chunk,
+                             merge_rows=merge_rows, unroll=merge_unroll)
   part_spec = lambda *tail: pl.BlockSpec((None, None, n_splits, rows_pad) + tail,
                                          lambda bh, r, dc: (bh // hkv, bh % hkv, 0, 0)
                                          + (0,) * len(tail))
@@ -207,7 +234,7 @@ def merge_to_output(acc, m, l, live_rows, *, block_m: int, rows: int, t: int, hq
     out_specs.append(pl.BlockSpec((None, t * hq), lambda bh, r, dc: (bh // hkv, 0)))
   outs = pl.pallas_call(
       kernel,
-      grid=(bsz * hkv, rows_pad // MERGE_ROWS, d // d_chunk),
+      grid=(bsz * hkv, rows_pad // merge_rows, d // d_chunk),
       in_specs=[pl.BlockSpec((None, 1), lambda bh, r, dc: (bh // hkv, 0)),
                 part_spec(d), part_spec(), part_spec()],
       out_specs=out_specs,
@@ -353,14 +380,18 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
 
 def sparse_attention(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
                      t: int, hq: int, dtype, return_lse: bool = False,
-                     row_counts: jax.Array | None = None, interpret: bool = False, **kwargs):
+                     row_counts: jax.Array | None = None, interpret: bool = False,
+                     merge_rows: int = MERGE_ROWS, merge_d: int = MERGE_D,
+                     merge_unroll: bool = False, **kwargs):
   """The whole attention of `sparse_partial`'s contract, merged and laid out by one Pallas
-  kernel (`merge_to_output`): out [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq] float32).
-  Rows at and past `row_counts` come back as zeros (lse -inf), as padded query slots do."""
+  kernel (`merge_to_output`, tiled by merge_rows / merge_d / merge_unroll): out [B, T, Hq, D] in
+  `dtype` (and the lse [B, T, Hq] float32). Rows at and past `row_counts` come back as zeros
+  (lse -inf), as padded query slots do."""
   (acc, m, l), live_rows = split_partials(qg, k, v, sel, row_counts=row_counts,
                                           interpret=interpret, **kwargs)
   return merge_to_output(acc, m, l, live_rows, block_m=kwargs["block_m"], rows=qg.shape[2], t=t,
-                         hq=hq, dtype=dtype, return_lse=return_lse, interpret=interpret)
+                         hq=hq, dtype=dtype, return_lse=return_lse, merge_rows=merge_rows,
+                         merge_d=merge_d, merge_unroll=merge_unroll, interpret=interpret)
 
 
 def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
