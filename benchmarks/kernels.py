@@ -444,7 +444,7 @@ def phase_relevance(block_size: int, rounds: int = 3) -> list[dict]:
     reps = []
     for _ in range(layers):
       k1, key = jax.random.split(key)
-      r = jax.random.normal(k1, (1, nb, hkv, 2 * d), jnp.bfloat16)
+      r = jax.random.normal(k1, (1, hkv, nb, 2 * d), jnp.bfloat16)  # head-major
       reps.append(r.at[..., d:].set(jnp.abs(r[..., d:])))
     qg = jax.random.normal(key, (1, hkv, n_rows, d), jnp.bfloat16)
     weight = jnp.full((1, n_rows), 1.0 / n_rows, jnp.float32)

@@ -38,8 +38,8 @@ def check_inputs(qg, row_weight, representatives, block_valid, bound: bool) -> N
   chex.assert_rank([qg, representatives], 4)
   b, hkv, rows, d = qg.shape
   chex.assert_shape(row_weight, (b, rows))
-  chex.assert_shape(representatives, (b, None, hkv, 2 * d if bound else d))
-  chex.assert_shape(block_valid, (b, representatives.shape[1]))
+  chex.assert_shape(representatives, (b, hkv, None, 2 * d if bound else d))
+  chex.assert_shape(block_valid, (b, representatives.shape[2]))
 
 
 def block_relevance_xla(qg, row_weight, representatives, block_valid, *, bound: bool,
@@ -47,7 +47,7 @@ def block_relevance_xla(qg, row_weight, representatives, block_valid, *, bound: 
   """The definition, in XLA: [B, Hkv, R, D] rows -> [B, Hkv, NB] float32."""
   if bound:  # q . centre + |q| . radius as one product over 2D channels: one GEMM, not two
     qg = jnp.concatenate([qg, jnp.abs(qg)], axis=-1)
-  logits = jnp.einsum("bhrd,bnhd->bhrn", qg, representatives, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("bhrd,bhnd->bhrn", qg, representatives, preferred_element_type=jnp.float32)
   valid = block_valid[:, None, None, :]
   logits = jnp.where(valid, logits * scale, -jnp.inf)
   probs = jnp.where(valid, jax.nn.softmax(logits, axis=-1), 0.0)  # rows of all -inf: 0, not nan
@@ -113,7 +113,7 @@ def block_relevance_pallas(qg, row_weight, representatives, block_valid, *, boun
                            interpret: bool = False) -> jax.Array:
   """Grid (batch * kv head, row tile); each program writes its rows' share, summed after."""
   b, hkv, rows, d = qg.shape
-  n_blocks, width = representatives.shape[1], representatives.shape[3]
+  n_blocks, width = representatives.shape[2], representatives.shape[3]
   why = supported(qg.shape, n_blocks)
   if why:
     raise ValueError(f"pallas_gpu block relevance cannot run this: {why}")
@@ -131,7 +131,7 @@ def block_relevance_pallas(qg, row_weight, representatives, block_valid, *, boun
       in_specs=[
           pl.BlockSpec((None, None, block_m, d), lambda bh, mt: (bh // hkv, bh % hkv, mt, 0)),
           pl.BlockSpec((None, block_m), lambda bh, mt: (bh // hkv, mt)),
-          pl.BlockSpec((None, n_blocks, None, width), lambda bh, mt: (bh // hkv, 0, bh % hkv, 0)),
+          pl.BlockSpec((None, None, n_blocks, width), lambda bh, mt: (bh // hkv, bh % hkv, 0, 0)),
           pl.BlockSpec((None, n_blocks), lambda bh, mt: (bh // hkv, 0)),
       ],
       out_specs=pl.BlockSpec((None, None, None, n_blocks), lambda bh, mt: (bh // hkv, bh % hkv,
@@ -147,7 +147,7 @@ def block_relevance_pallas(qg, row_weight, representatives, block_valid, *, boun
 def block_relevance(qg: jax.Array, row_weight: jax.Array, representatives: jax.Array,
                     block_valid: jax.Array, *, bound: bool, scale: float | None = None,
                     implementation: str = "xla", interpret: bool = False) -> jax.Array:
-  """qg [B, Hkv, R, D], row_weight [B, R], representatives [B, NB, Hkv, D or 2D (bound)],
+  """qg [B, Hkv, R, D], row_weight [B, R], representatives [B, Hkv, NB, D or 2D (bound)],
   block_valid [B, NB] -> relevance [B, Hkv, NB] float32 (0 at invalid blocks)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")

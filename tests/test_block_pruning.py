@@ -21,10 +21,10 @@ def test_bound_is_an_upper_bound_on_every_key_logit(seed):
   k = _keys(seed)
   rep, valid = pruning.representative_keys(k, None, prompt_length=80, block_size=16,
                                            kind="bound")
-  assert rep.shape == (2, 5, 2, 32) and bool(valid.all())
+  assert rep.shape == (2, 2, 5, 32) and bool(valid.all())  # head-major
   q = jax.random.normal(jax.random.key(100 + seed), (2, 16), jnp.float32)  # one query per head
   centre, radius = rep[..., :16], rep[..., 16:]
-  bound = jnp.einsum("hd,bnhd->bnh", q, centre) + jnp.einsum("hd,bnhd->bnh", jnp.abs(q), radius)
+  bound = jnp.einsum("hd,bhnd->bnh", q, centre) + jnp.einsum("hd,bhnd->bnh", jnp.abs(q), radius)
   logits = jnp.einsum("hd,blhd->blh", q, k[:, :80]).reshape(2, 5, 16, 2)
   np.testing.assert_array_less(np.asarray(logits.max(axis=2)), np.asarray(bound) + 1e-4)
 
@@ -35,8 +35,8 @@ def test_bound_is_exact_for_a_single_key_and_skips_invalid_keys():
   rep, valid = pruning.representative_keys(k, key_valid, prompt_length=20, block_size=10,
                                            kind="bound")
   np.testing.assert_array_equal(np.asarray(valid), [[True, False]])
-  np.testing.assert_allclose(np.asarray(rep[0, 0, :, :16]), np.asarray(k[0, 3]), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(rep[0, 0, :, 16:]), 0.0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(rep[0, :, 0, :16]), np.asarray(k[0, 3]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(rep[0, :, 0, 16:]), 0.0, atol=1e-6)
 
 
 def test_one_matching_key_ranks_its_block_first_under_bound_not_mean():

@@ -18,7 +18,7 @@ def make_case(seed, *, b=2, hkv=2, rows=32, d=64, nb=40, bound=True, dtype=jnp.b
               p_valid=0.7):
   rng = np.random.default_rng(seed)
   qg = jnp.asarray(rng.standard_normal((b, hkv, rows, d)), dtype)
-  reps = rng.standard_normal((b, nb, hkv, 2 * d if bound else d))
+  reps = rng.standard_normal((b, hkv, nb, 2 * d if bound else d))  # head-major
   if bound:
     reps[..., d:] = np.abs(reps[..., d:])  # radii
   weight = rng.random((b, rows))
@@ -32,12 +32,12 @@ def brute_force(qg, weight, reps, valid, bound):
   qg, reps, weight = (np.asarray(x, np.float64) for x in (qg, reps, weight))
   valid = np.asarray(valid)
   b, hkv, rows, d = qg.shape
-  out = np.zeros((b, hkv, reps.shape[1]))
+  out = np.zeros((b, hkv, reps.shape[2]))
   for i in range(b):
     for h in range(hkv):
       for r in range(rows):
         q = qg[i, h, r]
-        s = reps[i, :, h, :d] @ q + (reps[i, :, h, d:] @ np.abs(q) if bound else 0.0)
+        s = reps[i, h, :, :d] @ q + (reps[i, h, :, d:] @ np.abs(q) if bound else 0.0)
         s = s / np.sqrt(d)
         if not valid[i].any():
           continue

@@ -49,7 +49,7 @@ class FocusAttend:
   key_valid: jax.Array | None  # [B, L]
   prompt_start: jax.Array  # [B] first non-pad key
   prompt_length: int  # static: the response region starts here
-  representatives: tuple[Any, ...]  # per layer: [B, NB, Hkv, D] for sparse layers, else None
+  representatives: tuple[Any, ...]  # per layer: [B, Hkv, NB, D or 2D] for sparse layers, else None
   block_valid: jax.Array  # [B, NB]
   attention_impl: str = "auto"
 

@@ -28,7 +28,7 @@ from focus_jax.models.config import ModelConfig
 @flax.struct.dataclass
 class FocusState:
   cache: kv.KVCache
-  representatives: tuple[Any, ...]  # per layer [B, NB, Hkv, D] (sparse layers) or None
+  representatives: tuple[Any, ...]  # per layer [B, Hkv, NB, D or 2D] (sparse layers) or None
   block_valid: jax.Array  # [B, NB]
   stats: dict[str, jax.Array]  # diagnostics accumulators (empty when off)
   last_focus: jax.Array  # [B, W] I_focus of the last sparse step (diagnostics)

@@ -23,7 +23,12 @@ def num_prompt_blocks(prompt_length: int, block_size: int) -> int:
 
 def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length: int,
                         block_size: int, kind: str):
-  """k [B, L, Hkv, D] -> (representatives [B, NB, Hkv, D or 2D], block_valid [B, NB]).
+  """k [B, L, Hkv, D] -> (representatives [B, Hkv, NB, D or 2D], block_valid [B, NB]).
+
+  Head-major, so that every sparse layer's relevance is a batched GEMM over (batch, kv head)
+  with no transpose: at batch 8 XLA otherwise transposed them in every sparse layer (0.26 ms of
+  LLaDA-8B's 8K Focus step on an H200, `profile_step_h200_8k_batch8_cached_r3.json`). They are
+  computed once per refresh.
 
   kind "mean": the block's mean key; "max": its channel-wise max; "bound": Quest's box, stored
   as [centre, radius] of the channel-wise [min, max] (2D channels), so that
@@ -59,7 +64,7 @@ def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length
       lo = jnp.min(jnp.where(valid[..., None, None], keys, jnp.inf), axis=2)
       lo = jnp.where(count[..., None, None] > 0, lo, 0.0)
       rep = jnp.concatenate([(hi + lo) / 2, (hi - lo) / 2], axis=-1)
-  return rep.astype(k.dtype), count > 0
+  return jnp.swapaxes(rep, 1, 2).astype(k.dtype), count > 0
 
 
 def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
@@ -72,7 +77,7 @@ def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
   over the query heads of a KV group (and over all heads for a shared selection) and over the
   focus queries. Computed by `kernels.block_relevance` (XLA by default).
   """
-  hq, hkv = q.shape[2], representatives.shape[2]  # shapes checked by the relevance kernel
+  hq, hkv = q.shape[2], representatives.shape[1]  # shapes checked by the relevance kernel
   group = hq // hkv
   weight = focus.astype(jnp.float32) / jnp.maximum(jnp.sum(focus, axis=1, keepdims=True), 1)
   row_weight = jnp.repeat(weight, group, axis=1) / group  # rows (a, g) of group_queries
