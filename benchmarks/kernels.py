@@ -381,7 +381,7 @@ def live_configs(base: dict, layout: str) -> list[dict]:
       continue
     out.append(dict(base, merge_rows=rows, merge_d=d, merge_unroll=unroll))
   out += [dict(base, num_stages=2), dict(base, num_stages=4), dict(base, num_warps=8),
-          dict(base, num_splits=base["num_splits"] // 2), dict(base, fused_merge=False)]
+          dict(base, num_splits=max(1, base["num_splits"] // 2)), dict(base, fused_merge=False)]
   return out
 
 

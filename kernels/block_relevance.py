@@ -1,6 +1,6 @@
 """Relevance of key blocks to a weighted set of query rows: score, softmax and weighted sum fused.
 
-    relevance[b, h, n] = sum_r w[b, r] * softmax over valid n' of (score(q[b, h, r], rep[b, n', h]) * scale)[n]
+    relevance[b, h, n] = sum_r w[b, r] * softmax over valid n' of (score(q[b, h, r], rep[b, h, n']) * scale)[n]
 
 `score` is q . rep (`bound=False`), or, for representatives stored as [centre, radius] (`bound=True`,
 Quest's box), the upper bound q . centre + |q| . radius of the block's largest logit. Invalid

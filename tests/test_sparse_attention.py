@@ -265,15 +265,17 @@ def test_selection_of_distinct_equals_the_normalised_selection(impl, kw):
     ("xla_gather", {}, None),
     ("pallas_tpu", {"interpret": "params"}, None),
     ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=2)),  # slots become splits
+    ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=3, merge_unroll=True)),
 ])
 @pytest.mark.parametrize("pattern", ["random", "no_keys"])
-def test_return_lse_is_each_rows_log_sum_exp(impl, kw, cfg, pattern):
+@pytest.mark.parametrize("extra", [True, False])  # pallas_gpu: without extra_k, the merge kernel
+def test_return_lse_is_each_rows_log_sum_exp(impl, kw, cfg, pattern, extra):
   """The lse `kernels.attention_mass` needs: per row, over the keys it attended (extra keys
   included), -inf for rows with no key and for queries past `query_counts`."""
   kw = dict(kw)
   if kw.get("interpret") == "params":
     kw["interpret"] = _interpret_params()
-  args, bs = make_case(41, b=3, hq=8, hkv=2, t=6, n=8, pattern=pattern)
+  args, bs = make_case(41, b=3, hq=8, hkv=2, t=6, n=8, pattern=pattern, extra=extra)
   counts = jnp.asarray([6, 0, 4], jnp.int32)
   want_out, want_lse = brute_force(args, bs, with_lse=True)
   live = np.arange(6)[None, :] < np.asarray(counts)[:, None]
@@ -660,9 +662,19 @@ def test_mosaic_gpu_lowers_for_cuda(layout, semantics):
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("merge", [dict(merge_rows=12), dict(merge_d=48)])
+def test_merge_kernel_refuses_a_tiling_that_would_leave_rows_or_channels_unwritten(merge):
+  # Triton refuses these shapes when lowering; interpret mode would return wrong values instead.
+  args, bs = make_case(5, b=1, hq=8, hkv=2, t=6, n=4, extra=False)
+  with pytest.raises(ValueError, match="merge tiling"):
+    sa.block_sparse_attention(*args, block_size=bs, implementation="pallas_gpu", interpret=True,
+                              kernel_config=dict(block_m=16, num_splits=2, **merge))
+
+
 @pytest.mark.parametrize("layout", ["llada8b", "dream7b"])
-@pytest.mark.parametrize("return_lse,merge", [(False, {}), (True, {}),
-                                              (True, dict(merge_unroll=True, merge_d=32))])
+@pytest.mark.parametrize("return_lse,merge", [
+    (False, {}), (True, {}), (True, dict(merge_unroll=True, merge_d=32)),
+    (True, dict(num_splits=17, merge_unroll=True))])  # 17 splits: runs of 16 + 1
 def test_pallas_gpu_lowers_for_cuda(layout, return_lse, merge):
   # The Triton lowering runs in Python on any host: the split-KV kernel and the merge kernel's
   # scatter of rows into [T * Hq, D] (interpret mode does not check what Triton accepts).

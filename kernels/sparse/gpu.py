@@ -221,6 +221,12 @@ def merge_to_output(acc, m, l, live_rows, *, block_m: int, rows: int, t: int, hq
   g = hq // hkv
   d_chunk = min(merge_d, d)
   merge_rows = min(merge_rows, block_m)
+  pow2 = lambda x: x >= 1 and not x & (x - 1)
+  if not (pow2(merge_rows) and pow2(d_chunk) and block_m % merge_rows == 0 and d % d_chunk == 0):
+    raise ValueError(f"merge tiling: merge_rows ({merge_rows}) and merge_d ({d_chunk}) must be "
+                     f"powers of two dividing block_m ({block_m}) and the head dim ({d})")
+  if rows != t * g:
+    raise ValueError(f"merge: {rows} rows per kv head, expected T * Hq / Hkv = {t * g}")
   kernel = functools.partial(_merge_kernel, block_m=block_m, m_tiles=m_tiles, rows=rows, g=g,
                              hq=hq, hkv=hkv, n_splits=n_splits, d_chunk=d_chunk,
                              merge_rows=merge_rows, unroll=merge_unroll)
