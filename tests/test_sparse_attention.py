@@ -230,6 +230,13 @@ def test_gpu_kernel_tilings_and_normalized_entry():
                implementation="pallas_gpu", interpret=True, kernel_config=cfg)(
                    q, k, v, sel, *extra)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+  # Without extra arrays the merge kernel finishes: every tile live (no query_counts), 6 tiles.
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, idx, cnt, ps, rs, re)
+  for cfg in (dict(block_m=16, num_splits=3), dict(block_m=16, num_splits=5, merge_unroll=True),
+              dict(block_m=16, num_splits=2, merge_rows=2, merge_d=32)):
+    out = _jit(sa.block_sparse_attention_normalized, block_size=bs,
+               implementation="pallas_gpu", interpret=True, kernel_config=cfg)(q, k, v, sel)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("impl,kw", [("xla_gather", {}), ("pallas_gpu", {"interpret": True}),
