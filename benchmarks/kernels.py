@@ -412,7 +412,10 @@ def phase_live(block_size: int, live_counts=(7, 32), rounds: int = 2) -> list[di
         prep = lambda idx, cnt, ranges, s_len: (sa.normalize_selection(
             idx, cnt, *ranges, block_size=block_size, seq_len=s_len),)
         return prep, layer_fn
-      timers = [_iteration_timer(*layers_fn(c), p) for c in cfgs]
+      # 20 timed iterations, not 4: rounds of one tiling spread up to 6 us on a 21-27 us layer
+      # with the default loop length (kernels_h200_live_merge.json).
+      timers = [_iteration_timer(*layers_fn(c), p, r_hi=2 if SMOKE else 21, reps=7)
+                for c in cfgs]
       times = [[] for _ in cfgs]
       for _ in range(1 if SMOKE else rounds):
         for i, timer in enumerate(timers):
