@@ -1,0 +1,30 @@
+"""benchmarks/kernels.py --smoke on the CPU: the GPU benchmark's phases run end to end on tiny
+shapes in interpret mode and write their JSON (so a change to a kernel's contract cannot leave
+the benchmark broken until the next GPU session)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ("check", "live", "relevance", "waves")
+
+
+def test_smoke_phases_run_and_write_their_results(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--smoke",
+       "--phases", ",".join(PHASES), "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  (name,) = os.listdir(tmp_path)
+  with open(tmp_path / name) as f:
+    res = json.load(f)
+  assert all(res[phase] for phase in PHASES)
+  assert all(row["ok"] for row in res["check"]), res["check"]
+  layouts = {(row["layout"], row["live_queries"]) for row in res["live"]}
+  assert layouts == {(lay, n) for lay in ("llada8b", "dream7b") for n in (7, 32)}
+  assert all(row["us"] > 0 for row in res["live"] + res["waves"])
+  assert all(row["max_rel_err"] < 1e-2 for row in res["relevance"])
