@@ -114,6 +114,16 @@ def layers_for(layout: str, ctx: int, target_bytes: float = 4e8) -> int:
   return int(min(16, max(2, math.ceil(target_bytes / per_layer))))
 
 
+def target_problem(layout: str, block_size: int):
+  """The issue's target case (32K, alpha 0.5, 32 queries) and the GPU kernel's default tiling
+  for it: (problem, default kernel_config)."""
+  from focus_jax.kernels.sparse import gpu  # pylint: disable=g-import-not-at-top
+  lay = LAYOUTS[layout]
+  p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, layers_for(layout, TARGET_CTX))
+  n_resp = -(-GEN // block_size) + 1
+  return p, gpu.default_config(1, lay["hkv"], lay["hq"] // lay["hkv"] * 32, p["n"], n_resp)
+
+
 def sparse_fn(sa, impl: str, block_size: int, normalized: bool, cfg: dict | None = None):
   import jax
 
@@ -137,11 +147,12 @@ def sparse_fn(sa, impl: str, block_size: int, normalized: bool, cfg: dict | None
   return jax.jit(run)
 
 
-def sparse_layers(sa, impl: str, block_size: int, normalized: bool, cfg: dict | None = None):
+def sparse_layers(sa, impl: str, block_size: int, normalized: bool, cfg: dict | None = None,
+                  query_counts=None):
   """(prep, layers): prep runs once per call (outside the timed loop), layers once per iteration.
 
   With `normalized`, the selection is normalised in prep (the kernel alone is timed); otherwise
-  every layer normalises its own selection (end to end)."""
+  every layer normalises its own selection (end to end). `query_counts` [B]: live queries."""
 
   def prep(idx, cnt, ranges, s_len):
     if normalized:
@@ -154,11 +165,13 @@ def sparse_layers(sa, impl: str, block_size: int, normalized: bool, cfg: dict | 
       if normalized:
         o = sa.block_sparse_attention_normalized(q, k, v, sel[0], block_size=block_size,
                                                  implementation=impl, max_response_len=GEN,
-                                                 kernel_config=cfg, interpret=SMOKE)
+                                                 kernel_config=cfg, interpret=SMOKE,
+                                                 query_counts=query_counts)
       else:
         o = sa.block_sparse_attention(q, k, v, *sel, block_size=block_size,
                                       implementation=impl, max_response_len=GEN,
-                                      kernel_config=cfg, interpret=SMOKE)
+                                      kernel_config=cfg, interpret=SMOKE,
+                                      query_counts=query_counts)
       outs.append(o)
     return outs
   return prep, layers
@@ -344,10 +357,8 @@ def phase_waves(sa, block_size: int, rounds: int = 3) -> list[dict]:
   rows = []
   for layout in LAYOUTS:
     lay = LAYOUTS[layout]
-    layers = layers_for(layout, TARGET_CTX)
-    p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, layers)
-    n_resp = -(-GEN // block_size) + 1
-    base = gpu.default_config(1, lay["hkv"], lay["hq"] // lay["hkv"] * 32, p["n"], n_resp)
+    p, base = target_problem(layout, block_size)
+    layers = p["layers"]
     units = lay["hkv"] * -(-(lay["hq"] // lay["hkv"] * 32) // base["block_m"])
     one_wave = gpu.PROGRAMS_PER_SM * gpu.num_sms() // units
     splits = sorted({max(1, one_wave // 2), one_wave, one_wave + 1, 2 * one_wave})
@@ -372,54 +383,37 @@ def phase_waves(sa, block_size: int, rounds: int = 3) -> list[dict]:
 
 def live_configs(base: dict, layout: str) -> list[dict]:
   """Tilings around the default for a step with few live queries: the merge kernel's tiles
-  (rows x head-dim chunk per program, slots unrolled as masked loads), the split kernel's
-  pipeline depth and warps, one split count below, and the XLA merge instead of the kernel."""
-  out = [base]
-  for rows, d, unroll in ((8, 32, False), (4, 64, False), (4, 32, False), (8, 64, True),
-                          (8, 32, True), (4, 32, True), (16, 32, True)):
-    if unroll and layout != "dream7b":  # one row tile: nothing to unroll
-      continue
-    out.append(dict(base, merge_rows=rows, merge_d=d, merge_unroll=unroll))
+  (rows x head-dim chunk per program), the split kernel's pipeline depth and warps, one split
+  count below, and the XLA merge instead of the kernel."""
+  out = [base] + [dict(base, merge_rows=rows, merge_d=d)
+                  for rows, d in ((8, 32), (4, 64), (4, 32))]
+  if layout == "dream7b":  # four row tiles: a taller merge tile
+    out.append(dict(base, merge_rows=16, merge_d=32))
   out += [dict(base, num_stages=2), dict(base, num_stages=4), dict(base, num_warps=8),
           dict(base, num_splits=max(1, base["num_splits"] // 2)), dict(base, fused_merge=False)]
   return out
 
 
-def phase_live(block_size: int, live_counts=(7, 32), rounds: int = 2) -> list[dict]:
+def phase_live(sa, block_size: int, live_counts=(7, 32), rounds: int = 2) -> list[dict]:
   """The split-KV kernel with its merge, as a Focus step calls it: 32K, alpha 0.5, 32 query
   slots of which `live` are live (`query_counts`; a timed Dream step has about 7), over a sweep
   of tilings (`live_configs`). Per layer, interleaved rounds, median."""
   import jax.numpy as jnp
-  sa, _ = _import_kernels()
-  from focus_jax.kernels.sparse import gpu
   rows = []
-  for layout, lay in LAYOUTS.items():
-    layers = layers_for(layout, TARGET_CTX)
-    p = make_problem(layout, TARGET_CTX, 0.5, 32, block_size, layers)
-    n_resp = -(-GEN // block_size) + 1
-    base = gpu.default_config(1, lay["hkv"], lay["hq"] // lay["hkv"] * 32, p["n"], n_resp)
+  for layout in LAYOUTS:
+    p, base = target_problem(layout, block_size)
     cfgs = [base] if SMOKE else live_configs(base, layout)
     over = loop_overhead(p)
     for live in live_counts:
       counts = jnp.full((1,), live, jnp.int32)
-
-      def layers_fn(cfg):
-        def layer_fn(q, ks, vs, sel):
-          return [sa.block_sparse_attention_normalized(
-              q, k, v, sel, block_size=block_size, implementation="pallas_gpu",
-              max_response_len=GEN, kernel_config=cfg, query_counts=counts, interpret=SMOKE)
-              for k, v in zip(ks, vs)]
-        prep = lambda idx, cnt, ranges, s_len: (sa.normalize_selection(
-            idx, cnt, *ranges, block_size=block_size, seq_len=s_len),)
-        return prep, layer_fn
       # 20 timed iterations, not 4: rounds of one tiling spread up to 6 us on a 21-27 us layer
       # with the default loop length (kernels_h200_live_merge.json).
-      timers = [_iteration_timer(*layers_fn(c), p, r_hi=2 if SMOKE else 21, reps=7)
-                for c in cfgs]
+      timers = [_iteration_timer(*sparse_layers(sa, "pallas_gpu", block_size, True, c, counts),
+                                 p, r_hi=2 if SMOKE else 21, reps=7) for c in cfgs]
       times = [[] for _ in cfgs]
       for _ in range(1 if SMOKE else rounds):
         for i, timer in enumerate(timers):
-          times[i].append((timer()[0] - over) / layers)
+          times[i].append((timer()[0] - over) / p["layers"])
       for cfg, ts in zip(cfgs, times):
         t = statistics.median(ts)
         row = dict(layout=layout, live_queries=live, cfg=cfg, default=cfg == base,
@@ -1216,7 +1210,7 @@ def main() -> None:
     elif ph == "waves":
       res["waves"] = phase_waves(sa, a.block_size)
     elif ph == "live":
-      res["live"] = phase_live(a.block_size)
+      res["live"] = phase_live(sa, a.block_size)
     elif ph == "relevance":
       res["relevance"] = phase_relevance(a.block_size)
     elif ph == "mass":

@@ -81,7 +81,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
   Pallas kernel in interpret mode (True, or `pltpu.InterpretParams()` for the TPU kernel);
   `kernel_config` overrides the GPU kernel's tiling (block_m, num_splits, num_warps, num_stages);
   `fused_merge=False` in it merges the splits in XLA instead of the merge kernel (for A/B), and
-  `merge_rows`, `merge_d`, `merge_unroll` tile that kernel (`sparse.gpu.merge_to_output`);
+  `merge_rows`, `merge_d` tile that kernel (`sparse.gpu.merge_to_output`);
   `extra_positions` [B, E] int gives the extra keys as rows of k/v instead of extra_k/extra_v;
   `distinct_selection=True` promises that the first `block_counts` ids are distinct, in range
   and inside the prompt (a top-k over valid prompt blocks), so the dedup of
@@ -169,7 +169,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     if cfg.get("static_loop"):
       cfg["n_resp_max"] = n_resp_max
     fused_merge = cfg.pop("fused_merge", True)
-    merge_cfg = {key: cfg.pop(key) for key in ("merge_rows", "merge_d", "merge_unroll")
+    merge_cfg = {key: cfg.pop(key) for key in ("merge_rows", "merge_d")
                  if key in cfg}  # the merge kernel's tiling
     if impl == "jax_triton":
       from focus_jax.kernels.sparse import triton_kernel as _triton

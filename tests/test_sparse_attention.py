@@ -232,7 +232,7 @@ def test_gpu_kernel_tilings_and_normalized_entry():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
   # Without extra arrays the merge kernel finishes: every tile live (no query_counts), 6 tiles.
   ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, idx, cnt, ps, rs, re)
-  for cfg in (dict(block_m=16, num_splits=3), dict(block_m=16, num_splits=5, merge_unroll=True),
+  for cfg in (dict(block_m=16, num_splits=3), dict(block_m=16, num_splits=5),
               dict(block_m=16, num_splits=2, merge_rows=2, merge_d=32)):
     out = _jit(sa.block_sparse_attention_normalized, block_size=bs,
                implementation="pallas_gpu", interpret=True, kernel_config=cfg)(q, k, v, sel)
@@ -272,7 +272,7 @@ def test_selection_of_distinct_equals_the_normalised_selection(impl, kw):
     ("xla_gather", {}, None),
     ("pallas_tpu", {"interpret": "params"}, None),
     ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=2)),  # slots become splits
-    ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=3, merge_unroll=True)),
+    ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=3)),  # split runs 2 + 1
 ])
 @pytest.mark.parametrize("pattern", ["random", "no_keys"])
 @pytest.mark.parametrize("extra", [True, False])  # pallas_gpu: without extra_k, the merge kernel
@@ -311,9 +311,8 @@ def test_return_lse_is_each_rows_log_sum_exp(impl, kw, cfg, pattern, extra):
     ("pallas_gpu", {"interpret": True}, dict(block_m=64, num_splits=2)),  # one tile
     ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=5)),  # merge runs of 4 + 1
     ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=2, fused_merge=False)),
-    # the merge kernel's slots unrolled as masked loads, smaller merge tiles
-    ("pallas_gpu", {"interpret": True},
-     dict(block_m=16, num_splits=3, merge_unroll=True, merge_rows=4, merge_d=16)),
+    # smaller merge tiles
+    ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=3, merge_rows=4, merge_d=16)),
     ("pallas_gpu", {"interpret": True}, dict(block_m=16, num_splits=2, merge_rows=16)),
 ])
 def test_query_counts_zero_padded_slots_and_keep_live_rows(impl, kw, cfg):
@@ -680,8 +679,8 @@ def test_merge_kernel_refuses_a_tiling_that_would_leave_rows_or_channels_unwritt
 
 @pytest.mark.parametrize("layout", ["llada8b", "dream7b"])
 @pytest.mark.parametrize("return_lse,merge", [
-    (False, {}), (True, {}), (True, dict(merge_unroll=True, merge_d=32)),
-    (True, dict(num_splits=17, merge_unroll=True))])  # 17 splits: runs of 16 + 1
+    (False, {}), (True, {}), (True, dict(merge_d=32)),
+    (True, dict(num_splits=17))])  # 17 splits: runs of 16 + 1
 def test_pallas_gpu_lowers_for_cuda(layout, return_lse, merge):
   # The Triton lowering runs in Python on any host: the split-KV kernel and the merge kernel's
   # scatter of rows into [T * Hq, D] (interpret mode does not check what Triton accepts).

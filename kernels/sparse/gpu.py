@@ -144,13 +144,10 @@ def _power_of_two_runs(n: int) -> list[tuple[int, int]]:
 
 def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_tiles: int,
                   rows: int, g: int, hq: int, hkv: int, n_splits: int, d_chunk: int,
-                  merge_rows: int, unroll: bool):
+                  merge_rows: int):
   """One program: merge_rows rows x d_chunk of one (batch, kv head). It merges, by log-sum-exp,
   every split of every slot that worked for the rows' tile, normalises, and writes the rows in
-  the public [T * Hq, D] order (row t*G + g of kv head h is query t, head h*G + g).
-
-  `unroll`: the slots as a static loop of masked loads (a dead slot loads nothing), so their
-  loads can all be in flight at once; otherwise a loop over the live slots only."""
+  the public [T * Hq, D] order (row t*G + g of kv head h is query t, head h*G + g)."""
   out_ref = out_refs[0]
   h = pl.program_id(0) % hkv
   r0 = pl.program_id(1) * merge_rows
@@ -161,22 +158,13 @@ def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_ti
   n_slots = jnp.where(tile < n_live, (m_tiles - 1 - tile) // n_live + 1, 0)
   runs = _power_of_two_runs(n_splits)
 
-  def merge_slot(i, carry, live=None):
+  def merge_slot(i, carry):
     row = (tile + i * n_live) * block_m + r0 % block_m  # the slot's copy of these rows
-    if live is not None:  # unrolled: a dead slot's (clamped) rows are masked off
-      row = jnp.minimum(row, m_tiles * block_m - merge_rows)
     for start, size in runs:
       mx, l, acc = carry
       at = (pl.ds(start, size), pl.ds(row, merge_rows))
-      a_at = at + (pl.ds(d0, d_chunk),)
-      if live is None:
-        m_s, l_s, a_s = m_ref[at], l_ref[at], acc_ref[a_at]  # [run, rows (, d)]
-      else:  # a dead slot contributes m = NEG_INIT, l = 0, acc = 0: nothing
-        mask = jnp.full((size, merge_rows), live)
-        m_s = plgpu.load(m_ref.at[at], mask=mask, other=common.NEG_INIT)
-        l_s = plgpu.load(l_ref.at[at], mask=mask, other=0.0)
-        a_s = plgpu.load(acc_ref.at[a_at], mask=jnp.full((size, merge_rows, d_chunk), live),
-                         other=0.0)
+      m_s, l_s = m_ref[at], l_ref[at]  # [run, rows]
+      a_s = acc_ref[at + (pl.ds(d0, d_chunk),)]  # [run, rows, d]
       mx_new = jnp.maximum(mx, jnp.max(m_s, axis=0))
       w = jnp.exp(m_s - mx_new[None, :])
       corr = jnp.exp(mx - mx_new)
@@ -184,14 +172,9 @@ def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_ti
                acc * corr[:, None] + jnp.sum(w[:, :, None] * a_s, axis=0))
     return carry
 
-  carry = (jnp.full((merge_rows,), common.NEG_INIT, jnp.float32),
-           jnp.zeros((merge_rows,), jnp.float32), jnp.zeros((merge_rows, d_chunk), jnp.float32))
-  if unroll:
-    for i in range(m_tiles):
-      carry = merge_slot(i, carry, live=i < n_slots)
-  else:
-    carry = lax.fori_loop(0, n_slots, merge_slot, carry)
-  mx, l, acc = carry
+  init = (jnp.full((merge_rows,), common.NEG_INIT, jnp.float32),
+          jnp.zeros((merge_rows,), jnp.float32), jnp.zeros((merge_rows, d_chunk), jnp.float32))
+  mx, l, acc = lax.fori_loop(0, n_slots, merge_slot, init)
   r = r0 + jnp.arange(merge_rows, dtype=jnp.int32)
   seen = (l > 0) & (r < live_rows)  # padded query slots come back as zeros
   out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
@@ -209,7 +192,7 @@ def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_ti
 
 def merge_to_output(acc, m, l, live_rows, *, block_m: int, rows: int, t: int, hq: int, dtype,
                     return_lse: bool, merge_rows: int = MERGE_ROWS, merge_d: int = MERGE_D,
-                    merge_unroll: bool = False, interpret: bool = False):
+                    interpret: bool = False):
   """The kernel's partials [B, Hkv, splits, m_tiles * block_m, ...] -> the public output
   [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq] float32), in one Pallas kernel.
 
@@ -229,7 +212,7 @@ def merge_to_output(acc, m, l, live_rows, *, block_m: int, rows: int, t: int, hq
     raise ValueError(f"merge: {rows} rows per kv head, expected T * Hq / Hkv = {t * g}")
   kernel = functools.partial(_merge_kernel, block_m=block_m, m_tiles=m_tiles, rows=rows, g=g,
                              hq=hq, hkv=hkv, n_splits=n_splits, d_chunk=d_chunk,
-                             merge_rows=merge_rows, unroll=merge_unroll)
+                             merge_rows=merge_rows)
   part_spec = lambda *tail: pl.BlockSpec((None, None, n_splits, rows_pad) + tail,
                                          lambda bh, r, dc: (bh // hkv, bh % hkv, 0, 0)
                                          + (0,) * len(tail))
@@ -387,17 +370,16 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
 def sparse_attention(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
                      t: int, hq: int, dtype, return_lse: bool = False,
                      row_counts: jax.Array | None = None, interpret: bool = False,
-                     merge_rows: int = MERGE_ROWS, merge_d: int = MERGE_D,
-                     merge_unroll: bool = False, **kwargs):
+                     merge_rows: int = MERGE_ROWS, merge_d: int = MERGE_D, **kwargs):
   """The whole attention of `sparse_partial`'s contract, merged and laid out by one Pallas
-  kernel (`merge_to_output`, tiled by merge_rows / merge_d / merge_unroll): out [B, T, Hq, D] in
+  kernel (`merge_to_output`, tiled by merge_rows / merge_d): out [B, T, Hq, D] in
   `dtype` (and the lse [B, T, Hq] float32). Rows at and past `row_counts` come back as zeros
   (lse -inf), as padded query slots do."""
   (acc, m, l), live_rows = split_partials(qg, k, v, sel, row_counts=row_counts,
                                           interpret=interpret, **kwargs)
   return merge_to_output(acc, m, l, live_rows, block_m=kwargs["block_m"], rows=qg.shape[2], t=t,
                          hq=hq, dtype=dtype, return_lse=return_lse, merge_rows=merge_rows,
-                         merge_d=merge_d, merge_unroll=merge_unroll, interpret=interpret)
+                         merge_d=merge_d, interpret=interpret)
 
 
 def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
