@@ -61,7 +61,7 @@ def main(argv):
   cfg = _CONFIG.value
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   model = focus_jax.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
-                         matmul_impl=cfg.matmul_impl)
+                         matmul_impl=cfg.matmul_impl, fused_qkv=cfg.fused_qkv)
   example = None
   if cfg.task:
     prompt, mask, example = _task_prompt(cfg, model)

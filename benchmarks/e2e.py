@@ -28,6 +28,7 @@ from focus_jax import memory, presets, step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning
+from focus_jax.models import param_map
 from focus_jax.models.config import MATMUL_IMPLS
 from focus_jax.models.transformer import compiler_options
 from focus_jax.sampling import compile_generation, loop
@@ -48,6 +49,8 @@ flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_float("threshold", 0.0, "> 0: threshold parallel decoding")
 flags.DEFINE_enum("matmul_impl", "xla", list(MATMUL_IMPLS),
                   "ModelConfig.matmul_impl: how the projections' matmuls run")
+flags.DEFINE_bool("fused_qkv", False, "ModelConfig.fused_qkv (one q|k|v weight per layer); "
+                  "a mode's knob fused_qkv=1 or 0 overrides it")
 flags.DEFINE_integer("repeats", 2, "timed generations per configuration")
 flags.DEFINE_integer("generate_up_to", 1 << 30, "contexts up to this time the whole jitted "
                      "generation; longer ones (64K, 128K: minutes per generation) take tokens/s "
@@ -142,6 +145,7 @@ def main(argv):
   t0 = time.perf_counter()
   params = presets.random_params(base_cfg, 0)
   jax.block_until_ready(params)
+  by_layout = {False: params}  # fused_qkv -> params in that layout (built from the same weights)
   print(f"{gpu}: {FLAGS.model} random params in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
   for context in map(int, FLAGS.contexts):
@@ -153,13 +157,17 @@ def main(argv):
       block = int(options.pop("block", FLAGS.block))
       batch = int(options.pop("batch", FLAGS.batch))
       threshold = float(options.pop("threshold", FLAGS.threshold))
-      cfg = base_cfg.replace(matmul_impl=options.pop("matmul", FLAGS.matmul_impl))
+      cfg = base_cfg.replace(matmul_impl=options.pop("matmul", FLAGS.matmul_impl),
+                             fused_qkv=bool(options.pop("fused_qkv", FLAGS.fused_qkv)))
+      if cfg.fused_qkv not in by_layout:
+        by_layout[True] = param_map.fuse_qkv(cfg, by_layout[False])
+      params = by_layout[cfg.fused_qkv]
       generate = context <= FLAGS.generate_up_to or bool(threshold)
       blocks = FLAGS.gen // block
       row = dict(model=FLAGS.model, gpu=gpu, jax=jax.__version__, context=context,
                  gen=FLAGS.gen, steps=FLAGS.steps, block=block, batch=batch,
                  mode=mode, variant=spec, threshold=threshold or None,
-                 matmul_impl=cfg.matmul_impl,
+                 matmul_impl=cfg.matmul_impl, fused_qkv=cfg.fused_qkv,
                  focus=focus_knobs if mode == "focus" else None, repeats=FLAGS.repeats,
                  xla_flags=os.environ.get("XLA_FLAGS") or None,
                  compiler_options=compiler_options(cfg, batch) or None)

@@ -37,7 +37,8 @@ def load_checkpoint(ckpt_dir: str, mesh: Mesh | None = None,
   config's dtype is the dtype of the returned params.
   """
   manifest = conv.read_manifest(ckpt_dir)
-  config = conv.read_config(ckpt_dir)
+  # A checkpoint holds the HF projections; `pipeline.load(fused_qkv=True)` fuses after loading.
+  config = conv.read_config(ckpt_dir).replace(fused_qkv=False)
   if dtype is not None:
     conv.np_dtype(dtype)
     config = config.replace(dtype=dtype)

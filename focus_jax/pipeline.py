@@ -22,6 +22,7 @@ import numpy as np
 
 from focus_jax import memory, presets, sharding, step_timing
 from focus_jax.decoding import make_denoiser
+from focus_jax.models import param_map
 from focus_jax.models.config import ModelConfig
 from focus_jax.sampling import compile_generation, dream_rule, llada_rule, loop
 
@@ -38,21 +39,37 @@ class Model:
 
 
 def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
-         mesh: jax.sharding.Mesh | None = None, matmul_impl: str | None = None) -> Model:
+         mesh: jax.sharding.Mesh | None = None, matmul_impl: str | None = None,
+         fused_qkv: bool | None = None) -> Model:
   """A preset name (random weights: "tiny", "llada_8b", "ultra_llada", "dream_7b") or the path
   of a converted checkpoint or a Hugging Face directory. `matmul_impl` overrides the config's
-  `ModelConfig.matmul_impl` (how a cached step's projections run; "auto" suits LLaDA-8B)."""
+  `ModelConfig.matmul_impl` (how a cached step's projections run; "auto" suits LLaDA-8B);
+  `fused_qkv=True` lays each layer's q, k and v weights out as one (`ModelConfig.fused_qkv`)."""
   mesh = mesh or sharding.make_mesh()
-  with_impl = lambda c: c if matmul_impl is None else c.replace(matmul_impl=matmul_impl)
+
+  def with_impl(c: ModelConfig) -> ModelConfig:
+    c = c if matmul_impl is None else c.replace(matmul_impl=matmul_impl)
+    return c if fused_qkv is None else c.replace(fused_qkv=fused_qkv)
+
+  def laid_out(config: ModelConfig, params):
+    """Params in the layout the config asks for (they come in the checkpoint's)."""
+    if not config.fused_qkv:
+      return params
+    return param_map.fuse_qkv(config, params, sharding.param_shardings(config, mesh), donate=True)
+
   if source in presets.PRESETS:
     config = with_impl(presets.preset(source, dtype))
-    params = presets.random_params(config, seed, sharding.param_shardings(config, mesh))
+    # Drawn in the checkpoint layout, so a seed gives the same model whatever the layout.
+    unfused = config.replace(fused_qkv=False)
+    params = presets.random_params(unfused, seed, sharding.param_shardings(unfused, mesh))
     tokenizer = presets.tiny_tokenizer() if source == "tiny" else None
-    return Model(config, params, tokenizer, name=f"{source} (random weights)", mesh=mesh)
+    return Model(config, laid_out(config, params), tokenizer, name=f"{source} (random weights)",
+                 mesh=mesh)
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
   from focus_jax.checkpoints_convert import load_model  # pylint: disable=g-import-not-at-top
-  config, params = load_model(source, mesh=mesh, dtype=dtype)
+  config, params = load_model(source, mesh=mesh, dtype=dtype)  # the checkpoint's layout
   config = with_impl(config)
+  params = laid_out(config, params)
   try:
     tokenizer = tokenization.load_tokenizer(source)
   except FileNotFoundError as e:  # weights shipped without tokenizer files

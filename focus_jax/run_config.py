@@ -75,5 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
   # "auto" streams the SwiGLU through a Pallas kernel on one Hopper GPU (faster for LLaDA-8B's shape,
   # slower for Dream-7B's: README), "xla", "pallas_gpu_mlp", "pallas_gpu".
   c.matmul_impl = placeholder(str)
+  # True: one q|k|v weight per layer (ModelConfig.fused_qkv; fused at load). None: the model's.
+  c.fused_qkv = placeholder(bool)
   c.repeats = 1  # timed runs per mode after compilation (median reported)
   return c

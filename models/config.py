@@ -65,6 +65,15 @@ class ModelConfig:
   # `step_timing` apply; code that jits the model itself passes it to `jax.jit(...,
   # compiler_options=...)`.
   matmul_impl: MatmulImpl = "xla"
+  # One [d_model, kv_heads * (q_per_kv + 2) * head_dim] weight per layer for the q, k and v
+  # projections (grouped by KV head: its q heads, then its k, then its v; sharding its columns
+  # over "kv_heads" keeps groups whole where the model axis divides the KV heads). Checkpoints
+  # and `training.export` keep the three HF projections;
+  # `param_map.fuse_qkv` builds the fused weight at load (`focus_jax.load(..., fused_qkv=True)`).
+  # Without it XLA merges sibling dots by concatenating their weights inside a Triton GEMM (about
+  # 310 TFLOP/s at batch 8). H200, 2026-12-04: LLaDA-8B 8K Focus step at batch 8 13.37 -> 12.93
+  # ms; batch 1 and Dream-7B unchanged (5.98 / 5.99 ms; 5.69 / 5.65 ms), so it is opt-in.
+  fused_qkv: bool = False
 
   def __post_init__(self):
     if self.matmul_impl not in MATMUL_IMPLS:

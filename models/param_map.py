@@ -9,6 +9,10 @@ knows HF names.
 from __future__ import annotations
 
 import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
 
 from focus_jax.models.config import ModelConfig
 
@@ -62,3 +66,53 @@ def hf_tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
   """The expected HF tensors of a checkpoint with this config."""
   from focus_jax.models import dream, llada  # pylint: disable=g-import-not-at-top
   return {"llada": llada.hf_tensor_specs, "dream": dream.hf_tensor_specs}[cfg.family](cfg)
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _fused_columns(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """[..., Hq*D], [..., Hkv*D] twice -> [..., Hkv*(G+2)*D] grouped by KV head (q heads, k, v),
+  the layout `transformer._fused_qkv` splits."""
+  lead, d = q.shape[:-1], cfg.head_dim
+  group = lambda a, n: a.reshape(*lead, cfg.n_kv_heads, n, d)
+  fused = jnp.concatenate([group(q, cfg.q_per_kv), group(k, 1), group(v, 1)], axis=-2)
+  return fused.reshape(*lead, -1)
+
+
+def fuse_qkv(cfg: ModelConfig, params: dict, shardings: dict | None = None,
+             donate: bool = False) -> dict:
+  """The checkpoint layout (q_proj, k_proj, v_proj per layer) -> the `fused_qkv` layout
+  (qkv_proj), layer by layer on the device. `shardings`: the fused tree's
+  (`sharding.param_shardings` of a `fused_qkv` config); None keeps the default placement.
+  `donate`: delete each layer's three input arrays once its fused weight exists, so that at
+  most one layer's q|k|v weights exist twice (the input tree's q/k/v arrays become unusable)."""
+  if not cfg.fused_qkv:
+    raise ValueError("fuse_qkv builds the fused_qkv=True layout; pass that config")
+  fusers = {}
+
+  def fuser(sharding):
+    if sharding not in fusers:
+      fusers[sharding] = jax.jit(functools.partial(_fused_columns, cfg), out_shardings=sharding)
+    return fusers[sharding]
+
+  out = dict(params)
+  for i in range(cfg.n_layers):
+    name = f"layers_{i}"
+    layer = dict(params[name])
+    missing = [p for p in QKV if p not in layer]
+    if missing:
+      raise ValueError(f"{name} lacks {missing}: fuse_qkv takes the checkpoint layout "
+                       "(q_proj, k_proj, v_proj); were the params fused already?")
+    target = None if shardings is None else shardings[name]["qkv_proj"]
+    inputs = [layer.pop(p) for p in QKV]
+    layer["qkv_proj"] = {
+        leaf: fuser(None if target is None else target[leaf])(*(w[leaf] for w in inputs))
+        for leaf in inputs[0]}
+    if donate:
+      jax.block_until_ready(layer["qkv_proj"])
+      for w in inputs:
+        for array in w.values():
+          array.delete()
+    out[name] = layer
+  return out

@@ -185,6 +185,19 @@ def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=_precision(x.dtype))
 
 
+def _fused_qkv(cfg: ModelConfig, h: jax.Array, bias_axis: str | None):
+  """q [B, T, Hq, D], k and v [B, T, Hkv, D] from one GEMM with the `fused_qkv` weight, whose
+  columns are grouped by KV head (q heads, k, v; q head h belongs to KV head h // q_per_kv), so
+  sharding its columns over "kv_heads" keeps each group on one device when the model axis
+  divides the KV heads."""
+  g = cfg.q_per_kv
+  qkv = _dense(cfg.n_kv_heads * (g + 2) * cfg.head_dim, ("embed", "kv_heads"), cfg, "qkv_proj",
+               bias_axis)(h)
+  qkv = qkv.reshape(*h.shape[:2], cfg.n_kv_heads, g + 2, cfg.head_dim)
+  q = qkv[:, :, :, :g].reshape(*h.shape[:2], cfg.n_heads, cfg.head_dim)
+  return q, qkv[:, :, :, g], qkv[:, :, :, g + 1]
+
+
 class Block(nn.Module):
   config: ModelConfig
   layer: int
@@ -203,12 +216,16 @@ class Block(nn.Module):
     bias_kv = "kv_heads" if cfg.qkv_bias else None
     x = rows(x)  # the residual stream continues for the output rows only
     t = x.shape[1]
-    q = _dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), cfg, "q_proj", bias_q)(rows(h))
-    k = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "k_proj", bias_kv)(h)
-    v = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "v_proj", bias_kv)(h)
-    q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = k.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
-    v = v.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
+    if cfg.fused_qkv:
+      q, k, v = _fused_qkv(cfg, h, bias_kv)
+      q = rows(q)  # (the last layer of a refresh projects every row's q, which it drops)
+    else:
+      q = _dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), cfg, "q_proj", bias_q)(rows(h))
+      k = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "k_proj", bias_kv)(h)
+      v = _dense(cfg.n_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg, "v_proj", bias_kv)(h)
+      q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+      k = k.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
+      v = v.reshape(b, h.shape[1], cfg.n_kv_heads, cfg.head_dim)
     q = apply_rope(q, rows(cos), rows(sin), cfg.rope_in_float32)
     k = apply_rope(k, cos, sin, cfg.rope_in_float32)
     check_qkv(q, k, v, output_rows)

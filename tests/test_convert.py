@@ -337,3 +337,36 @@ def test_sharding_tree_matches_specs():
     for key in spec.path:
       node = node[key]
     assert hasattr(node, "spec"), spec.path
+
+
+def test_fused_qkv_load_shards_whole_kv_groups(llada_bf16):
+  """On a 2-device model axis `load(fused_qkv=True)` places the fused weight with its
+  param_shardings sharding (columns split into whole KV-head groups) and computes the same
+  logits as the three-weight model."""
+  _, src = llada_bf16
+  script = textwrap.dedent(f"""
+      import jax, jax.numpy as jnp, numpy as np
+      import focus_jax
+      from focus_jax import sharding as sh
+      from focus_jax.models import forward_logits
+      assert jax.device_count() == 2, jax.devices()
+      mesh = sh.make_mesh(data=1, model=2)
+      fused = focus_jax.load({src!r}, dtype="float32", mesh=mesh, fused_qkv=True)
+      plain = focus_jax.load({src!r}, dtype="float32", mesh=mesh)
+      w = fused.params["layers_0"]["qkv_proj"]["kernel"]
+      want = sh.param_shardings(fused.config, mesh)["layers_0"]["qkv_proj"]["kernel"]
+      assert w.sharding.is_equivalent_to(want, 2), (w.sharding, want)
+      assert len(w.addressable_shards) == 2
+      c = fused.config
+      group = (c.q_per_kv + 2) * c.head_dim
+      assert w.addressable_shards[0].data.shape[1] % group == 0
+      tokens = jnp.arange(24, dtype=jnp.int32)[None] % c.vocab_size
+      a = forward_logits(fused.config, fused.params, tokens)
+      b = forward_logits(plain.config, plain.params, tokens)
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+      print("ok")
+      """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

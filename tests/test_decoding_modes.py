@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from focus_jax.decoding import cache as kv
 from focus_jax.decoding import make_denoiser
 from focus_jax.focus import summarize
-from focus_jax.models import Transformer, family
+from focus_jax.models import Transformer, family, param_map
 from focus_jax.models import config as C
-from focus_jax.sampling import dream_rule, generate_tokens, llada_rule
+from focus_jax.sampling import dream_rule, generate_tokens, llada_rule, loop
 
 MASK = 120
 PROMPT, GEN, BLOCK = 100, 32, 16
@@ -334,3 +335,78 @@ def test_compile_generation_hands_the_configs_xla_options_to_the_compiler(model,
   monkeypatch.setattr(gen_module, "compiler_options", lambda c, b: {"xla_no_such_option": 1})
   with pytest.raises(Exception, match="xla_no_such_option"):
     compile_generation(*args, **kwargs)
+
+
+def test_fused_qkv_refresh_and_cached_step_match(model):
+  """One q|k|v weight per layer (`ModelConfig.fused_qkv`) is a layout, not an approximation: a
+  refresh's logits and cache, and a cached step's hidden states over that cache, match the
+  three-weight model's in float32 (GQA here)."""
+  cfg, params = model
+  fused_cfg = cfg.replace(fused_qkv=True)
+  fused = param_map.fuse_qkv(fused_cfg, params)
+  tokens, mask = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  start = jnp.int32(PROMPT)
+  slots = jnp.asarray([[3, 0, 7, 12], [15, 1, 2, 9]], jnp.int32)
+  queries = kv.QuerySet(start + slots, jnp.ones((2, 4), bool), jnp.ones((2, 4), bool))
+
+  def run(c, p):
+    logits, cache = kv.refresh(c, p, canvas, kv.KVCache.empty(c, 2, canvas.length), start, BLOCK,
+                               "xla")
+    hidden, _, _ = kv.cached_forward(c, p, canvas, cache, queries, "xla")
+    return logits, cache.k[-1], cache.v[0], hidden
+
+  for got, want in zip(run(fused_cfg, fused), run(cfg, params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,options", [
+    ("dual_cache", {}), ("prefix_cache", {}), ("focus", {}), ("focus", {"reuse_prompt_kv": True}),
+    ("focus", {"whole_block_active": True})])
+def test_cached_steps_write_inside_their_declared_window(model, mode, options, monkeypatch):
+  """Every cached step's K/V write goes through `write_rows_in_window`, and what it stores equals
+  the scatter of the same slots: the windows the denoisers declare hold every position they
+  write (Dream's shift, the response refresh, padded Focus slots). Decoded tokens alone cannot
+  show this: the tiny model's tokens barely depend on the cache."""
+  window_write, checks = kv.write_rows_in_window, []
+
+  def checked(buffer, positions, values, write, start, window):
+    got = window_write(buffer, positions, values, write, start, window)
+    want = kv.write_rows(buffer, positions, values.astype(buffer.dtype), write)
+    jax.debug.callback(lambda same: checks.append(bool(same)), jnp.array_equal(got, want))
+    return got
+
+  monkeypatch.setattr(kv, "write_rows_in_window", checked)
+  jax.clear_caches()  # trace afresh, through the patched function
+  cfg, params = model
+  decode(cfg, params, mode, **options)
+  assert checks and all(checks), f"{checks.count(False)} of {len(checks)} writes differ"
+
+
+def test_fuse_qkv_refuses_the_wrong_config_or_layout(model):
+  cfg, params = model
+  with pytest.raises(ValueError, match="fused_qkv=True"):
+    param_map.fuse_qkv(cfg, params)
+  fused = param_map.fuse_qkv(cfg.replace(fused_qkv=True), params)
+  with pytest.raises(ValueError, match="fused already"):
+    param_map.fuse_qkv(cfg.replace(fused_qkv=True), fused)
+
+
+@pytest.mark.parametrize("start,window", [(10, 8), (0, 8), (27, 8), (5, 32), (-3, 8)])
+def test_window_cache_write_equals_the_scatter(start, window):
+  """`write_rows_in_window` (a cached step's K/V write into its block) stores exactly what the
+  scatter stores: unordered slots, padding slots (write False), slots at the window's ends, a
+  window past the buffer's end or start (clamped), and a bf16 buffer fed float32 values."""
+  rng = np.random.default_rng(start + 100 * window)
+  b, length = 3, 32
+  buffer = jnp.asarray(rng.standard_normal((b, length, 2, 4)), jnp.bfloat16)
+  lo, hi = max(start, 0), min(start + window, length)
+  a = min(6, hi - lo)
+  positions = jnp.asarray(np.stack([rng.choice(np.arange(lo, hi), a, replace=False)
+                                    for _ in range(b)]), jnp.int32)
+  write = jnp.asarray(rng.random((b, a)) < 0.7)
+  values = jnp.asarray(rng.standard_normal((b, a, 2, 4)), jnp.float32)
+  want = kv.write_rows(buffer, positions, values.astype(jnp.bfloat16), write)
+  got = kv.write_rows_in_window(buffer, positions, values, write, jnp.int32(start), window)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  assert not np.array_equal(np.asarray(got, np.float32), np.asarray(buffer, np.float32))

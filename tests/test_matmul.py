@@ -221,3 +221,20 @@ def test_auto_merges_the_qkv_dots_on_one_hopper_gpu(monkeypatch, impl, capabilit
   want = {"xla_gpu_dot_merger_threshold_mb": transformer.AUTO_DOT_MERGER_THRESHOLD_MB}
   got = transformer.compiler_options(_kernel_sized(matmul_impl=impl), batch)
   assert got == (want if merged else {})
+
+
+def test_load_fuses_qkv_from_the_same_weights():
+  """`load(preset, fused_qkv=True)` draws the preset's weights in the checkpoint layout and fuses
+  them, so a seed gives the same model in either layout; `fuse_qkv(donate=True)` frees the three
+  weights it consumed."""
+  import focus_jax  # pylint: disable=g-import-not-at-top
+  from focus_jax.models import forward_logits, param_map  # pylint: disable=g-import-not-at-top
+  plain, fused = focus_jax.load("tiny", seed=4), focus_jax.load("tiny", seed=4, fused_qkv=True)
+  assert fused.config.fused_qkv and "qkv_proj" in fused.params["layers_0"]
+  tokens = jnp.arange(40, dtype=jnp.int32).reshape(2, 20)
+  np.testing.assert_allclose(np.asarray(forward_logits(fused.config, fused.params, tokens)),
+                             np.asarray(forward_logits(plain.config, plain.params, tokens)),
+                             rtol=1e-5, atol=1e-5)
+  q = plain.params["layers_0"]["q_proj"]["kernel"]
+  param_map.fuse_qkv(fused.config, plain.params, donate=True)
+  assert q.is_deleted()

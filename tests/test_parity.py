@@ -162,3 +162,26 @@ def test_load_hf_equals_converted(setups, family, dtype):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
 
   jax.tree.map(same, direct, restored)
+
+
+@pytest.mark.parametrize("source", ["hf", "converted"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_qkv_load_matches_the_oracle(setups, family, source):
+  """`load(fused_qkv=True)` lays q|k|v out as one weight per layer (Dream: GQA groups and the
+  biases) and the model still matches the oracle; the checkpoint's layout is unchanged."""
+  import focus_jax  # pylint: disable=g-import-not-at-top
+  oracle, src, fp32_dir, _ = setups[family]
+  model = focus_jax.load(src if source == "hf" else fp32_dir, dtype="float32", fused_qkv=True)
+  layer = model.params["layers_0"]
+  assert model.config.fused_qkv and "q_proj" not in layer
+  cfg = model.config
+  width = cfg.n_kv_heads * (cfg.q_per_kv + 2) * cfg.head_dim
+  assert layer["qkv_proj"]["kernel"].shape == (cfg.d_model, width)
+  assert ("bias" in layer["qkv_proj"]) == cfg.qkv_bias
+  tokens, mask = _batches(family)["padded"]
+  want = hf.oracle_logits(oracle, family, tokens, mask)
+  got = _jax_logits(model.config, model.params, tokens, mask)
+  valid = _compared(family, mask, tokens.shape)
+  err = np.abs(got[valid] - want[valid]).max()
+  assert err <= FP32_TOL, f"{family}: fused q|k|v fp32 max abs err {err:.2e}"
+  assert "q_proj" in load_checkpoint(fp32_dir)[1]["layers_0"]

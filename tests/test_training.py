@@ -6,7 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from focus_jax import presets
 from focus_jax.checkpoints_convert import load_model
 from focus_jax.models.transformer import Transformer
 from focus_jax.training import export, objective, tasks, train
@@ -75,3 +77,13 @@ def test_export_round_trip(tmp_path):
   assert (loaded_cfg.d_model, loaded_cfg.n_layers, loaded_cfg.vocab_size) == (64, 2, train.VOCAB_SIZE)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-2, rtol=1e-2)  # bf16
+
+
+def test_export_refuses_fused_qkv_params(tmp_path):
+  """The HF layout has three projections: fused params get an error naming the fix, and
+  nothing is written."""
+  cfg = presets.preset("tiny").replace(fused_qkv=True)
+  params = Transformer(cfg).init_params(jax.random.key(0))
+  with pytest.raises(ValueError, match="fused_qkv=False"):
+    export.export_hf(params, cfg, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

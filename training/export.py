@@ -49,6 +49,9 @@ def _get(tree, path):
 def export_hf(params, cfg: ModelConfig, out_dir: str, max_shard_bytes: int = 15 << 20,
               extra_config: dict[str, Any] | None = None) -> list[str]:
   """Writes the checkpoint; returns the files written (relative to out_dir)."""
+  if cfg.fused_qkv:
+    raise ValueError("export_hf writes the HF layout (q_proj, k_proj, v_proj); these params are "
+                     "fused_qkv=True: export the unfused params (load with fused_qkv=False)")
   os.makedirs(out_dir, exist_ok=True)
   tensors = []
   for spec in hf_tensor_specs(cfg):

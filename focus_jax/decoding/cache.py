@@ -110,7 +110,8 @@ def response_queries(config: ModelConfig, canvas: Canvas, batch: int,
   positions = jnp.maximum(jnp.arange(gen, dtype=jnp.int32) + canvas.prompt_length - shift, 0)
   positions = jnp.broadcast_to(positions, (batch, gen))
   write = jnp.ones((batch, gen), bool) if write_from is None else positions >= write_from
-  return QuerySet(positions, jnp.ones((batch, gen), bool), write)
+  return QuerySet(positions, jnp.ones((batch, gen), bool), write,
+                  window_start=positions[0, 0], window=gen)
 
 
 def response_window_logits(config: ModelConfig, params, canvas: Canvas, hidden: jax.Array,
@@ -122,11 +123,17 @@ def response_window_logits(config: ModelConfig, params, canvas: Canvas, hidden: 
 
 @flax.struct.dataclass
 class QuerySet:
-  """Canvas positions a cached step runs: [B, A], with validity (invalid slots are padding)."""
+  """Canvas positions a cached step runs: [B, A], with validity (invalid slots are padding).
+
+  With `window` > 0, every written position lies in [window_start, window_start + window) (the
+  step's block, or the response), and the cache write is one read-select-update of that window
+  instead of a scatter."""
 
   positions: jax.Array
   valid: jax.Array
   write: jax.Array  # [B, A] bool: store this slot's fresh K/V in the cache
+  window_start: jax.Array | None = None  # int32 scalar
+  window: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def canvas_masks(config: ModelConfig, canvas: Canvas):
@@ -189,6 +196,27 @@ def write_rows(buffer: jax.Array, positions: jax.Array, values: jax.Array,
   target = jnp.where(write, positions, length)  # out of bounds -> dropped
   rows = jnp.arange(b)[:, None]
   return buffer.at[rows, target].set(values, mode="drop")
+
+
+def write_rows_in_window(buffer: jax.Array, positions: jax.Array, values: jax.Array,
+                         write: jax.Array, start: jax.Array, window: int) -> jax.Array:
+  """`write_rows` for positions that all lie in [start, start + window): one fusion that reads
+  the window, picks each row's new value and updates the buffer in place. Against the scatter
+  on one H200 (2026-12-04): LLaDA-8B's 8K batch-8 Focus step 13.52 -> 13.37 ms, Dream-7B's 32K
+  step 5.86 -> 5.76 ms (README). Written positions outside the window would be lost; the start
+  is clamped as `dynamic_slice` clamps it, which keeps every in-bounds position of the window
+  in it."""
+  b, length = buffer.shape[:2]
+  window = min(window, length)
+  start = jnp.clip(start, 0, length - window).astype(jnp.int32)
+  old = jax.lax.dynamic_slice_in_dim(buffer, start, window, axis=1)
+  rows = jnp.arange(window, dtype=jnp.int32)
+  hit = (positions[:, None, :] - start == rows[None, :, None]) & write[:, None, :]  # [B, W, A]
+  source = jnp.argmax(hit, axis=-1)
+  new = jnp.take_along_axis(values.astype(buffer.dtype),
+                            source.reshape(b, window, *([1] * (values.ndim - 2))), axis=1)
+  keep = jnp.any(hit, axis=-1).reshape(b, window, *([1] * (values.ndim - 2)))
+  return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.where(keep, new, old), start, axis=1)
 
 
 def prompt_start_of(canvas: Canvas) -> jax.Array:
@@ -263,8 +291,13 @@ class CachedAttention:
     if query_rows is not None:
       raise NotImplementedError("a cached step runs its query set as given (no query_rows)")
     k_cache, v_cache = layer_state
-    k_cache = write_rows(k_cache, self.queries.positions, k, self.queries.write)
-    v_cache = write_rows(v_cache, self.queries.positions, v, self.queries.write)
+    qs = self.queries
+    if qs.window:
+      write = lambda buf, x: write_rows_in_window(buf, qs.positions, x, qs.write, qs.window_start,
+                                                  qs.window)
+    else:
+      write = lambda buf, x: write_rows(buf, qs.positions, x, qs.write)
+    k_cache, v_cache = write(k_cache, k), write(v_cache, v)
     if self.attend is not None:
       out, carry = self.attend(layer, q, k_cache, v_cache, carry)
     else:

@@ -78,7 +78,8 @@ class DualCacheDenoiser(_CachedDenoiser):
     src = jnp.broadcast_to(family.source_positions(self.config, ctx.block_start, w), (b, w))
     ones = jnp.ones((b, w), bool)
     hidden, cache, _ = kv.cached_forward(self.config, params, canvas, cache,
-                                         kv.QuerySet(src, ones, ones), self.attention_impl)
+                                         kv.QuerySet(src, ones, ones, window_start=src[0, 0],
+                                                     window=w), self.attention_impl)
     return kv.logits_at(self.config, params, hidden), cache
 
 

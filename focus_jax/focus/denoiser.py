@@ -141,7 +141,8 @@ class FocusDenoiser:
     slots, valid = indicator.active_slots(active, focus, ctx.masked, capacity)
     # Dream: the logits of position j come from position j-1, so that is the query to run.
     positions = jnp.maximum(ctx.block_start + slots - (1 if mcfg.logit_shift else 0), 0)
-    queries = kv.QuerySet(positions=positions, valid=valid, write=valid)
+    queries = kv.QuerySet(positions=positions, valid=valid, write=valid,
+                          window_start=ctx.block_start - (1 if mcfg.logit_shift else 0), window=w)
     _, key_valid = kv.canvas_masks(mcfg, canvas)
     attend = FocusAttend(
         focus=cfg, n_layers=mcfg.n_layers, query_valid=valid,
