@@ -41,6 +41,7 @@ flags.DEFINE_string("dump_dir", None, "keep XLA's dumped modules here (default: 
                     "folder)")
 flags.DEFINE_string("out", "benchmarks/results/profile_step.json", "JSON output")
 flags.DEFINE_enum("matmul_impl", "xla", list(MATMUL_IMPLS), "ModelConfig.matmul_impl")
+flags.DEFINE_bool("fused_qkv", False, "ModelConfig.fused_qkv: one q|k|v weight per layer")
 
 
 def main(argv):
@@ -49,7 +50,8 @@ def main(argv):
   dump_dir = FLAGS.dump_dir or tempfile.mkdtemp()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
-  cfg = presets.preset(FLAGS.model).replace(matmul_impl=FLAGS.matmul_impl)
+  cfg = presets.preset(FLAGS.model).replace(matmul_impl=FLAGS.matmul_impl,
+                                            fused_qkv=FLAGS.fused_qkv)
   params = presets.random_params(cfg, 0)
   prompt = jnp.zeros((FLAGS.batch, FLAGS.context), jnp.int32) + 7
   canvas = loop.make_canvas(prompt, None, 256, 32, cfg.mask_token_id)
@@ -97,8 +99,8 @@ def main(argv):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump({"gpu": jax.devices()[0].device_kind, "context": FLAGS.context,
-               "batch": FLAGS.batch,
-               "phase": FLAGS.phase, "modes": report},
+               "batch": FLAGS.batch, "matmul_impl": FLAGS.matmul_impl,
+               "fused_qkv": FLAGS.fused_qkv, "phase": FLAGS.phase, "modes": report},
               f, indent=1)
 
 

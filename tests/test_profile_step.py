@@ -61,12 +61,16 @@ def test_hlo_sources_pick_the_innermost_frame_of_ours():
 def test_profile_step_attributes_kernels_on_the_tiny_model(tmp_path):
   out = tmp_path / "profile.json"
   cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--model=tiny",
-         "--context=128", "--modes=focus", "--steps=2", "--top=400", f"--out={out}"]
+         "--context=128", "--modes=focus", "--steps=2", "--top=400", "--fused_qkv",
+         f"--out={out}"]
   subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
-  report = json.loads(out.read_text())["modes"]["focus"]
+  written = json.loads(out.read_text())
+  assert written["fused_qkv"] is True
+  report = written["modes"]["focus"]
   places = [where for where, _, _ in report["by_source_us_per_step"]]
   assert any(p.startswith("focus_jax/focus/") for p in places), places
   assert any(p.startswith("models/") or p.startswith("kernels/") for p in places), places
+  assert any("_fused_qkv" in p for p in places), places  # the fused projection ran
 
 
 def test_hlo_kernels_name_the_fused_ops_and_operand_shapes():
