@@ -160,7 +160,7 @@ def main(argv):
       cfg = base_cfg.replace(matmul_impl=options.pop("matmul", FLAGS.matmul_impl),
                              fused_qkv=bool(options.pop("fused_qkv", FLAGS.fused_qkv)))
       if cfg.fused_qkv not in by_layout:
-        by_layout[True] = param_map.fuse_qkv(cfg, by_layout[False])
+        by_layout[cfg.fused_qkv] = param_map.fuse_qkv(cfg, by_layout[False])
       params = by_layout[cfg.fused_qkv]
       generate = context <= FLAGS.generate_up_to or bool(threshold)
       blocks = FLAGS.gen // block

@@ -20,7 +20,8 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from focus_jax import presets, step_timing
+import focus_jax
+from focus_jax import step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.models.config import MATMUL_IMPLS
 from focus_jax.sampling import loop
@@ -50,9 +51,8 @@ def main(argv):
   dump_dir = FLAGS.dump_dir or tempfile.mkdtemp()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
-  cfg = presets.preset(FLAGS.model).replace(matmul_impl=FLAGS.matmul_impl,
-                                            fused_qkv=FLAGS.fused_qkv)
-  params = presets.random_params(cfg, 0)
+  model = focus_jax.load(FLAGS.model, matmul_impl=FLAGS.matmul_impl, fused_qkv=FLAGS.fused_qkv)
+  cfg, params = model.config, model.params
   prompt = jnp.zeros((FLAGS.batch, FLAGS.context), jnp.int32) + 7
   canvas = loop.make_canvas(prompt, None, 256, 32, cfg.mask_token_id)
   report = {}

@@ -135,6 +135,13 @@ class QuerySet:
   window_start: jax.Array | None = None  # int32 scalar
   window: int = flax.struct.field(pytree_node=False, default=0)
 
+  def store(self, buffer: jax.Array, values: jax.Array) -> jax.Array:
+    """buffer with the written slots' values [B, A, ...] at their positions."""
+    if self.window:
+      return write_rows_in_window(buffer, self.positions, values, self.write, self.window_start,
+                                  self.window)
+    return write_rows(buffer, self.positions, values, self.write)
+
 
 def canvas_masks(config: ModelConfig, canvas: Canvas):
   """(positions [B, L], key_valid [B, L] or None) of the canvas under the family's semantics."""
@@ -291,13 +298,7 @@ class CachedAttention:
     if query_rows is not None:
       raise NotImplementedError("a cached step runs its query set as given (no query_rows)")
     k_cache, v_cache = layer_state
-    qs = self.queries
-    if qs.window:
-      write = lambda buf, x: write_rows_in_window(buf, qs.positions, x, qs.write, qs.window_start,
-                                                  qs.window)
-    else:
-      write = lambda buf, x: write_rows(buf, qs.positions, x, qs.write)
-    k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+    k_cache, v_cache = self.queries.store(k_cache, k), self.queries.store(v_cache, v)
     if self.attend is not None:
       out, carry = self.attend(layer, q, k_cache, v_cache, carry)
     else:
