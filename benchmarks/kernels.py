@@ -12,8 +12,8 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
   mgpu_dense  the refresh's dense attention at 32K: cuDNN vs JAX's Mosaic GPU (FA3-style) kernel
   mgpu_sparse  the Mosaic GPU (wgmma + TMA) split-KV sparse kernel: correctness against the
          float32 reference, then 32K timing against pallas_gpu and a sweep of its tiling knobs
-  relevance  a sparse layer's block relevance (bound scores, softmax over blocks, weighted mean)
-         at 32K: the fused Pallas kernel against XLA, per layer, and their difference
+  relevance  a sparse layer's prompt-block selection (relevance of the focus slots, top alpha):
+         XLA against the fused Pallas kernel, per layer, and whether they keep the same blocks
   sweep  LLaDA-8B (32/32 heads) and Dream-7B (28/4) layouts, context 8K..128K, alpha, queries:
          Pallas kernel alone (selection pre-normalised), Pallas end to end, XLA gather end to end,
          dense cuDNN attention over the whole cache
@@ -424,50 +424,65 @@ def phase_live(sa, block_size: int, live_counts=(7, 32), rounds: int = 2) -> lis
 
 
 def phase_relevance(block_size: int, rounds: int = 3) -> list[dict]:
-  """Block relevance of one sparse layer at 32K, 32 queries: XLA vs the fused Pallas kernel."""
+  """A sparse layer's prompt-block selection as a Focus step runs it (32 query slots of which 4
+  hold I_focus, Quest-bound representatives, alpha 0.5): XLA (relevance GEMM, softmax, top_k)
+  against the fused Pallas kernel, per layer, at 32K for both layouts and at 8K with batch 8
+  for LLaDA-8B. Checks that both keep the same blocks and relevance."""
   import jax
   import jax.numpy as jnp
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if root not in sys.path:
     sys.path.insert(0, root)
-  from focus_jax.kernels import block_relevance as br
+  from focus_jax.focus import pruning
+  grid = [("llada8b", 32768, 1), ("dream7b", 32768, 1), ("llada8b", 8192, 8)]
+  if SMOKE:
+    grid = [("dream7b", 2048, 1), ("llada8b", 1024, 2)]
   rows = []
-  for layout, lay in LAYOUTS.items():
-    hkv, d = lay["hkv"], lay["d"]
-    n_rows = lay["hq"] // hkv * 32
-    nb = max(16, TARGET_CTX // block_size)  # (smoke: the kernel's smallest tile)
+  for layout, ctx, bsz in grid:
+    lay = LAYOUTS[layout]
+    hq, hkv, d = lay["hq"], lay["hkv"], lay["d"]
+    nb = ctx // block_size
     layers = 2 if SMOKE else 16
     key = jax.random.PRNGKey(0)
     reps = []
     for _ in range(layers):
       k1, key = jax.random.split(key)
-      r = jax.random.normal(k1, (1, hkv, nb, 2 * d), jnp.bfloat16)  # head-major
+      r = jax.random.normal(k1, (bsz, hkv, nb, 2 * d), jnp.bfloat16)  # head-major
       reps.append(r.at[..., d:].set(jnp.abs(r[..., d:])))
-    qg = jax.random.normal(key, (1, hkv, n_rows, d), jnp.bfloat16)
-    weight = jnp.full((1, n_rows), 1.0 / n_rows, jnp.float32)
-    valid = jnp.ones((1, nb), bool)
-    p = dict(q=qg, ks=reps, vs=reps, idx=weight, cnt=valid, ranges=())
-    interpret = SMOKE
+    q = jax.random.normal(key, (bsz, 32, hq, d), jnp.bfloat16)
+    focus = jnp.zeros((bsz, 32), bool).at[:, :4].set(True)  # the indicator packs focus first
+    valid = jnp.ones((bsz, nb), bool)
+    p = dict(q=q, ks=reps, vs=reps, idx=focus, cnt=valid, ranges=())
 
     def layers_of(impl):
-      def layer_fn(qc, ks, vs, w, v):
-        rel = [br.block_relevance(qc, w, r, v, bound=True, implementation=impl,
-                                  interpret=interpret) for r in ks]
-        return [jnp.zeros_like(qc) + jnp.sum(x) for x in rel]
-      return (lambda w, v, ranges, s_len: (w, v)), layer_fn
-    ref = br.block_relevance(qg, weight, reps[0], valid, bound=True, implementation="xla")
-    out = br.block_relevance(qg, weight, reps[0], valid, bound=True, implementation="pallas_gpu",
-                             interpret=interpret)
-    err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+      def layer_fn(qc, ks, vs, f, v):
+        sel = [pruning.select_prompt_blocks(qc, f, r, v, alpha=0.5, selection="per_kv_head",
+                                            kind="bound", implementation=impl,
+                                            interpret=SMOKE) for r in ks]
+        return [jnp.zeros_like(qc) + jnp.sum(i[0]) + jnp.sum(i[1]) for i in sel]
+      return (lambda f, v, ranges, s_len: (f, v)), layer_fn
+
+    picked = {impl: pruning.select_prompt_blocks(q, focus, reps[0], valid, alpha=0.5,
+                                                 selection="per_kv_head", kind="bound",
+                                                 implementation=impl, interpret=SMOKE)
+              for impl in ("xla", "pallas_gpu")}
+    counts = np.asarray(picked["xla"][1])
+    same = bool(np.array_equal(counts, np.asarray(picked["pallas_gpu"][1])))
+    for b in range(bsz):
+      for h in range(hkv):
+        n = counts[b, h]
+        same &= sorted(np.asarray(picked["xla"][0])[b, h, :n].tolist()) == sorted(
+            np.asarray(picked["pallas_gpu"][0])[b, h, :n].tolist())
     over = loop_overhead(p)
     times = {"xla": [], "pallas_gpu": []}
     for _ in range(1 if SMOKE else rounds):
       for impl in times:
         t, _ = per_iteration_time(*layers_of(impl), p)
         times[impl].append((t - over) / layers)
-    row = dict(layout=layout, kv_heads=hkv, query_rows=n_rows, blocks=nb,
+    row = dict(layout=layout, context=ctx, batch=bsz, kv_heads=hkv, query_slots=32,
+               focus_slots=4, blocks=nb, kept=pruning.kept_blocks(nb, 0.5),
                xla_us=statistics.median(times["xla"]) * 1e6,
-               pallas_us=statistics.median(times["pallas_gpu"]) * 1e6, max_rel_err=err)
+               pallas_us=statistics.median(times["pallas_gpu"]) * 1e6, same_blocks=same)
     print("RELEVANCE", row, flush=True)
     rows.append(row)
   return rows

@@ -1,4 +1,4 @@
-"""Relevance of key blocks to a weighted set of query rows: score, softmax and weighted sum fused.
+"""Relevance of key blocks to a weighted set of query rows, and the top blocks by it.
 
     relevance[b, h, n] = sum_r w[b, r] * softmax over valid n' of (score(q[b, h, r], rep[b, h, n']) * scale)[n]
 
@@ -7,15 +7,15 @@ Quest's box), the upper bound q . centre + |q| . radius of the block's largest l
 blocks get relevance 0 and take no share of any row's softmax; a row with no valid block adds
 nothing.
 
-Implementations: "xla" (the definition; the default) and "pallas_gpu" (Pallas, Triton lowering:
-one program per (batch * kv head, row tile) runs the scores, an online softmax and the weighted
-sum over the block axis in two passes). **The Pallas kernel is not the default: it is slower.**
-On the H100 at 32K (512 blocks, 32 queries; `benchmarks/kernels.py --phases relevance`), one
-layer took 28.7 us against XLA's 19.1 us for LLaDA-8B (32 kv heads), and 32.5 against 11.2 us
-for Dream-7B (4 kv heads, 224 rows). It fuses ~10 XLA kernels into one, but its 32 (LLaDA) or
-16 (Dream) programs walk all 512 blocks serially, while XLA's GEMMs and reductions spread over
-the whole GPU. A version that also splits the block axis (per-tile softmax statistics, merged,
-then a second pass) is what could win.
+`block_relevance` is the definition in XLA. `select_top_blocks` keeps the `keep` most relevant
+valid blocks of every (batch, kv head), ties to the lower id, as `lax.top_k` breaks them:
+  "xla": `block_relevance`, then `lax.top_k` (ids in relevance order);
+  "pallas_gpu": one Pallas kernel (Triton lowering) per call, one program per (batch, kv head):
+    the scores, the softmax and the weighted sum over the live rows, then an exact top-k by
+    bisection on the relevance's bits and a compaction of the kept ids (ascending). It reads the
+    query rows in place from [B, T, Hq, D] and skips query slots past `live_queries`, so a Focus
+    step scores only its I_focus rows: about 8 XLA kernels (a transpose, a concatenation, the
+    GEMM, the softmax, reductions and a sort) become one launch.
 """
 
 from __future__ import annotations
@@ -29,12 +29,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from focus_jax.kernels.sparse.common import group_queries
+
 IMPLEMENTATIONS = ("xla", "pallas_gpu")
 NEG_INIT = -1e30  # finite running max of an empty row: no inf - inf
+ROW_TILE = 16  # query rows per dot in the selection kernel (a Triton dot's smallest M)
+MAX_CHUNK = 128  # blocks per score tile
 
 
 def check_inputs(qg, row_weight, representatives, block_valid, bound: bool) -> None:
-  """Shape checks at the public boundary."""
+  """Shape checks at the public boundary of `block_relevance`."""
   chex.assert_rank([qg, representatives], 4)
   b, hkv, rows, d = qg.shape
   chex.assert_shape(row_weight, (b, rows))
@@ -54,107 +58,236 @@ def block_relevance_xla(qg, row_weight, representatives, block_valid, *, bound: 
   return jnp.einsum("bhrn,br->bhn", probs, row_weight.astype(jnp.float32))
 
 
-def supported(qg_shape, n_blocks: int) -> str | None:
-  """None when the Pallas kernel handles these shapes, else why not."""
-  d = qg_shape[-1]
+def block_relevance(qg: jax.Array, row_weight: jax.Array, representatives: jax.Array,
+                    block_valid: jax.Array, *, bound: bool,
+                    scale: float | None = None) -> jax.Array:
+  """qg [B, Hkv, R, D], row_weight [B, R], representatives [B, Hkv, NB, D or 2D (bound)],
+  block_valid [B, NB] -> relevance [B, Hkv, NB] float32 (0 at invalid blocks)."""
+  check_inputs(qg, row_weight, representatives, block_valid, bound)
+  scale = qg.shape[-1] ** -0.5 if scale is None else float(scale)
+  return block_relevance_xla(qg, row_weight, representatives, block_valid, bound=bound,
+                             scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top blocks.
+
+def _row_weight(query_weight: jax.Array, group: int) -> jax.Array:
+  """[B, T] per query -> [B, T*G] per (t, g) row: the G heads of a group share its weight."""
+  return jnp.repeat(query_weight.astype(jnp.float32), group, axis=1) / group
+
+
+def select_top_blocks_xla(q, query_weight, representatives, block_valid, *, keep: int,
+                          bound: bool, scale: float, return_relevance: bool = False):
+  """`block_relevance` over the (t, g) rows, then `lax.top_k` (ids in relevance order)."""
+  hkv = representatives.shape[1]
+  relevance = block_relevance_xla(group_queries(q, hkv),
+                                  _row_weight(query_weight, q.shape[2] // hkv), representatives,
+                                  block_valid, bound=bound, scale=scale)
+  _, ids = lax.top_k(jnp.where(block_valid[:, None, :], relevance, -jnp.inf), keep)
+  n_valid = jnp.sum(block_valid, axis=1, dtype=jnp.int32)
+  counts = jnp.broadcast_to(jnp.minimum(keep, n_valid)[:, None], relevance.shape[:2])
+  out = ids.astype(jnp.int32), counts
+  return out + (relevance,) if return_relevance else out
+
+
+def supported(q_shape, n_blocks: int) -> str | None:
+  """None when the Pallas selection kernel handles these shapes, else why not."""
+  d = q_shape[-1]
   if d < 16 or d & (d - 1):
     return f"head dim {d} is not a power of two >= 16"
-  if n_blocks < 16:
-    return f"{n_blocks} blocks: the kernel's block tile is at least 16"
+  if n_blocks < 1:
+    return "no prompt block to select from"
   return None
 
 
-def _kernel(q_ref, w_ref, rep_ref, valid_ref, out_ref, *, n_blocks: int, tile: int, bound: bool,
-            scale: float):
-  q = q_ref[...]  # [block_m, D]
-  d = q.shape[1]
-  q_abs = jnp.abs(q)
-  n_tiles = -(-n_blocks // tile)
-  offs = jnp.arange(tile, dtype=jnp.int32)
+def _select_kernel(live_ref, q_ref, w_ref, rep_ref, valid_ref, idx_ref, cnt_ref, *rel_ref,
+                   n_blocks: int, keep: int, chunk: int, group: int, bound: bool, scale: float):
+  """One program: one (batch, kv head). q_ref [T, Hq, D] (the batch row), w_ref [T],
+  rep_ref [NB, D or 2D], valid_ref [NB]; writes idx_ref [keep + 1] (the last entry is where
+  masked-off lanes point), cnt_ref [1] (and rel_ref [tiles * chunk]).
 
-  def scores(j):
-    """Tile j's logits [block_m, tile] (-inf at invalid blocks) and where it starts. The last
-    tile is shifted back inside the array when the block count is not a multiple of the tile."""
-    start = jnp.minimum(j * tile, n_blocks - tile)
-    dims = (((1,), (1,)), ((), ()))
-    s = lax.dot_general(q, rep_ref[pl.ds(start, tile), pl.ds(0, d)], dims,
-                        preferred_element_type=jnp.float32)
+  Blocks are handled as a [tiles, chunk] grid (tiles a power of two); the scores of one
+  [ROW_TILE, chunk] tile at a time, in loops, so shared memory holds one dot's operands."""
+  h = pl.program_id(0) % (q_ref.shape[1] // group)
+  t_len, d = q_ref.shape[0], q_ref.shape[2]
+  n_chunks = -(-n_blocks // chunk)
+  tiles = pl.next_power_of_2(n_chunks)
+  lane = jnp.arange(chunk, dtype=jnp.int32)
+  tile_of = lax.broadcasted_iota(jnp.int32, (tiles, chunk), 0)
+  ids = tile_of * chunk + lane[None, :]  # [tiles, chunk] block ids
+  valid = plgpu.load(valid_ref.at[jnp.minimum(ids, n_blocks - 1)], mask=ids < n_blocks,
+                     other=0) != 0
+  valid &= ids < n_blocks
+  cols = jnp.arange(d, dtype=jnp.int32)
+  dims = (((1,), (1,)), ((), ()))
+
+  def scores(c, q, q_abs):
+    """Scaled scores [ROW_TILE, chunk] of tile c's blocks, -inf at invalid ones."""
+    rows = pl.ds(c * chunk, chunk)  # the last tile may run past NB: its lanes there are masked
+    ok = c * chunk + lane < n_blocks
+    s = lax.dot_general(q, plgpu.load(rep_ref.at[rows, pl.ds(0, d)], mask=ok[:, None],
+                                      other=0.0), dims, preferred_element_type=jnp.float32)
     if bound:
-      s += lax.dot_general(q_abs, rep_ref[pl.ds(start, tile), pl.ds(d, d)], dims,
-                           preferred_element_type=jnp.float32)
-    ok = valid_ref[pl.ds(start, tile)] != 0
-    return start, jnp.where(ok[None, :], s * scale, -jnp.inf)
+      s += lax.dot_general(q_abs, plgpu.load(rep_ref.at[rows, pl.ds(d, d)], mask=ok[:, None],
+                                             other=0.0), dims, preferred_element_type=jnp.float32)
+    ok &= plgpu.load(valid_ref.at[rows], mask=ok, other=0) != 0
+    return jnp.where(ok[None, :], s * scale, -jnp.inf)
 
-  def stats(j, carry):  # pass 1: each row's softmax max and denominator (online)
-    m, l = carry
-    start, s = scores(j)
-    s = jnp.where((start + offs >= j * tile)[None, :], s, -jnp.inf)  # a shifted tile's repeats
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
-    return m_new, l
+  def row_tile(i, rel):
+    """Adds one tile of (t, g) rows' weighted block softmaxes to the relevance grid."""
+    r = i * ROW_TILE + jnp.arange(ROW_TILE, dtype=jnp.int32)
+    t = jnp.minimum(r // group, t_len - 1)
+    live = r // group < t_len
+    q = plgpu.load(q_ref.at[t[:, None], (h * group + r % group)[:, None], cols[None, :]],
+                   mask=live[:, None], other=0.0)
+    w = jnp.where(live, plgpu.load(w_ref.at[t]), 0.0) / group
+    q_abs = jnp.abs(q) if bound else None
 
-  block_m = q.shape[0]
-  m, l = lax.fori_loop(0, n_tiles, stats, (jnp.full((block_m,), NEG_INIT, jnp.float32),
-                                           jnp.zeros((block_m,), jnp.float32)))
-  row_scale = jnp.where(l > 0, w_ref[...] / jnp.where(l > 0, l, 1.0), 0.0)
+    def stats(c, carry):  # pass 1: each row's softmax max and denominator (online)
+      m, l = carry
+      s = scores(c, q, q_abs)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      return m_new, l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
 
-  def emit(j, carry):  # pass 2: probabilities, weighted over the rows; repeats rewrite equal values
-    start, s = scores(j)
-    p = jnp.exp(s - m[:, None]) * row_scale[:, None]
-    out_ref[pl.ds(start, tile)] = jnp.sum(p, axis=0)
-    return carry
+    m, l = lax.fori_loop(0, n_chunks, stats, (jnp.full((ROW_TILE,), NEG_INIT, jnp.float32),
+                                              jnp.zeros((ROW_TILE,), jnp.float32)))
+    row_scale = jnp.where(l > 0, w / jnp.where(l > 0, l, 1.0), 0.0)
 
-  lax.fori_loop(0, n_tiles, emit, 0)
+    def emit(c, rel):  # pass 2: probabilities, weighted, summed over the rows, into tile c
+      p = jnp.exp(scores(c, q, q_abs) - m[:, None]) * row_scale[:, None]
+      return rel + jnp.where(tile_of == c, jnp.sum(p, axis=0)[None, :], 0.0)
+
+    return lax.fori_loop(0, n_chunks, emit, rel)
+
+  n_tiles = (jnp.clip(live_ref[0], 0, t_len) * group + ROW_TILE - 1) // ROW_TILE
+  rel = lax.fori_loop(0, n_tiles, row_tile, jnp.zeros((tiles, chunk), jnp.float32))
+  if rel_ref:
+    rel_ref[0][...] = rel.reshape(tiles * chunk)
+
+  # Top `keep` by bisection: relevances are finite and >= 0, so their float32 bits order as
+  # int32 do; invalid blocks get key -1, below every valid one.
+  keys = jnp.where(valid, lax.bitcast_convert_type(rel, jnp.int32), -1)
+
+  def count(pred: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.sum(pred.astype(jnp.int32), axis=1))
+
+  def bisect(_, bounds):  # invariant: count(key >= hi) < keep; count(key >= lo) >= keep if any
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = count(keys >= mid) >= keep
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  inf_bits = 0x7F800000  # no finite relevance reaches it
+  tau, _ = lax.fori_loop(0, 31, bisect, (jnp.int32(0), jnp.int32(inf_bits)))
+  # The keep-th largest key is tau (or, with fewer valid blocks than keep, every valid one is
+  # kept: tau = 0). Blocks above it are kept; of those equal to it, the lowest ids.
+  need = keep - count(keys > tau)
+  tie = keys == tau
+  chosen = (keys > tau) | (tie & (_running_count(tie) <= need))
+  slot = _running_count(chosen) - 1  # ascending ids
+  plgpu.store(idx_ref.at[jnp.where(chosen, slot, keep)], ids, mask=chosen)
+  total = count(chosen)
+  # Entries past the count repeat the last kept id (0 when none), as the sparse kernels expect.
+  last = jnp.maximum(jnp.max(jnp.max(jnp.where(chosen, ids, -1), axis=1)), 0)
+  pad_lane = jnp.arange(min(MAX_CHUNK, pl.next_power_of_2(keep)), dtype=jnp.int32)
+  for s0 in range(0, keep, pad_lane.shape[0]):
+    slot = s0 + pad_lane
+    pad = (slot >= total) & (slot < keep)
+    plgpu.store(idx_ref.at[jnp.where(pad, slot, keep)], jnp.broadcast_to(last, pad_lane.shape),
+                mask=pad)
+  cnt_ref[...] = jnp.broadcast_to(total, (1,))
 
 
-def block_relevance_pallas(qg, row_weight, representatives, block_valid, *, bound: bool,
-                           scale: float, block_m: int | None = None, tile: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2,
-                           interpret: bool = False) -> jax.Array:
-  """Grid (batch * kv head, row tile); each program writes its rows' share, summed after."""
-  b, hkv, rows, d = qg.shape
-  n_blocks, width = representatives.shape[2], representatives.shape[3]
-  why = supported(qg.shape, n_blocks)
+def _running_count(x: jax.Array) -> jax.Array:
+  """Inclusive running count of True over a [tiles, chunk] grid read row by row."""
+  x = x.astype(jnp.int32)
+  per_tile = jnp.sum(x, axis=1)
+  return jnp.cumsum(x, axis=1) + (jnp.cumsum(per_tile) - per_tile)[:, None]
+
+
+def select_top_blocks_pallas(q, query_weight, live_queries, representatives, block_valid, *,
+                             keep: int, bound: bool, scale: float, chunk: int | None = None,
+                             num_warps: int = 4, return_relevance: bool = False,
+                             interpret: bool = False):
+  """Grid (batch * kv head,): see the module docstring. Ids come out ascending."""
+  b, t, hq, d = q.shape
+  hkv, n_blocks, width = representatives.shape[1:]
+  why = supported(q.shape, n_blocks)
   if why:
-    raise ValueError(f"pallas_gpu block relevance cannot run this: {why}")
-  block_m = block_m or min(64, max(16, pl.next_power_of_2(rows)))
-  tile = tile or min(64, 1 << (n_blocks.bit_length() - 1))  # a power of two <= n_blocks
-  m_tiles = -(-rows // block_m)
-  pad = m_tiles * block_m - rows
-  if pad:  # zero rows of zero weight add nothing
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    row_weight = jnp.pad(row_weight, ((0, 0), (0, pad)))
-  kernel = functools.partial(_kernel, n_blocks=n_blocks, tile=tile, bound=bound, scale=scale)
-  partial = pl.pallas_call(
+    raise ValueError(f"pallas_gpu block selection cannot run this: {why}")
+  chunk = chunk or min(MAX_CHUNK, max(16, pl.next_power_of_2(n_blocks)))
+  if chunk < 16 or chunk & (chunk - 1):
+    raise ValueError(f"chunk = {chunk} must be a power of two >= 16 (a Triton tile side)")
+  padded = pl.next_power_of_2(-(-n_blocks // chunk)) * chunk
+  kernel = functools.partial(_select_kernel, n_blocks=n_blocks, keep=keep, chunk=chunk,
+                             group=hq // hkv, bound=bound, scale=scale)
+  head = lambda bh: (bh // hkv, bh % hkv, 0)
+  # One entry past `keep`: where the stores' masked-off lanes point (never written on a GPU;
+  # interpret mode writes back what it read there, which must not land on a kept id).
+  out_specs = [pl.BlockSpec((None, None, keep + 1), head), pl.BlockSpec((None, None, 1), head)]
+  out_shape = [jax.ShapeDtypeStruct((b, hkv, keep + 1), jnp.int32),
+               jax.ShapeDtypeStruct((b, hkv, 1), jnp.int32)]
+  if return_relevance:
+    out_specs.append(pl.BlockSpec((None, None, padded), head))
+    out_shape.append(jax.ShapeDtypeStruct((b, hkv, padded), jnp.float32))
+  out = pl.pallas_call(
       kernel,
-      grid=(b * hkv, m_tiles),
+      grid=(b * hkv,),
       in_specs=[
-          pl.BlockSpec((None, None, block_m, d), lambda bh, mt: (bh // hkv, bh % hkv, mt, 0)),
-          pl.BlockSpec((None, block_m), lambda bh, mt: (bh // hkv, mt)),
-          pl.BlockSpec((None, None, n_blocks, width), lambda bh, mt: (bh // hkv, bh % hkv, 0, 0)),
-          pl.BlockSpec((None, n_blocks), lambda bh, mt: (bh // hkv, 0)),
+          pl.BlockSpec((None, 1), lambda bh: (bh // hkv, 0)),
+          pl.BlockSpec((None, t, hq, d), lambda bh: (bh // hkv, 0, 0, 0)),
+          pl.BlockSpec((None, t), lambda bh: (bh // hkv, 0)),
+          pl.BlockSpec((None, None, n_blocks, width), lambda bh: (bh // hkv, bh % hkv, 0, 0)),
+          pl.BlockSpec((None, n_blocks), lambda bh: (bh // hkv, 0)),
       ],
-      out_specs=pl.BlockSpec((None, None, None, n_blocks), lambda bh, mt: (bh // hkv, bh % hkv,
-                                                                           mt, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, hkv, m_tiles, n_blocks), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
-      name="block_relevance",
-  )(qg, row_weight.astype(jnp.float32), representatives, block_valid.astype(jnp.int32))
-  return jnp.sum(partial, axis=2)
+      name="block_select",
+  )(live_queries.astype(jnp.int32).reshape(b, 1), q, query_weight.astype(jnp.float32),
+    representatives, block_valid.astype(jnp.int32))
+  ids, counts = out[0][..., :keep], out[1][..., 0]
+  return (ids, counts, out[2][..., :n_blocks]) if return_relevance else (ids, counts)
 
 
-def block_relevance(qg: jax.Array, row_weight: jax.Array, representatives: jax.Array,
-                    block_valid: jax.Array, *, bound: bool, scale: float | None = None,
-                    implementation: str = "xla", interpret: bool = False) -> jax.Array:
-  """qg [B, Hkv, R, D], row_weight [B, R], representatives [B, Hkv, NB, D or 2D (bound)],
-  block_valid [B, NB] -> relevance [B, Hkv, NB] float32 (0 at invalid blocks)."""
+def select_top_blocks(q: jax.Array, query_weight: jax.Array, representatives: jax.Array,
+                      block_valid: jax.Array, *, keep: int, bound: bool,
+                      live_queries: jax.Array | None = None, scale: float | None = None,
+                      implementation: str = "xla", interpret: bool = False,
+                      return_relevance: bool = False, chunk: int | None = None):
+  """The `keep` most relevant valid blocks per (batch, kv head).
+
+  q [B, T, Hq, D] (query slots; a kv head's rows are its G query heads of every slot),
+  query_weight [B, T] (each slot's weight, shared by the G heads of a group: row weight w / G),
+  representatives [B, Hkv, NB, D or 2D (bound)], block_valid [B, NB]; `live_queries` [B]: slots
+  at and past it have zero weight (the Pallas kernel skips them; None: all slots).
+
+  Returns (ids [B, Hkv, keep] int32, counts [B, Hkv] int32 = min(keep, valid blocks)): the first
+  `counts` ids are the kept blocks, distinct and valid, ties to the lower id (their order is the
+  implementation's: by relevance for "xla", ascending for "pallas_gpu"; entries past the count
+  are unspecified ids); with `return_relevance`, also relevance [B, Hkv, NB] float32.
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  check_inputs(qg, row_weight, representatives, block_valid, bound)
-  scale = qg.shape[-1] ** -0.5 if scale is None else float(scale)
+  chex.assert_rank([q, representatives], 4)
+  b, t, hq, d = q.shape
+  hkv, n_blocks = representatives.shape[1], representatives.shape[2]
+  if hq % hkv:
+    raise ValueError(f"query heads {hq} not a multiple of the representatives' kv heads {hkv}")
+  chex.assert_shape(query_weight, (b, t))
+  chex.assert_shape(representatives, (b, hkv, n_blocks, 2 * d if bound else d))
+  chex.assert_shape(block_valid, (b, n_blocks))
+  if not 1 <= keep <= n_blocks:
+    raise ValueError(f"keep = {keep} must be in [1, {n_blocks}] (the number of blocks)")
+  scale = d ** -0.5 if scale is None else float(scale)
   if implementation == "xla":
-    return block_relevance_xla(qg, row_weight, representatives, block_valid, bound=bound,
-                               scale=scale)
-  return block_relevance_pallas(qg, row_weight, representatives, block_valid, bound=bound,
-                                scale=scale, interpret=interpret)
+    return select_top_blocks_xla(q, query_weight, representatives, block_valid, keep=keep,
+                                 bound=bound, scale=scale, return_relevance=return_relevance)
+  if live_queries is None:
+    live_queries = jnp.full((b,), t, jnp.int32)
+  chex.assert_shape(live_queries, (b,))
+  return select_top_blocks_pallas(q, query_weight, live_queries, representatives, block_valid,
+                                  keep=keep, bound=bound, scale=scale, chunk=chunk,
+                                  return_relevance=return_relevance, interpret=interpret)

@@ -128,6 +128,24 @@ def test_focus_sparse_decodes_with_diagnostics(model, selection):
   assert kv[2] < kv[0] and kv[3] < kv[0]
 
 
+def test_fused_block_selection_decodes_as_the_xla_selection(model):
+  """relevance_impl="pallas_gpu" (the fused selection kernel, interpreted here) keeps the same
+  prompt blocks in every sparse layer as the XLA relevance + top_k: same tokens, and the same
+  attention mass retained per layer (which depends on exactly which blocks were kept)."""
+  cfg, params = model
+  options = dict(l_dense=2, dense_tail=0, alpha=0.5, n_sink=8, prompt_block_size=8, rho=4,
+                 window=3, diagnostics=True)
+  ref_tokens, ref = decode(cfg, params, "focus", relevance_impl="xla", **options)
+  tokens, state = decode(cfg, params, "focus", relevance_impl="pallas_gpu", **options)
+  np.testing.assert_array_equal(tokens, ref_tokens)
+  got, want = (summarize(jax.tree.map(np.asarray, s.stats)) for s in (state, ref))
+  np.testing.assert_allclose(got["retained_mass_per_layer"], want["retained_mass_per_layer"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(got["kv_tokens_per_layer"], want["kv_tokens_per_layer"])
+  with pytest.raises(ValueError, match="selects per kv head"):
+    decode(cfg, params, "focus", relevance_impl="pallas_gpu", selection="shared", **options)
+
+
 def test_focus_diagnostics_are_free_when_off(model):
   cfg, params = model
   _, state = decode(cfg, params, "focus", l_dense=2, dense_tail=0, prompt_block_size=16)

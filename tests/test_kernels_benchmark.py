@@ -27,4 +27,4 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   layouts = {(row["layout"], row["live_queries"]) for row in res["live"]}
   assert layouts == {(lay, n) for lay in ("llada8b", "dream7b") for n in (7, 32)}
   assert all(row["us"] > 0 for row in res["live"] + res["waves"])
-  assert all(row["max_rel_err"] < 1e-2 for row in res["relevance"])
+  assert all(row["same_blocks"] for row in res["relevance"])

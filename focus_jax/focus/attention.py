@@ -82,10 +82,10 @@ class FocusAttend:
   def _sparse(self, layer, q, k_cache, v_cache, carry: LayerCarry):
     cfg = self.focus
     b, length = k_cache.shape[:2]
-    relevance = pruning.block_relevance(q, self.query_focus, self.representatives[layer],
-                                        self.block_valid, cfg.selection, cfg.representative,
-                                        cfg.relevance_impl)
-    indices, counts = pruning.select_blocks(relevance, self.block_valid, cfg.alpha)
+    indices, counts = pruning.select_prompt_blocks(
+        q, self.query_focus, self.representatives[layer], self.block_valid, alpha=cfg.alpha,
+        selection=cfg.selection, kind=cfg.representative, implementation=cfg.relevance_impl,
+        interpret=jax.default_backend() != "gpu")
     response_start = jnp.full((b,), self.prompt_length, jnp.int32)
     response_end = jnp.full((b,), length, jnp.int32)
     extra = {}
@@ -94,7 +94,7 @@ class FocusAttend:
       # a kept block is already attended there, so the kernel counts each key once.
       extra = dict(extra_positions=carry.sink_positions, extra_valid=carry.sink_valid,
                    dedup_extra=True)
-    # Top-k ids are distinct valid prompt blocks: the selection needs no normalising.
+    # The kept ids are distinct valid prompt blocks: the selection needs no normalising.
     out = block_sparse_attention(
         q, k_cache, v_cache, indices, counts, self.prompt_start, response_start, response_end,
         **extra, block_size=cfg.prompt_block_size, implementation=cfg.sparse_impl,

@@ -45,7 +45,9 @@ class FocusConfig:
   # reproduce the dual cache exactly).
   whole_block_active: bool = False
   sparse_impl: str = "auto"  # block-sparse attention implementation (kernels.sparse_attention)
-  relevance_impl: str = "xla"  # block relevance scoring: "xla" or "pallas_gpu" (measured slower)
+  # Block relevance and top-alpha selection: "xla" (GEMM, softmax, top_k) or "pallas_gpu" (one
+  # fused kernel over the focus slots, kernels/block_relevance.py) or "auto" (the kernel on GPU).
+  relevance_impl: str = "xla"
   diagnostics: bool = False  # recall, retained attention mass, KV tokens per layer
 
   def __post_init__(self):
@@ -61,8 +63,8 @@ class FocusConfig:
     if self.prompt_block_size < 8 or self.prompt_block_size % 8:
       raise ValueError(f"prompt_block_size must be a positive multiple of 8, got "
                        f"{self.prompt_block_size}")
-    if self.relevance_impl not in ("xla", "pallas_gpu"):
-      raise ValueError("relevance_impl must be 'xla' or 'pallas_gpu', got "
+    if self.relevance_impl not in ("xla", "pallas_gpu", "auto"):
+      raise ValueError("relevance_impl must be 'xla', 'pallas_gpu' or 'auto', got "
                        f"{self.relevance_impl!r}")
     if self.l_dense < 0 or self.dense_tail < 0 or self.n_sink < 0:
       raise ValueError("l_dense, dense_tail and n_sink must be >= 0")

@@ -31,13 +31,16 @@ def active_slots(active: jax.Array, focus: jax.Array, masked: jax.Array, capacit
   """Packs the active positions into `capacity` slots: (window index [B, A], valid [B, A]).
 
   If more positions are active than slots, focus positions are kept first, then the other
-  masked ones, then decoded neighbours (each tier in position order).
+  masked ones, then decoded neighbours (each tier in position order). The valid slots come
+  first, and among them the focus positions (each group in position order): the block
+  selection then scores a prefix of the slots, not all of them.
   """
   w = active.shape[1]
   tier = focus.astype(jnp.int32) * 2 + (masked & ~focus).astype(jnp.int32)
   priority = jnp.where(active, (tier * (w + 1) - jnp.arange(w)[None, :]).astype(jnp.float32),
                        NEG_INF)
   chosen = active & (rank_descending(priority) < capacity)
-  order = jnp.argsort(~chosen, axis=1, stable=True)[:, :capacity]  # chosen first, by index
+  group = (~chosen).astype(jnp.int32) * 2 + (~focus).astype(jnp.int32)  # chosen focus: 0
+  order = jnp.argsort(group, axis=1, stable=True)[:, :capacity]
   valid = jnp.take_along_axis(chosen, order, axis=1)
   return order.astype(jnp.int32), valid

@@ -67,23 +67,31 @@ def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length
   return jnp.swapaxes(rep, 1, 2).astype(k.dtype), count > 0
 
 
+def focus_weights(focus: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """focus [B, A] (query slots holding I_focus) -> (weight [B, A]: 1 / |I_focus| on them, 0
+  elsewhere; live [B] int32: slots past the last focus slot weigh nothing). The indicator packs
+  focus slots first, so the selection kernel scores |I_focus| slots, not all A."""
+  weight = focus.astype(jnp.float32) / jnp.maximum(jnp.sum(focus, axis=1, keepdims=True), 1)
+  live = jnp.max(jnp.where(focus, jnp.arange(focus.shape[1]) + 1, 0), axis=1).astype(jnp.int32)
+  return weight, live
+
+
 def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
-                    block_valid: jax.Array, selection: str, kind: str,
-                    implementation: str = "xla") -> jax.Array:
+                    block_valid: jax.Array, selection: str, kind: str) -> jax.Array:
   """Relevance of every prompt block to the focus queries: [B, G, NB] (G = Hkv or 1).
 
   Per query head, a softmax over blocks of q . r_b / sqrt(d) (for kind "bound", whose
   representatives hold [centre, radius], the box bound q . centre + |q| . radius); averaged
   over the query heads of a KV group (and over all heads for a shared selection) and over the
-  focus queries. Computed by `kernels.block_relevance` (XLA by default).
+  focus queries. Computed by `kernels.block_relevance` in XLA.
   """
   hq, hkv = q.shape[2], representatives.shape[1]  # shapes checked by the relevance kernel
   group = hq // hkv
-  weight = focus.astype(jnp.float32) / jnp.maximum(jnp.sum(focus, axis=1, keepdims=True), 1)
+  weight, _ = focus_weights(focus)
   row_weight = jnp.repeat(weight, group, axis=1) / group  # rows (a, g) of group_queries
   relevance = relevance_kernel.block_relevance(
-      group_queries(q, hkv), row_weight, representatives, block_valid, bound=kind == "bound",
-      implementation=implementation)  # [B, Hkv, NB]
+      group_queries(q, hkv), row_weight, representatives, block_valid,
+      bound=kind == "bound")  # [B, Hkv, NB]
   if selection == "shared":
     relevance = jnp.mean(relevance, axis=1, keepdims=True)
   return jnp.where(block_valid[:, None, :], relevance, -jnp.inf)
@@ -104,3 +112,37 @@ def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float):
   n_valid = jnp.sum(block_valid, axis=1).astype(jnp.int32)
   counts = jnp.broadcast_to(jnp.minimum(c, n_valid)[:, None], relevance.shape[:2])
   return indices.astype(jnp.int32), counts
+
+
+def resolve_selection_impl(implementation: str, selection: str, q_shape, n_blocks: int) -> str:
+  """"auto" -> "pallas_gpu" (the fused kernel) on a GPU for per-KV-head selections whose shapes
+  it serves, else "xla"; an explicit "pallas_gpu" that cannot run raises."""
+  why = relevance_kernel.supported(q_shape, n_blocks)
+  if selection != "per_kv_head":
+    why = why or f"the fused kernel selects per kv head, not {selection!r}"
+  if implementation == "auto":
+    return "pallas_gpu" if jax.default_backend() == "gpu" and why is None else "xla"
+  if implementation == "pallas_gpu" and why:
+    raise ValueError(f"relevance_impl='pallas_gpu' cannot run this: {why}")
+  return implementation
+
+
+def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Array,
+                         block_valid: jax.Array, *, alpha: float, selection: str, kind: str,
+                         implementation: str = "xla", interpret: bool = False):
+  """The prompt blocks a sparse layer keeps: the top alpha by relevance to the focus queries.
+
+  q [B, A, Hq, D] (the step's query slots), focus [B, A] (slots holding I_focus) ->
+  (indices [B, G, C] int32, counts [B, G] int32): the first `counts` ids are distinct valid
+  blocks (in an order the implementation chooses), as the sparse attention's
+  `distinct_selection` expects. "xla": `block_relevance` then `lax.top_k`; "pallas_gpu": one
+  fused kernel (`kernels.block_relevance.select_top_blocks`) scoring only the focus slots.
+  """
+  impl = resolve_selection_impl(implementation, selection, q.shape, block_valid.shape[1])
+  if impl == "xla":
+    relevance = block_relevance(q, focus, representatives, block_valid, selection, kind)
+    return select_blocks(relevance, block_valid, alpha)
+  weight, live = focus_weights(focus)
+  return relevance_kernel.select_top_blocks(
+      q, weight, representatives, block_valid, keep=kept_blocks(block_valid.shape[1], alpha),
+      bound=kind == "bound", live_queries=live, implementation=impl, interpret=interpret)

@@ -1,0 +1,71 @@
+"""Focus's indicator packs the active positions into query slots: valid slots first, and among
+them the I_focus positions, so the block selection scores a prefix of the slots; the fused
+selection kernel, fed from those slots, keeps the blocks the XLA selection keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from focus_jax.focus import indicator, pruning
+
+
+def test_active_slots_put_focus_positions_first():
+  rng = np.random.default_rng(0)
+  w = 32
+  for _ in range(20):
+    masked = rng.random((3, w)) < 0.6
+    confidence = jnp.asarray(rng.random((3, w)), jnp.float32)
+    focus = indicator.focus_set(confidence, jnp.asarray(masked), jnp.asarray([1, 2, 3]), rho=2)
+    active = indicator.widen(focus, 5)
+    for capacity in (w, 12):
+      slots, valid = indicator.active_slots(active, focus, jnp.asarray(masked), capacity)
+      slots, valid = np.asarray(slots), np.asarray(valid)
+      f, a = np.asarray(focus), np.asarray(active)
+      for b in range(3):
+        n = int(valid[b].sum())
+        assert valid[b, :n].all() and not valid[b, n:].any()  # valid slots first
+        in_focus = f[b, slots[b, :n]]
+        n_focus = int(in_focus.sum())
+        assert in_focus[:n_focus].all() and not in_focus[n_focus:].any()  # focus first
+        assert n_focus == min(int(f[b].sum()), capacity)
+        assert (np.diff(slots[b, :n_focus]) > 0).all()  # each group in position order
+        assert (np.diff(slots[b, n_focus:n]) > 0).all()
+        assert set(slots[b, :n]) <= set(np.flatnonzero(a[b]))
+        assert n == min(int(a[b].sum()), capacity)
+
+
+def test_focus_weights_cover_the_focus_prefix():
+  focus = jnp.asarray([[True, True, False, False], [False, False, False, False],
+                       [True, False, True, False]])
+  weight, live = pruning.focus_weights(focus)
+  np.testing.assert_allclose(np.asarray(weight), [[0.5, 0.5, 0, 0], [0, 0, 0, 0],
+                                                  [0.5, 0, 0.5, 0]])
+  np.testing.assert_array_equal(np.asarray(live), [2, 0, 3])  # past the last focus slot: 0
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (28, 4)])
+def test_fused_selection_from_packed_slots_keeps_the_xla_blocks(hq, hkv):
+  rng = np.random.default_rng(1)
+  b, w, d, nb = 2, 16, 16, 24
+  masked = jnp.asarray(rng.random((b, w)) < 0.7)
+  confidence = jnp.asarray(rng.random((b, w)), jnp.float32)
+  focus = indicator.focus_set(confidence, masked, jnp.asarray([1, 2]), rho=2)
+  slots, valid = indicator.active_slots(indicator.widen(focus, 4), focus, masked, w)
+  query_focus = valid & jnp.take_along_axis(focus, slots, axis=1)
+  q = jnp.asarray(rng.standard_normal((b, w, hq, d)), jnp.float32)
+  reps = rng.standard_normal((b, hkv, nb, 2 * d))
+  reps[..., d:] = np.abs(reps[..., d:])
+  block_valid = jnp.asarray(rng.random((b, nb)) < 0.9)
+  picked = [pruning.select_prompt_blocks(q, query_focus, jnp.asarray(reps, jnp.float32),
+                                         block_valid, alpha=0.4, selection="per_kv_head",
+                                         kind="bound", implementation=impl, interpret=True)
+            for impl in ("xla", "pallas_gpu")]
+  (ref_ids, ref_counts), (ids, counts) = [(np.asarray(i), np.asarray(c)) for i, c in picked]
+  np.testing.assert_array_equal(counts, ref_counts)
+  for i in range(b):
+    for h in range(hkv):
+      n = counts[i, h]
+      np.testing.assert_array_equal(ids[i, h, :n], np.sort(ref_ids[i, h, :n]))
