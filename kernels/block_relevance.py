@@ -9,13 +9,24 @@ nothing.
 
 `block_relevance` is the definition in XLA. `select_top_blocks` keeps the `keep` most relevant
 valid blocks of every (batch, kv head), ties to the lower id, as `lax.top_k` breaks them:
-  "xla": `block_relevance`, then `lax.top_k` (ids in relevance order);
+  "xla" (what Focus uses): `block_relevance`, then `lax.top_k` (ids in relevance order);
   "pallas_gpu": one Pallas kernel (Triton lowering) per call, one program per (batch, kv head):
     the scores, the softmax and the weighted sum over the live rows, then an exact top-k by
     bisection on the relevance's bits and a compaction of the kept ids (ascending). It reads the
     query rows in place from [B, T, Hq, D] and skips query slots past `live_queries`, so a Focus
     step scores only its I_focus rows: about 8 XLA kernels (a transpose, a concatenation, the
     GEMM, the softmax, reductions and a sort) become one launch.
+
+**The Pallas kernel is not adopted: it is slower** (H100, 2026-12-06, 32 query slots of which 4
+hold I_focus, per sparse layer inside a loop; `benchmarks/kernels.py --phases relevance`,
+`benchmarks/results/kernels_h100_selection.json`): LLaDA-8B 32K 33.8 us against XLA's 22.9,
+Dream-7B 32K 40.6 against 13.4, LLaDA-8B 8K batch 8 18.4 against 17.1; end to end the Focus step
+went 10.41 -> 10.80 ms (LLaDA-8B 32K) and 7.19 / 7.32 -> 7.68 ms (Dream-7B 32K). Taking parts
+out of the kernel (scratch runs, same H100) put about 17 us (LLaDA) and 28 us (Dream) in the
+relevance loop, 4-6 us in the bisection and 13.6 us in what is left (launch, loads, compaction,
+stores): one program per (batch, kv head) walks its 512 blocks' scores twice, serially, where
+XLA spreads the GEMM and the softmax over the GPU (Dream has 4 kv heads: 4 programs). A version
+that splits the blocks over programs (per-tile softmax statistics, merged) is what could win.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ IMPLEMENTATIONS = ("xla", "pallas_gpu")
 NEG_INIT = -1e30  # finite running max of an empty row: no inf - inf
 ROW_TILE = 16  # query rows per dot in the selection kernel (a Triton dot's smallest M)
 MAX_CHUNK = 128  # blocks per score tile
+BISECT_STEPS = 31  # halvings of [0, inf bits): down to one key value
 
 
 def check_inputs(qg, row_weight, representatives, block_valid, bound: bool) -> None:
@@ -179,7 +191,7 @@ def _select_kernel(live_ref, q_ref, w_ref, rep_ref, valid_ref, idx_ref, cnt_ref,
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
   inf_bits = 0x7F800000  # no finite relevance reaches it
-  tau, _ = lax.fori_loop(0, 31, bisect, (jnp.int32(0), jnp.int32(inf_bits)))
+  tau, _ = lax.fori_loop(0, BISECT_STEPS, bisect, (jnp.int32(0), jnp.int32(inf_bits)))
   # The keep-th largest key is tau (or, with fewer valid blocks than keep, every valid one is
   # kept: tau = 0). Blocks above it are kept; of those equal to it, the lowest ids.
   need = keep - count(keys > tau)

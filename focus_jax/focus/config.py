@@ -46,7 +46,7 @@ class FocusConfig:
   whole_block_active: bool = False
   sparse_impl: str = "auto"  # block-sparse attention implementation (kernels.sparse_attention)
   # Block relevance and top-alpha selection: "xla" (GEMM, softmax, top_k) or "pallas_gpu" (one
-  # fused kernel over the focus slots, kernels/block_relevance.py) or "auto" (the kernel on GPU).
+  # fused kernel over the focus slots; measured slower on an H100, kernels/block_relevance.py).
   relevance_impl: str = "xla"
   diagnostics: bool = False  # recall, retained attention mass, KV tokens per layer
 
@@ -63,8 +63,8 @@ class FocusConfig:
     if self.prompt_block_size < 8 or self.prompt_block_size % 8:
       raise ValueError(f"prompt_block_size must be a positive multiple of 8, got "
                        f"{self.prompt_block_size}")
-    if self.relevance_impl not in ("xla", "pallas_gpu", "auto"):
-      raise ValueError("relevance_impl must be 'xla', 'pallas_gpu' or 'auto', got "
+    if self.relevance_impl not in ("xla", "pallas_gpu"):
+      raise ValueError("relevance_impl must be 'xla' or 'pallas_gpu', got "
                        f"{self.relevance_impl!r}")
     if self.l_dense < 0 or self.dense_tail < 0 or self.n_sink < 0:
       raise ValueError("l_dense, dense_tail and n_sink must be >= 0")

@@ -114,17 +114,15 @@ def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float):
   return indices.astype(jnp.int32), counts
 
 
-def resolve_selection_impl(implementation: str, selection: str, q_shape, n_blocks: int) -> str:
-  """"auto" -> "pallas_gpu" (the fused kernel) on a GPU for per-KV-head selections whose shapes
-  it serves, else "xla"; an explicit "pallas_gpu" that cannot run raises."""
+def check_selection_impl(implementation: str, selection: str, q_shape, n_blocks: int) -> None:
+  """Raises early where the fused kernel ("pallas_gpu") cannot serve this selection."""
+  if implementation != "pallas_gpu":
+    return
   why = relevance_kernel.supported(q_shape, n_blocks)
   if selection != "per_kv_head":
     why = why or f"the fused kernel selects per kv head, not {selection!r}"
-  if implementation == "auto":
-    return "pallas_gpu" if jax.default_backend() == "gpu" and why is None else "xla"
-  if implementation == "pallas_gpu" and why:
+  if why:
     raise ValueError(f"relevance_impl='pallas_gpu' cannot run this: {why}")
-  return implementation
 
 
 def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Array,
@@ -135,14 +133,16 @@ def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Ar
   q [B, A, Hq, D] (the step's query slots), focus [B, A] (slots holding I_focus) ->
   (indices [B, G, C] int32, counts [B, G] int32): the first `counts` ids are distinct valid
   blocks (in an order the implementation chooses), as the sparse attention's
-  `distinct_selection` expects. "xla": `block_relevance` then `lax.top_k`; "pallas_gpu": one
-  fused kernel (`kernels.block_relevance.select_top_blocks`) scoring only the focus slots.
+  `distinct_selection` expects. "xla" (the default): `block_relevance` then `lax.top_k`;
+  "pallas_gpu": one fused kernel (`kernels.block_relevance.select_top_blocks`) scoring only the
+  focus slots, measured slower (see that module).
   """
-  impl = resolve_selection_impl(implementation, selection, q.shape, block_valid.shape[1])
-  if impl == "xla":
+  check_selection_impl(implementation, selection, q.shape, block_valid.shape[1])
+  if implementation == "xla":
     relevance = block_relevance(q, focus, representatives, block_valid, selection, kind)
     return select_blocks(relevance, block_valid, alpha)
   weight, live = focus_weights(focus)
   return relevance_kernel.select_top_blocks(
       q, weight, representatives, block_valid, keep=kept_blocks(block_valid.shape[1], alpha),
-      bound=kind == "bound", live_queries=live, implementation=impl, interpret=interpret)
+      bound=kind == "bound", live_queries=live, implementation=implementation,
+      interpret=interpret)
