@@ -13,15 +13,17 @@ valid blocks of every (batch, kv head), ties to the lower id, as `lax.top_k` bre
   "pallas_gpu": one Pallas kernel (Triton lowering) per call, one program per (batch, kv head):
     the scores, the softmax and the weighted sum over the live rows, then an exact top-k by
     bisection on the relevance's bits and a compaction of the kept ids (ascending). It reads the
-    query rows in place from [B, T, Hq, D] and skips query slots past `live_queries`, so a Focus
-    step scores only its I_focus rows: about 8 XLA kernels (a transpose, a concatenation, the
-    GEMM, the softmax, reductions and a sort) become one launch.
+    query rows in place from [B, T, Hq, D] and skips the 16-row tiles past `live_queries` slots,
+    so a Focus step scores its I_focus rows (rounded up to a tile), not all slots: about 8 XLA
+    kernels (a transpose, a concatenation, the GEMM, the softmax, reductions and a sort) become
+    one launch. Weights must be >= 0 and scores finite (as Focus's are).
 
 **The Pallas kernel is not adopted: it is slower** (H100, 2026-12-06, 32 query slots of which 4
 hold I_focus, per sparse layer inside a loop; `benchmarks/kernels.py --phases relevance`,
 `benchmarks/results/kernels_h100_selection.json`): LLaDA-8B 32K 33.8 us against XLA's 22.9,
 Dream-7B 32K 40.6 against 13.4, LLaDA-8B 8K batch 8 18.4 against 17.1; end to end the Focus step
-went 10.41 -> 10.80 ms (LLaDA-8B 32K) and 7.19 / 7.32 -> 7.68 ms (Dream-7B 32K). Taking parts
+went 10.41 -> 10.80 ms (LLaDA-8B 32K) and 7.19 / 7.32 -> 7.68 ms (Dream-7B 32K); at 8K batch 8
+(one 128-block tile, the draft kernel) about even, 15.78 -> 15.66 ms in one run. Taking parts
 out of the kernel (scratch runs, same H100) put about 17 us (LLaDA) and 28 us (Dream) in the
 relevance loop, 4-6 us in the bisection and 13.6 us in what is left (launch, loads, compaction,
 stores): one program per (batch, kv head) walks its 512 blocks' scores twice, serially, where
@@ -198,6 +200,7 @@ def _select_kernel(live_ref, q_ref, w_ref, rep_ref, valid_ref, idx_ref, cnt_ref,
   tie = keys == tau
   chosen = (keys > tau) | (tie & (_running_count(tie) <= need))
   slot = _running_count(chosen) - 1  # ascending ids
+  chosen &= slot < keep  # only non-finite scores could choose more: never write past the row
   plgpu.store(idx_ref.at[jnp.where(chosen, slot, keep)], ids, mask=chosen)
   total = count(chosen)
   # Entries past the count repeat the last kept id (0 when none), as the sparse kernels expect.
@@ -272,7 +275,7 @@ def select_top_blocks(q: jax.Array, query_weight: jax.Array, representatives: ja
   """The `keep` most relevant valid blocks per (batch, kv head).
 
   q [B, T, Hq, D] (query slots; a kv head's rows are its G query heads of every slot),
-  query_weight [B, T] (each slot's weight, shared by the G heads of a group: row weight w / G),
+  query_weight [B, T] (each slot's weight >= 0, shared by the G heads of a group: w / G a row),
   representatives [B, Hkv, NB, D or 2D (bound)], block_valid [B, NB]; `live_queries` [B]: slots
   at and past it have zero weight (the Pallas kernel skips them; None: all slots).
 

@@ -46,16 +46,17 @@ def test_focus_weights_cover_the_focus_prefix():
   np.testing.assert_array_equal(np.asarray(live), [2, 0, 3])  # past the last focus slot: 0
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (28, 4)])
-def test_fused_selection_from_packed_slots_keeps_the_xla_blocks(hq, hkv):
+@pytest.mark.parametrize("hq,hkv,capacity", [(4, 4, 16), (28, 4, 16), (28, 4, 3)])
+def test_fused_selection_from_packed_slots_keeps_the_xla_blocks(hq, hkv, capacity):
+  # capacity 3: fewer slots than focus positions, so every slot is a focus slot.
   rng = np.random.default_rng(1)
   b, w, d, nb = 2, 16, 16, 24
   masked = jnp.asarray(rng.random((b, w)) < 0.7)
   confidence = jnp.asarray(rng.random((b, w)), jnp.float32)
-  focus = indicator.focus_set(confidence, masked, jnp.asarray([1, 2]), rho=2)
-  slots, valid = indicator.active_slots(indicator.widen(focus, 4), focus, masked, w)
+  focus = indicator.focus_set(confidence, masked, jnp.asarray([2, 3]), rho=2)
+  slots, valid = indicator.active_slots(indicator.widen(focus, 4), focus, masked, capacity)
   query_focus = valid & jnp.take_along_axis(focus, slots, axis=1)
-  q = jnp.asarray(rng.standard_normal((b, w, hq, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((b, capacity, hq, d)), jnp.float32)
   reps = rng.standard_normal((b, hkv, nb, 2 * d))
   reps[..., d:] = np.abs(reps[..., d:])
   block_valid = jnp.asarray(rng.random((b, nb)) < 0.9)
