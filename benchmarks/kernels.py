@@ -457,14 +457,13 @@ def phase_relevance(block_size: int, rounds: int = 3) -> list[dict]:
     def layers_of(impl):
       def layer_fn(qc, ks, vs, f, v):
         sel = [pruning.select_prompt_blocks(qc, f, r, v, alpha=0.5, selection="per_kv_head",
-                                            kind="bound", implementation=impl,
-                                            interpret=SMOKE) for r in ks]
+                                            kind="bound", implementation=impl) for r in ks]
         return [jnp.zeros_like(qc) + jnp.sum(i[0]) + jnp.sum(i[1]) for i in sel]
       return (lambda f, v, ranges, s_len: (f, v)), layer_fn
 
     picked = {impl: pruning.select_prompt_blocks(q, focus, reps[0], valid, alpha=0.5,
                                                  selection="per_kv_head", kind="bound",
-                                                 implementation=impl, interpret=SMOKE)
+                                                 implementation=impl)
               for impl in ("xla", "pallas_gpu")}
     counts = np.asarray(picked["xla"][1])
     same = bool(np.array_equal(counts, np.asarray(picked["pallas_gpu"][1])))

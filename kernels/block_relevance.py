@@ -86,22 +86,29 @@ def block_relevance(qg: jax.Array, row_weight: jax.Array, representatives: jax.A
 # ----------------------------------------------------------------------------------------------
 # Top blocks.
 
-def _row_weight(query_weight: jax.Array, group: int) -> jax.Array:
-  """[B, T] per query -> [B, T*G] per (t, g) row: the G heads of a group share its weight."""
+def row_weights(query_weight: jax.Array, group: int) -> jax.Array:
+  """[B, T] per query -> [B, T*G] per (t, g) row of `group_queries`: the G heads of a group
+  share the query's weight equally."""
   return jnp.repeat(query_weight.astype(jnp.float32), group, axis=1) / group
+
+
+def top_blocks(relevance: jax.Array, block_valid: jax.Array, keep: int):
+  """relevance [B, G, NB], block_valid [B, NB] -> (ids [B, G, keep] int32 by `lax.top_k`,
+  counts [B, G] int32 = min(keep, valid blocks)): invalid blocks score -inf and come last."""
+  _, ids = lax.top_k(jnp.where(block_valid[:, None, :], relevance, -jnp.inf), keep)
+  n_valid = jnp.sum(block_valid, axis=1, dtype=jnp.int32)
+  counts = jnp.broadcast_to(jnp.minimum(keep, n_valid)[:, None], relevance.shape[:2])
+  return ids.astype(jnp.int32), counts
 
 
 def select_top_blocks_xla(q, query_weight, representatives, block_valid, *, keep: int,
                           bound: bool, scale: float, return_relevance: bool = False):
-  """`block_relevance` over the (t, g) rows, then `lax.top_k` (ids in relevance order)."""
+  """`block_relevance` over the (t, g) rows, then `top_blocks` (ids in relevance order)."""
   hkv = representatives.shape[1]
   relevance = block_relevance_xla(group_queries(q, hkv),
-                                  _row_weight(query_weight, q.shape[2] // hkv), representatives,
+                                  row_weights(query_weight, q.shape[2] // hkv), representatives,
                                   block_valid, bound=bound, scale=scale)
-  _, ids = lax.top_k(jnp.where(block_valid[:, None, :], relevance, -jnp.inf), keep)
-  n_valid = jnp.sum(block_valid, axis=1, dtype=jnp.int32)
-  counts = jnp.broadcast_to(jnp.minimum(keep, n_valid)[:, None], relevance.shape[:2])
-  out = ids.astype(jnp.int32), counts
+  out = top_blocks(relevance, block_valid, keep)
   return out + (relevance,) if return_relevance else out
 
 
@@ -132,7 +139,6 @@ def _select_kernel(live_ref, q_ref, w_ref, rep_ref, valid_ref, idx_ref, cnt_ref,
   ids = tile_of * chunk + lane[None, :]  # [tiles, chunk] block ids
   valid = plgpu.load(valid_ref.at[jnp.minimum(ids, n_blocks - 1)], mask=ids < n_blocks,
                      other=0) != 0
-  valid &= ids < n_blocks
   cols = jnp.arange(d, dtype=jnp.int32)
   dims = (((1,), (1,)), ((), ()))
 

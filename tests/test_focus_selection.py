@@ -62,7 +62,7 @@ def test_fused_selection_from_packed_slots_keeps_the_xla_blocks(hq, hkv, capacit
   block_valid = jnp.asarray(rng.random((b, nb)) < 0.9)
   picked = [pruning.select_prompt_blocks(q, query_focus, jnp.asarray(reps, jnp.float32),
                                          block_valid, alpha=0.4, selection="per_kv_head",
-                                         kind="bound", implementation=impl, interpret=True)
+                                         kind="bound", implementation=impl)
             for impl in ("xla", "pallas_gpu")]
   (ref_ids, ref_counts), (ids, counts) = [(np.asarray(i), np.asarray(c)) for i, c in picked]
   np.testing.assert_array_equal(counts, ref_counts)

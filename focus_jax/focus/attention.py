@@ -84,8 +84,7 @@ class FocusAttend:
     b, length = k_cache.shape[:2]
     indices, counts = pruning.select_prompt_blocks(
         q, self.query_focus, self.representatives[layer], self.block_valid, alpha=cfg.alpha,
-        selection=cfg.selection, kind=cfg.representative, implementation=cfg.relevance_impl,
-        interpret=jax.default_backend() != "gpu")
+        selection=cfg.selection, kind=cfg.representative, implementation=cfg.relevance_impl)
     response_start = jnp.full((b,), self.prompt_length, jnp.int32)
     response_end = jnp.full((b,), length, jnp.int32)
     extra = {}

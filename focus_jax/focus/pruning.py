@@ -86,12 +86,10 @@ def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
   focus queries. Computed by `kernels.block_relevance` in XLA.
   """
   hq, hkv = q.shape[2], representatives.shape[1]  # shapes checked by the relevance kernel
-  group = hq // hkv
   weight, _ = focus_weights(focus)
-  row_weight = jnp.repeat(weight, group, axis=1) / group  # rows (a, g) of group_queries
   relevance = relevance_kernel.block_relevance(
-      group_queries(q, hkv), row_weight, representatives, block_valid,
-      bound=kind == "bound")  # [B, Hkv, NB]
+      group_queries(q, hkv), relevance_kernel.row_weights(weight, hq // hkv), representatives,
+      block_valid, bound=kind == "bound")  # [B, Hkv, NB]
   if selection == "shared":
     relevance = jnp.mean(relevance, axis=1, keepdims=True)
   return jnp.where(block_valid[:, None, :], relevance, -jnp.inf)
@@ -107,11 +105,8 @@ def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float):
 
   The first `counts` ids are distinct valid blocks (invalid ones score -inf and come last),
   which is what lets the sparse layer skip `normalize_selection`."""
-  c = kept_blocks(relevance.shape[-1], alpha)
-  _, indices = jax.lax.top_k(relevance, c)
-  n_valid = jnp.sum(block_valid, axis=1).astype(jnp.int32)
-  counts = jnp.broadcast_to(jnp.minimum(c, n_valid)[:, None], relevance.shape[:2])
-  return indices.astype(jnp.int32), counts
+  return relevance_kernel.top_blocks(relevance, block_valid,
+                                    kept_blocks(relevance.shape[-1], alpha))
 
 
 def check_selection_impl(implementation: str, selection: str, q_shape, n_blocks: int) -> None:
@@ -127,7 +122,7 @@ def check_selection_impl(implementation: str, selection: str, q_shape, n_blocks:
 
 def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Array,
                          block_valid: jax.Array, *, alpha: float, selection: str, kind: str,
-                         implementation: str = "xla", interpret: bool = False):
+                         implementation: str = "xla"):
   """The prompt blocks a sparse layer keeps: the top alpha by relevance to the focus queries.
 
   q [B, A, Hq, D] (the step's query slots), focus [B, A] (slots holding I_focus) ->
@@ -145,4 +140,4 @@ def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Ar
   return relevance_kernel.select_top_blocks(
       q, weight, representatives, block_valid, keep=kept_blocks(block_valid.shape[1], alpha),
       bound=kind == "bound", live_queries=live, implementation=implementation,
-      interpret=interpret)
+      interpret=jax.default_backend() != "gpu")  # off a GPU (tests) the kernel is interpreted
