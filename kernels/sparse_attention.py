@@ -189,9 +189,16 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
       raise ValueError(f"mosaic_gpu cannot run this: {why}")
     cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2], n_resp_plan, d=d,
                                block_size=block_size)
+    if kernel_config and "kv_blocks" not in kernel_config:  # re-derived for the given tiling
+      cfg.pop("kv_blocks")  # (num_splits is not: it stays the default tiling's unless given)
     cfg.update(kernel_config or {})
-    part = _mgpu.sparse_partial(qg, k, v, sel, block_size=block_size, scale=scale_f,
-                                interpret=interpret, **cfg)
+    fused_merge = cfg.pop("fused_merge", True)
+    mgpu_args = dict(block_size=block_size, scale=scale_f, interpret=interpret, **cfg)
+    if fused_merge and extra_k is None:  # nothing to merge on top: Triton's merge finishes
+      return _mgpu.sparse_attention(qg, k, v, sel, t=t, hq=hq, dtype=q.dtype,
+                                    return_lse=return_lse, row_counts=rows_of(query_counts),
+                                    **mgpu_args)
+    part = _mgpu.sparse_partial(qg, k, v, sel, **mgpu_args)
   else:  # pallas_tpu
     why = _tpu.supported(q.shape, k.shape, q.dtype, block_size)
     if why:

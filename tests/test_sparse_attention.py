@@ -587,6 +587,31 @@ def test_mosaic_gpu_return_lse_interpreted():
   np.testing.assert_allclose(np.asarray(lse), want, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("case", [
+    dict(hq=8, hkv=2, t=10, d=64, s=640, bs=64, n=6, b=2),  # 1 consumer, 64-key steps
+    dict(hq=28, hkv=4, t=4, d=64, s=488, bs=64, n=5, b=2),  # 2 consumers, 128-key steps
+])
+def test_mosaic_gpu_triton_merge_with_live_queries_and_lse_interpreted(case):
+  # No extra arrays to merge on top: Triton's merge finishes (splits, lse, padded query slots).
+  args, bs = make_case(350, dtype=jnp.bfloat16, extra=False, **case)
+  counts = jnp.asarray([case["t"] - 3, case["t"]], jnp.int32)
+  cfg = dict(num_splits=3)
+  if case["hq"] == 28:  # 28 rows: give them two warpgroups, as Dream's 224 rows get
+    cfg.update(num_wgs=2)
+  out, lse = _jit(sa.block_sparse_attention, block_size=bs, implementation="mosaic_gpu",
+                  interpret=True, kernel_config=cfg, query_counts=counts,
+                  return_lse=True)(*args)
+  want, want_lse = brute_force([a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a
+                                for a in args], bs, with_lse=True)
+  live = np.arange(case["t"])[None, :] < np.asarray(counts)[:, None]  # [B, T]
+  want = np.where(live[:, :, None, None], want, 0.0)
+  want_lse = np.where(live[:, :, None], want_lse, -np.inf)
+  out = np.asarray(out, np.float32)
+  assert np.all(out[~live] == 0.0) and np.all(np.isneginf(np.asarray(lse)[~live]))
+  assert np.abs(out - want).max() < 2e-2 * np.abs(want).max()
+  np.testing.assert_allclose(np.asarray(lse)[live], want_lse[live], atol=2e-2, rtol=1e-2)
+
+
 def test_mosaic_gpu_normalized_entry_and_more_splits_than_items():
   args, bs = make_case(331, b=1, hq=2, hkv=1, t=4, d=64, s=320, bs=64, n=3,
                        dtype=jnp.bfloat16)
@@ -613,14 +638,24 @@ def test_mosaic_gpu_supported():
   args, bs = make_case(5, hq=4, hkv=2, d=64, s=256, bs=32, dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="mosaic_gpu cannot"):
     sa.block_sparse_attention(*args, block_size=bs, implementation="mosaic_gpu", interpret=True)
+  args, bs = make_case(5, hq=4, hkv=2, d=64, s=256, bs=64, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="positive softmax scale"):
+    sa.block_sparse_attention(*args, block_size=bs, scale=-0.1, implementation="mosaic_gpu",
+                              interpret=True)
 
 
 def test_mosaic_gpu_plan():
   # Dream-7B: 7 heads x 32 queries = 224 rows -> 2 row tiles of 2 x 64 rows; LLaDA: 32 -> 64.
   dream = mgpu.plan(1, 4, 224, 128, 64, 261, sms=132)
   assert (dream.num_wgs, dream.row_tiles, dream.rows_pad) == (2, 2, 256)
+  assert (dream.kv_blocks, dream.pingpong, dream.mask_full_steps) == (2, True, False)
+  assert dream.smem_bytes <= mgpu.SMEM_PER_BLOCK
   llada = mgpu.plan(1, 32, 32, 128, 64, 261, sms=132)
   assert (llada.num_wgs, llada.row_tiles, llada.rows_pad) == (1, 1, 64)
+  assert (llada.kv_blocks, llada.pingpong) == (1, False)  # one consumer: 64-key steps
+  assert mgpu.plan(1, 4, 224, 128, 128, 261, sms=132).kv_blocks == 1  # 2 x 128 keys: no
+  with pytest.raises(ValueError, match="pingpong"):
+    mgpu.plan(1, 4, 224, 128, 64, 261, num_wgs=4, pingpong=True)
   for p, units in ((dream, 4 * 2), (llada, 32)):  # KV splits fill one wave, and no more
     slots = p.programs_per_sm * 132
     assert p.num_splits * units <= slots < (p.num_splits + 1) * units
@@ -668,6 +703,35 @@ def test_mosaic_gpu_lowers_for_cuda(layout, semantics):
   assert "mosaic_gpu" in text
 
 
+def _i32(*shape):
+  return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def _cuda_lowering_shapes(layout: str):
+  """q, k/v and a normalised selection of one 32K step (batch 1, 32 queries, block 64)."""
+  hq, hkv = {"llada8b": (32, 32), "dream7b": (28, 4)}[layout]
+  b, t, d, s, n = 1, 32, 128, 33024, 256
+  q = jax.ShapeDtypeStruct((b, t, hq, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16)
+  return q, kv, sa.Selection(_i32(b, hkv, n), _i32(b, hkv), _i32(b), _i32(b), _i32(b))
+
+
+@pytest.mark.parametrize("layout", ["llada8b", "dream7b"])
+@pytest.mark.parametrize("kernel_config", [None, dict(num_wgs=4), dict(fused_merge=False)])
+def test_mosaic_gpu_attention_lowers_for_cuda(layout, kernel_config):
+  # The public entry: the kernel and Triton's merge (or XLA's), with the lse. A tiling override
+  # re-derives the blocks per step: 4 consumers with 128-key steps would not fit in shared memory.
+  q, kv, sel = _cuda_lowering_shapes(layout)
+  i32, b, bs = _i32, 1, 64
+  f = functools.partial(sa.block_sparse_attention_normalized, block_size=bs,
+                        implementation="mosaic_gpu", max_response_len=256, return_lse=True,
+                        kernel_config=kernel_config)
+  text = jax.jit(f).trace(q, kv, kv, sel, query_counts=i32(b)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  assert ("block_sparse_attention_merge" in text) == (kernel_config != dict(fused_merge=False))
+
+
 @pytest.mark.parametrize("merge", [dict(merge_rows=12), dict(merge_d=48)])
 def test_merge_kernel_refuses_a_tiling_that_would_leave_rows_or_channels_unwritten(merge):
   # Triton refuses these shapes when lowering; interpret mode would return wrong values instead.
@@ -684,12 +748,8 @@ def test_merge_kernel_refuses_a_tiling_that_would_leave_rows_or_channels_unwritt
 def test_pallas_gpu_lowers_for_cuda(layout, return_lse, merge):
   # The Triton lowering runs in Python on any host: the split-KV kernel and the merge kernel's
   # scatter of rows into [T * Hq, D] (interpret mode does not check what Triton accepts).
-  hq, hkv = {"llada8b": (32, 32), "dream7b": (28, 4)}[layout]
-  b, t, d, s, bs, n = 1, 32, 128, 33024, 64, 256
-  q = jax.ShapeDtypeStruct((b, t, hq, d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16)
-  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  sel = sa.Selection(i32(b, hkv, n), i32(b, hkv), i32(b), i32(b), i32(b))
+  q, kv, sel = _cuda_lowering_shapes(layout)
+  i32, b, bs = _i32, 1, 64
   f = functools.partial(sa.block_sparse_attention_normalized, block_size=bs,
                         implementation="pallas_gpu", max_response_len=256, dedup_extra=True,
                         return_lse=return_lse, kernel_config=merge or None)

@@ -18,9 +18,15 @@ Work layout (the same algorithm and partial format as `gpu.sparse_partial`):
   of the [B, S, Hkv, D] cache (rows Hkv*D elements apart: a strided TMA box). If S is not a
   multiple of the block size, the last tile is shifted back inside the cache and masked, as in
   the Triton kernel (TMA needs the row offset to be a multiple of 8, hence S % 8 == 0).
-- each consumer keeps (acc, m, l) in registers (m in log2 units, exp2 with the scale folded in)
-  and writes its unnormalised partial straight to GMEM; one fused XLA reduction merges the
-  splits by log-sum-exp, the caller merges the extra segment on top.
+- each consumer keeps (acc, m, l) in registers (m in log2 units, exp2 with the scale folded into
+  one FMA) and writes its unnormalised partial straight to GMEM (m back in natural log). The
+  Triton kernel's merge (`gpu.merge_to_output`) merges the splits by log-sum-exp, normalises and
+  writes [B, T, Hq, D] (`sparse_attention`); with an extra segment to merge on top, XLA merges
+  (`sparse_partial`).
+- only a step holding a partial tile (the prompt's or response's edge, a split's padding) is
+  masked: the others skip the mask's compares and selects (`lax.cond`).
+- with two consumers, FA3's ping-pong: a barrier they meet twice a step orders one's wgmmas
+  against the other's softmax (as JAX's FA3 kernel does).
 
 Synchronisation per ring slot: `k_ready`/`v_ready` (TMA completion, awaited by every consumer),
 `k_free`/`v_free` (one arrival per consumer, awaited by the producer before it refills the slot,
@@ -31,11 +37,18 @@ items: the producer copies each into its share of the slot, the consumers mask e
 block with its own item's key range.
 
 Status: lowers for CUDA (sm_90a) on jax 0.10.2 and 0.11.2 and matches the reference in Mosaic
-GPU's CPU interpreter (with the wgmma stand-in of `_dot`). One H200 run of the first revision
-(kv_blocks = 1, benchmarks/results/kernels_h200_mgpu_sparse.json): right on every check case;
-32K, alpha 0.5, 32 queries, per layer: Dream-7B 33.4 us (1.03 TB/s) vs the Triton kernel's
-39.7, LLaDA-8B 70.7 vs 65.0. The tiling defaults are otherwise reasoned, not tuned
-(benchmarks/kernels.py --phases mgpu_sparse sweeps them). "auto" does not pick it.
+GPU's CPU interpreter (with the wgmma stand-in of `_dot`; the ping-pong barrier is skipped
+there, see `_kernel`). On the GPU: right on every check case (H200 2026-12-01; H100
+2026-12-06, where only a 4-consumer override failed, on shared memory, because the check merged
+the new 128-key default under it: fixed since, not re-run). 32K, alpha 0.5, 32 queries, per
+layer, kernel alone, H100 2026-12-06, one process (benchmarks/results/kernels_h100_mgpu_dream.json):
+Dream-7B 25.4 us (1.36 TB/s, 301 TFLOP/s) against the Triton kernel's 35.9. With the four
+changes above undone (XLA merge, 64-key steps, no ping-pong, every step masked) it measured
+36.5 against the Triton kernel's 37.9 in an earlier process. LLaDA-8B's MHA layout: 80.9 us
+(64-key steps) against the Triton kernel's 101.0 in that process; its rounds spread 79-130 us
+(2 layers of buffers, so L2 reuse); 70.7 vs 65.0 on the H200. "auto" does not pick it, and
+Focus would not get the Triton merge: its sinks arrive as `extra_positions`, which this kernel
+does not gather, so they are merged on top in XLA (nor does it skip padded query slots).
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from focus_jax.kernels.sparse import common
+from focus_jax.kernels.sparse.gpu import merge_to_output as _merge_to_output  # Triton's merge
 from focus_jax.kernels.sparse.gpu import num_sms  # the device's SM count, shared with Triton's
 
 try:  # Mosaic GPU ships with jax; keep this module importable where it does not.
@@ -124,6 +138,8 @@ class Plan:
   consumer_regs: int  # setmaxnreg targets; 0 when the kernel does not rebalance registers
   producer_regs: int
   programs_per_sm: int  # resident at once, by shared memory, threads and registers
+  pingpong: bool = False  # FA3's schedule barrier between the two consumers
+  mask_full_steps: bool = False  # mask every step (else only steps with a partial tile)
 
   @property
   def rows_per_program(self) -> int:
@@ -176,7 +192,8 @@ def programs_per_sm(num_wgs: int, smem: int) -> int:
 
 def plan(bsz: int, hkv: int, rows: int, d: int, block_size: int, n_items: int, *,
          wg_rows: int = 64, num_wgs: int | None = None, num_splits: int | None = None,
-         num_stages: int = 3, kv_blocks: int = 1, producer_regs: int | None = None,
+         num_stages: int = 3, kv_blocks: int | None = None, producer_regs: int | None = None,
+         pingpong: bool | None = None, mask_full_steps: bool = False,
          sms: int | None = None) -> Plan:
   """Tiling of one launch. Defaults: 64 rows per warpgroup (one wgmma M tile; 128 doubles the
   registers of the accumulator and scores), up to 2 consumer warpgroups (FA3's split: 232
@@ -184,21 +201,30 @@ def plan(bsz: int, hkv: int, rows: int, d: int, block_size: int, n_items: int, *
   many KV splits as fill **one wave** of resident programs (`gpu.default_config`'s lesson: a
   partial tail wave runs with most SMs idle), at most one split per 2 items. `kv_blocks`
   blocks share one pipeline step (one slot, one Q K^T of N = kv_blocks * block_size <= 256):
-  fewer, larger wgmmas and barrier round trips (JAX's FA3 ran 19% faster with 128-key tiles
-  than with 64 on the H100), at the price of a masked duplicate tile when a split's item count
-  is odd, and of the scores' registers.
+  fewer, larger wgmmas and barrier round trips, at the price of a masked duplicate tile when a
+  split's item count is odd, and of the scores' registers. Default: 2 with two consumers where
+  that makes 128 keys and the ring fits (Dream-7B 32K, H100: 25.4 against 28.5 us a layer),
+  else 1 (LLaDA-8B's one consumer: 80.9 us with 1, 96.7-115.5 with 2, rounds 79-130 us, same
+  process, `benchmarks/results/kernels_h100_mgpu_dream.json`: not better, so kept at 1).
   """
   if wg_rows not in (64, 128):
     raise ValueError(f"wg_rows must be 64 or 128, got {wg_rows}")
   if num_stages < 2:
     raise ValueError(f"num_stages must be at least 2, got {num_stages}")
-  if kv_blocks < 1 or kv_blocks * block_size > 256:
-    raise ValueError(f"kv_blocks * block_size must be in [block_size, 256] (the N of wgmma), "
-                     f"got {kv_blocks} x {block_size}")
   if num_wgs is None:
     num_wgs = max(1, min(2, -(-rows // wg_rows)))
   if not 1 <= num_wgs <= 4:
     raise ValueError(f"num_wgs must be in [1, 4], got {num_wgs}")
+  if kv_blocks is None:  # 128-key steps for two consumers, where the ring still fits
+    two = smem_bytes(wg_rows, num_wgs, num_stages, block_size, d, kv_blocks=2)
+    kv_blocks = 2 if num_wgs == 2 and 2 * block_size <= 128 and two <= SMEM_PER_BLOCK else 1
+  if kv_blocks < 1 or kv_blocks * block_size > 256:
+    raise ValueError(f"kv_blocks * block_size must be in [block_size, 256] (the N of wgmma), "
+                     f"got {kv_blocks} x {block_size}")
+  if pingpong is None:
+    pingpong = num_wgs == 2
+  if pingpong and num_wgs != 2:
+    raise ValueError(f"pingpong pairs two consumer warpgroups; num_wgs is {num_wgs}")
   per_prog = wg_rows * num_wgs
   row_tiles = max(1, -(-rows // per_prog))
   smem = smem_bytes(wg_rows, num_wgs, num_stages, block_size, d, kv_blocks=kv_blocks)
@@ -217,15 +243,18 @@ def plan(bsz: int, hkv: int, rows: int, d: int, block_size: int, n_items: int, *
               rows_pad=row_tiles * per_prog, num_splits=int(num_splits), num_stages=num_stages,
               kv_blocks=kv_blocks,
               smem_bytes=smem, consumer_regs=consumer, producer_regs=producer,
-              programs_per_sm=per_sm)
+              programs_per_sm=per_sm, pingpong=bool(pingpong),
+              mask_full_steps=bool(mask_full_steps))
 
 
 def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int, *, d: int = 128,
                    block_size: int = 64) -> dict:
   """Keyword arguments of `sparse_partial` for these shapes (the knobs `plan` takes).
 
-  Untuned: reasoned from the hardware and from JAX's FA3 kernel, timed once on an H200 (see the
-  module docstring); benchmarks/kernels.py --phases mgpu_sparse sweeps the knobs."""
+  Reasoned from the hardware and from JAX's FA3 kernel, then swept and A/B-timed on an H100
+  for Dream-7B's layout (see the module docstring; benchmarks/kernels.py --phases mgpu_sparse,
+  parts `sweep` and `ab`). A caller overriding the tiling without `kv_blocks` drops it, so that
+  `plan` re-derives it."""
   p = plan(bsz, hkv, rows, d, block_size, n_sel + n_resp_max)
   return dict(wg_rows=p.wg_rows, num_wgs=p.num_wgs, num_splits=p.num_splits,
               num_stages=p.num_stages, kv_blocks=p.kv_blocks)
@@ -241,7 +270,7 @@ def _mma_transforms(itemsize: int = 2):
 
 
 def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
-            q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_free, v_free, *,
+            q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_free, v_free, sched, *,
             hkv: int, per_head: bool, n_sel: int, seq_len: int, block_size: int,
             scale: float, p: Plan, dtype, interpreting: bool):
   bs = block_size
@@ -291,6 +320,16 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
       out.append((w, lo, jnp.where(jj < n_local, hi, lo)))
     return out
 
+  # FA3's ping-pong: the two consumers meet at `sched` twice a step, so that one's wgmmas run
+  # while the other computes its softmax. It orders work and changes no value, so the
+  # interpreter skips it: its warpgroups are XLA:CPU executions, and on a 2-core host the one
+  # that has not started waits for a worker that the other two hold, blocked at a barrier.
+  pingpong = p.pingpong and not interpreting
+
+  def schedule():
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
   @pl.when(wg < nw)
   def _consumer():
     if p.consumer_regs:
@@ -299,7 +338,7 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
     q_tile = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, wg_rows)], q_tile, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
-    c = scale * LOG2E  # scores in log2 units: exp2 and one multiply
+    c = scale * LOG2E  # m in log2 units: p = exp2(s * c - m), one FMA per score
     # Key offsets within a tile, in the scores' layout. (The interpreter of jax 0.10 has no
     # layout_cast, which plgpu.broadcasted_iota binds; layouts do not exist there anyway.)
     if interpreting:
@@ -309,11 +348,29 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
       iota = lambda shape: plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
       cast = plgpu.layout_cast
 
+    def mask(s, tiles):
+      """-inf outside each column block's key range (edge blocks, the split's padding step)."""
+      col = iota((wg_rows, kb * bs))
+      w, lo, hi = tiles[0]
+      pos = w + col
+      for hb in range(1, kb):  # column block hb holds item hb of the step
+        w_h, lo_h, hi_h = tiles[hb]
+        in_h = col >= hb * bs
+        pos = jnp.where(in_h, w_h - hb * bs + col, pos)
+        lo = jnp.where(in_h, lo_h, lo)
+        hi = jnp.where(in_h, hi_h, hi)
+      return jnp.where((pos >= lo) & (pos < hi), s, -jnp.inf)
+
+    @pl.when(n_steps > 0)
+    def _():
+      plgpu.barrier_wait(k_ready.at[0])
+    if pingpong:
+      pl.when(wg == 1)(schedule)
+
     def body(j, carry):
       acc, m, l = carry
       slot = lax.rem(j, jnp.int32(stages))
       tiles = step_tiles(j)
-      plgpu.barrier_wait(k_ready.at[slot])
 
       if interpreting:  # see `_dot`; a generic-proxy read must be fenced before the TMA refill
         s = _dot(q_tile[...], k_smem.at[slot][...], transpose_b=True)
@@ -321,33 +378,42 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
       else:
         def qk(s_ref):
           plgpu.wgmma(s_ref, q_tile, _transpose(k_smem.at[slot]))
+          if pingpong:
+            schedule()
           return s_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((wg_rows, kb * bs), jnp.float32))
       plgpu.barrier_arrive(k_free.at[slot])
-      col = iota((wg_rows, kb * bs))
-      w, lo, hi = tiles[0]
-      pos = w + col
-      for h in range(1, kb):  # column block h holds item h of the step
-        w_h, lo_h, hi_h = tiles[h]
-        in_h = col >= h * bs
-        pos = jnp.where(in_h, w_h - h * bs + col, pos)
-        lo = jnp.where(in_h, lo_h, lo)
-        hi = jnp.where(in_h, hi_h, hi)
-      s = jnp.where((pos >= lo) & (pos < hi), s * c, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(axis=1))
+      if p.mask_full_steps:
+        s = mask(s, tiles)
+      else:  # most steps are whole blocks inside their ranges: no mask to compute
+        full = functools.reduce(jnp.logical_and,
+                                [(lo == w) & (hi == w + bs) for w, lo, hi in tiles])
+        s = lax.cond(full, lambda s: s, lambda s: mask(s, tiles), s)
+      m_new = jnp.maximum(m, s.max(axis=1) * c)
       alpha = jnp.exp2(m - m_new)
-      pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      l = l * alpha + pr.sum(axis=1)
+      pr = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l = l * alpha + pr.sum(axis=1)
       p16 = pr.astype(dtype)
-      plgpu.barrier_wait(v_ready.at[slot])
+      if pingpong:  # JAX's FA3 orders the softmax's results before its barriers this way
+        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+        plgpu.barrier_arrive(sched)  # softmax done
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(sched)  # the other consumer's wgmmas are issued
+      else:
+        plgpu.barrier_wait(v_ready.at[slot])
 
+      def wait_next_k():  # overlaps the P V wgmma; the next step's scores need it
+        pl.when(j + 1 < n_steps)(
+            lambda: plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, jnp.int32(stages))]))
       if interpreting:
         acc = acc + _dot(p16, v_smem.at[slot][...])
         plgpu.commit_smem()
+        wait_next_k()
       else:  # accumulate in place: the wgmma adds P V to the rescaled registers
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          wait_next_k()
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
@@ -357,9 +423,12 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
     l0 = cast(jnp.full((wg_rows,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     a0 = cast(jnp.full((wg_rows, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
     acc, m, l = lax.fori_loop(0, n_steps, body, (a0, m0, l0))
+    if pingpong:
+      pl.when(wg == 0)(schedule)
     rows = pl.ds(row0, wg_rows)
     acc_ref.at[b, h, sp, rows][...] = acc
-    m_ref.at[b, h, sp, rows][...] = m
+    # m back to natural-log units (NEG_INIT where no key was seen), as the merges expect.
+    m_ref.at[b, h, sp, rows][...] = jnp.where(l > 0, m * LN2, common.NEG_INIT)
     l_ref.at[b, h, sp, rows][...] = l
 
   @pl.when(wg == nw)
@@ -427,16 +496,46 @@ def interpret_params(interpret: bool | object) -> Any:
   return gpu_interpret_params() if interpret is True else interpret
 
 
-def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
-                   block_size: int, scale: float, wg_rows: int = 64, num_wgs: int | None = None,
-                   num_splits: int | None = None, num_stages: int = 3, kv_blocks: int = 1,
-                   producer_regs: int | None = None, semantics: str | None = None,
-                   approx_math: bool = True,
-                   interpret: bool | object = False) -> common.Partial:
+def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection,
+                   **kwargs) -> common.Partial:
   """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection.
 
   Same contract and output as `gpu.sparse_partial`: acc [B, Hkv, R, D], m and l [B, Hkv, R],
-  float32, m in natural-log units (NEG_INIT and l = 0 for rows that saw no key). Knobs: see
+  float32, m in natural-log units (NEG_INIT and l = 0 for rows that saw no key); the splits are
+  merged in XLA, for callers that merge further segments on top. Knobs: `split_partials`."""
+  acc, m, l = split_partials(qg, k, v, sel, **kwargs)
+  return common.merge_splits(acc, m, l).first_rows(qg.shape[2])
+
+
+def sparse_attention(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
+                     t: int, hq: int, dtype, return_lse: bool = False,
+                     row_counts: jax.Array | None = None, interpret: bool | object = False,
+                     **kwargs):
+  """The whole attention: out [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq] float32), the
+  splits merged, normalised and laid out by the Triton kernel's merge (`gpu.merge_to_output`).
+  The XLA form of that tail (split merge, m's units, normalise, ungroup, cast: about six small
+  kernels) cost more than the whole key loop's launch. Rows at and past `row_counts` [B] come
+  back as zeros (lse -inf); this kernel still computes them."""
+  acc, m, l = split_partials(qg, k, v, sel, interpret=interpret, **kwargs)
+  rows, bsz = qg.shape[2], qg.shape[0]
+  live = jnp.full((bsz,), rows, jnp.int32) if row_counts is None else row_counts
+  merge_interpret = interpret is not False and interpret is not None  # the merge is Triton's
+  return _merge_to_output(acc, m, l, jnp.minimum(live, rows), block_m=acc.shape[3], rows=rows,
+                          t=t, hq=hq, dtype=dtype, return_lse=return_lse,
+                          interpret=merge_interpret)
+
+
+def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
+                   block_size: int, scale: float, wg_rows: int = 64, num_wgs: int | None = None,
+                   num_splits: int | None = None, num_stages: int = 3,
+                   kv_blocks: int | None = None, producer_regs: int | None = None,
+                   pingpong: bool | None = None,
+                   mask_full_steps: bool = False, semantics: str | None = None,
+                   approx_math: bool = True,
+                   interpret: bool | object = False):
+  """The kernel's unmerged partials: acc [B, Hkv, splits, rows_pad, D], m and l
+  [B, Hkv, splits, rows_pad] float32, m in natural-log units (NEG_INIT and l = 0 for rows that
+  saw no key), rows padded to whole row tiles (zero queries). Knobs: see
   `plan`; `semantics` picks Mosaic GPU's lowering ("lane": explicit layouts, the default of jax
   0.10; "warpgroup": layouts inferred, the default of jax 0.11; None: the installed jax's
   default, as JAX's own FA3 kernel does); `interpret` runs Mosaic GPU's
@@ -458,10 +557,12 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   why = supported((bsz, 1, hkv, d), k.shape, qg.dtype, block_size)
   if why:
     raise ValueError(f"mosaic_gpu cannot run this: {why}")
+  if not scale > 0:  # the row max is taken before scaling (one FMA a score): a sign would flip it
+    raise ValueError(f"mosaic_gpu needs a positive softmax scale, got {scale}")
   nb = common.num_blocks(s_len, block_size)
   p = plan(bsz, hkv, rows, d, block_size, n + nb, wg_rows=wg_rows, num_wgs=num_wgs,
            num_splits=num_splits, num_stages=num_stages, kv_blocks=kv_blocks,
-           producer_regs=producer_regs)
+           producer_regs=producer_regs, pingpong=pingpong, mask_full_steps=mask_full_steps)
   if rows != p.rows_pad:  # padded rows are zero queries: finite scores, outputs dropped below
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, p.rows_pad - qg.shape[2]), (0, 0)))
   idx = sel.indices.astype(jnp.int32)
@@ -486,6 +587,7 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
       plgpu.Barrier(num_arrivals=p.kv_blocks, num_barriers=stages),
       plgpu.Barrier(num_arrivals=p.num_wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=p.num_wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=p.num_wgs),  # the ping-pong schedule (unused without it)
   ]
   params = dict(approx_math=approx_math)
   if semantics is not None:
@@ -500,7 +602,7 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   body = functools.partial(_kernel, hkv=hkv, per_head=g > 1, n_sel=max(1, n), seq_len=s_len,
                            block_size=block_size, scale=float(scale), p=p, dtype=qg.dtype,
                            interpreting=interp is not None)
-  acc, m2, l = plgpu.kernel(
+  return plgpu.kernel(
       body,
       out_type=out_type,
       scratch_types=scratch,
@@ -511,6 +613,3 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
       compiler_params=plgpu.CompilerParams(**params),
       interpret=interp,
   )(idx, meta, qg, k, v)
-  # m is in log2 units of the scaled scores; back to natural log (merge_partials' convention).
-  m = jnp.where(l > 0, m2 * LN2, common.NEG_INIT)
-  return common.merge_splits(acc, m, l).first_rows(rows)
