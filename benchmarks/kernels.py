@@ -802,6 +802,18 @@ def _iteration_timer(prep, layers, p, r_hi: int = 5, reps: int = 5):
   return measure
 
 
+def mgpu_ab_configs(base: dict) -> list[dict]:
+  """The A/B of the kernel's later changes, each undone in turn from its default: the fused
+  Triton merge (against XLA's), 128-key steps (kv_blocks=2 against 1), FA3's ping-pong between
+  the two consumers, and masking only the steps that hold a partial tile."""
+  if SMOKE:
+    return [dict(base, fused_merge=False)]
+  out = [dict(base, fused_merge=False), dict(base, kv_blocks=3 - base["kv_blocks"])]
+  if base["num_wgs"] == 2:  # the ping-pong pairs two consumers
+    out.append(dict(base, pingpong=False))
+  return out + [dict(base, mask_full_steps=True)]
+
+
 def mgpu_sweep_configs(layout: str, base: dict, hkv: int, rows: int, n_items: int,
                        block_size: int) -> list[dict]:
   """A small sweep of the Mosaic kernel's knobs around its default: blocks per pipeline step
@@ -811,13 +823,21 @@ def mgpu_sweep_configs(layout: str, base: dict, hkv: int, rows: int, n_items: in
   from focus_jax.kernels.sparse import mosaic_gpu as mg
 
   def with_splits(cfg, factor=1.0):
+    if "kv_blocks" not in cfg:  # re-derived for the tiling, as the kernel's caller does
+      cfg = dict(cfg, kv_blocks=mg.plan(1, hkv, rows, LAYOUTS[layout]["d"], block_size, n_items,
+                                        **{k: cfg[k] for k in ("wg_rows", "num_wgs",
+                                                               "num_stages") if k in cfg}
+                                        ).kv_blocks)
     pl_ = mg.plan(1, hkv, rows, LAYOUTS[layout]["d"], block_size, n_items,
-                  **{k: cfg[k] for k in ("wg_rows", "num_wgs", "num_stages") if k in cfg})
+                  **{k: cfg[k] for k in ("wg_rows", "num_wgs", "num_stages", "kv_blocks")
+                     if k in cfg})
     return dict(cfg, num_splits=max(1, int(round(pl_.num_splits * factor))))
+  tiling = {k: v for k, v in base.items() if k != "kv_blocks"}  # for configs that retile
   if SMOKE:
     return [dict(base, num_stages=2)]
-  out = [with_splits(dict(base, kv_blocks=2, num_stages=ns)) for ns in (2, 3)]
-  out += [with_splits(dict(base, num_stages=ns)) for ns in (2, 4) if ns != base["num_stages"]]
+  out = [with_splits(dict(base, kv_blocks=3 - base["kv_blocks"], num_stages=ns))
+         for ns in (2, 3)]
+  out += [with_splits(dict(tiling, num_stages=ns)) for ns in (2, 4) if ns != base["num_stages"]]
   out += [with_splits(base, 0.5), with_splits(base, 2.0)]
   try:  # the semantics the installed jax does not default to (0.10: lane, 0.11: warpgroup)
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -826,11 +846,12 @@ def mgpu_sweep_configs(layout: str, base: dict, hkv: int, rows: int, n_items: in
   except Exception:  # noqa: BLE001
     out.append(dict(base, semantics="lane"))
   if layout == "llada8b":  # 2 stages: 81 KB, two programs per SM if the registers allow
-    out.append(with_splits(dict(base, num_stages=2), 2.0))
+    out.append(with_splits(dict(tiling, num_stages=2), 2.0))
   if layout == "dream7b":
-    out += [with_splits(dict(base, num_wgs=1)), with_splits(dict(base, num_wgs=2, wg_rows=128)),
-            with_splits(dict(base, num_wgs=3)), with_splits(dict(base, num_wgs=4)),
-            with_splits(dict(base, num_wgs=4, num_stages=4))]
+    out += [with_splits(dict(tiling, num_wgs=1)),
+            with_splits(dict(tiling, num_wgs=2, wg_rows=128)),
+            with_splits(dict(tiling, num_wgs=4)),
+            with_splits(dict(tiling, num_wgs=4, num_stages=4))]
   return out
 
 
@@ -844,15 +865,15 @@ def phase_mgpu_sparse(sa, block_size: int, path: str | None = None, res: dict | 
   and, on the GQA case, several others: relative error (norm) and max relative error
   (max |out - ref| / max |ref|). (2) 32K, alpha 0.5, 32 queries, both layouts, kernel alone
   (selection pre-normalised), per layer, loop overhead removed, median of `rounds` interleaved
-  rounds: mosaic_gpu against pallas_gpu (both defaults), then a small sweep of the Mosaic
-  kernel's knobs. TB/s as in the waves phase (bytes it must read + q and output). Every case is
+  rounds: mosaic_gpu against pallas_gpu (both defaults), then the A/B of the kernel's later
+  changes (`mgpu_ab_configs`) and a small sweep of its knobs. TB/s as in the waves phase (bytes it must read + q and output). Every case is
   wrapped: a failing tiling prints its error and the phase goes on. Rows are saved after every
   case (a hung kernel leaves the rows before it); a compact table is printed at the end.
-  `parts` (--mgpu-parts) picks among check, time and sweep (all by default); `layouts`
+  `parts` (--mgpu-parts) picks among check, time, ab and sweep (default: all but ab); `layouts`
   (--mgpu-layouts) restricts the timing to some layouts: to split the phase over several runs.
   """
   parts_ = set(parts.split(","))
-  unknown = parts_ - {"check", "time", "sweep"}
+  unknown = parts_ - {"check", "time", "ab", "sweep"}
   if unknown:
     raise ValueError(f"unknown --mgpu-parts {sorted(unknown)}")
   timed_layouts = list(LAYOUTS) if not layouts else layouts.split(",")
@@ -907,7 +928,7 @@ def phase_mgpu_sparse(sa, block_size: int, path: str | None = None, res: dict | 
 
   # (2) timing
   n_resp = -(-GEN // block_size) + 1
-  for layout in timed_layouts if parts_ & {"time", "sweep"} else []:
+  for layout in timed_layouts if parts_ & {"time", "ab", "sweep"} else []:
     lay = LAYOUTS[layout]
     hkv, d = lay["hkv"], lay["d"]
     q_rows = lay["hq"] // hkv * 32
@@ -926,6 +947,8 @@ def phase_mgpu_sparse(sa, block_size: int, path: str | None = None, res: dict | 
       save(dict(part="time", layout=layout, error=repr(e)[:300]))
       continue
     jobs = [("pallas_gpu", None), ("mosaic_gpu", base)] if "time" in parts_ else []
+    if "ab" in parts_:
+      jobs += [("mosaic_gpu", c) for c in mgpu_ab_configs(base)]
     if "sweep" in parts_:
       jobs += [("mosaic_gpu", c) for c in mgpu_sweep_configs(layout, base, hkv, q_rows,
                                                             p["n"] + n_resp, block_size)]
@@ -1175,7 +1198,7 @@ def main() -> None:
   ap.add_argument("--tune-set", default="wide", choices=("wide", "diag"))
   ap.add_argument("--ctxs", default=None, help="comma-separated contexts for the sweep")
   ap.add_argument("--mgpu-parts", default="check,time,sweep",
-                  help="mgpu_sparse: comma-separated parts among check, time, sweep")
+                  help="mgpu_sparse: comma-separated parts among check, time, ab, sweep")
   ap.add_argument("--mgpu-layouts", default=None,
                   help="mgpu_sparse, matmul: comma-separated layouts to time (default: all)")
   ap.add_argument("--matmul-impls", default="xla,pallas",
