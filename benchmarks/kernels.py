@@ -822,17 +822,11 @@ def mgpu_sweep_configs(layout: str, base: dict, hkv: int, rows: int, n_items: in
   register splits (3-4 consumers, ~160 / ~112 registers each) come last."""
   from focus_jax.kernels.sparse import mosaic_gpu as mg
 
-  def with_splits(cfg, factor=1.0):
-    if "kv_blocks" not in cfg:  # re-derived for the tiling, as the kernel's caller does
-      cfg = dict(cfg, kv_blocks=mg.plan(1, hkv, rows, LAYOUTS[layout]["d"], block_size, n_items,
-                                        **{k: cfg[k] for k in ("wg_rows", "num_wgs",
-                                                               "num_stages") if k in cfg}
-                                        ).kv_blocks)
-    pl_ = mg.plan(1, hkv, rows, LAYOUTS[layout]["d"], block_size, n_items,
-                  **{k: cfg[k] for k in ("wg_rows", "num_wgs", "num_stages", "kv_blocks")
-                     if k in cfg})
-    return dict(cfg, num_splits=max(1, int(round(pl_.num_splits * factor))))
-  tiling = {k: v for k, v in base.items() if k != "kv_blocks"}  # for configs that retile
+  def with_splits(cfg, factor=1.0):  # the rest of the tiling derived as the kernel's caller does
+    cfg = mg.default_config(1, hkv, rows, n_items, 0, d=LAYOUTS[layout]["d"],
+                            block_size=block_size, **cfg)
+    return dict(cfg, num_splits=max(1, int(round(cfg["num_splits"] * factor))))
+  tiling = {k: v for k, v in base.items() if k not in ("kv_blocks", "num_splits")}  # retiled
   if SMOKE:
     return [dict(base, num_stages=2)]
   out = [with_splits(dict(base, kv_blocks=3 - base["kv_blocks"], num_stages=ns))

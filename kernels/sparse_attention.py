@@ -188,10 +188,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     if why:
       raise ValueError(f"mosaic_gpu cannot run this: {why}")
     cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2], n_resp_plan, d=d,
-                               block_size=block_size)
-    if kernel_config and "kv_blocks" not in kernel_config:  # re-derived for the given tiling
-      cfg.pop("kv_blocks")  # (num_splits is not: it stays the default tiling's unless given)
-    cfg.update(kernel_config or {})
+                               block_size=block_size, **(kernel_config or {}))
     fused_merge = cfg.pop("fused_merge", True)
     mgpu_args = dict(block_size=block_size, scale=scale_f, interpret=interpret, **cfg)
     if fused_merge and extra_k is None:  # nothing to merge on top: Triton's merge finishes

@@ -656,6 +656,13 @@ def test_mosaic_gpu_plan():
   assert mgpu.plan(1, 4, 224, 128, 128, 261, sms=132).kv_blocks == 1  # 2 x 128 keys: no
   with pytest.raises(ValueError, match="pingpong"):
     mgpu.plan(1, 4, 224, 128, 64, 261, num_wgs=4, pingpong=True)
+  # A tiling override gets the rest derived around it (steps and splits that fit 4 consumers:
+  # one row tile, so about twice the splits), and other keys pass through.
+  base = mgpu.default_config(1, 4, 224, 256, 5)
+  four = mgpu.default_config(1, 4, 224, 256, 5, num_wgs=4, semantics="lane")
+  assert (base["kv_blocks"], four["kv_blocks"], four["semantics"]) == (2, 1, "lane")
+  assert four["num_splits"] > base["num_splits"]
+  assert mgpu.default_config(1, 4, 224, 256, 5, num_splits=3)["num_splits"] == 3
   for p, units in ((dream, 4 * 2), (llada, 32)):  # KV splits fill one wave, and no more
     slots = p.programs_per_sm * 132
     assert p.num_splits * units <= slots < (p.num_splits + 1) * units

@@ -247,17 +247,23 @@ def plan(bsz: int, hkv: int, rows: int, d: int, block_size: int, n_items: int, *
               mask_full_steps=bool(mask_full_steps))
 
 
+_PLAN_KNOBS = ("wg_rows", "num_wgs", "num_splits", "num_stages", "kv_blocks", "producer_regs",
+               "pingpong", "mask_full_steps")
+
+
 def default_config(bsz: int, hkv: int, rows: int, n_sel: int, n_resp_max: int, *, d: int = 128,
-                   block_size: int = 64) -> dict:
-  """Keyword arguments of `sparse_partial` for these shapes (the knobs `plan` takes).
+                   block_size: int = 64, **overrides) -> dict:
+  """Keyword arguments of `sparse_partial` for these shapes: the tiling `plan` derives around
+  the given `overrides` (4 consumers get the splits and the steps that fit them), plus the
+  overrides themselves (other keys, e.g. `semantics`, pass through).
 
   Reasoned from the hardware and from JAX's FA3 kernel, then swept and A/B-timed on an H100
   for Dream-7B's layout (see the module docstring; benchmarks/kernels.py --phases mgpu_sparse,
-  parts `sweep` and `ab`). A caller overriding the tiling without `kv_blocks` drops it, so that
-  `plan` re-derives it."""
-  p = plan(bsz, hkv, rows, d, block_size, n_sel + n_resp_max)
-  return dict(wg_rows=p.wg_rows, num_wgs=p.num_wgs, num_splits=p.num_splits,
-              num_stages=p.num_stages, kv_blocks=p.kv_blocks)
+  parts `sweep` and `ab`)."""
+  p = plan(bsz, hkv, rows, d, block_size, n_sel + n_resp_max,
+           **{k: v for k, v in overrides.items() if k in _PLAN_KNOBS})
+  return dict(dict(wg_rows=p.wg_rows, num_wgs=p.num_wgs, num_splits=p.num_splits,
+                   num_stages=p.num_stages, kv_blocks=p.kv_blocks), **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
