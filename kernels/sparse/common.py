@@ -357,6 +357,14 @@ def reference_block_sparse_attention(q, k, v, block_indices, block_counts, promp
   return out, ungroup_lse(lse, t, query_counts)
 
 
+def live_rows(row_counts: jax.Array | None, bsz: int, rows: int) -> jax.Array:
+  """Rows of each batch row that a kernel's output keeps, [B] int32: all (`row_counts` None) or
+  the counts clipped into [0, rows]; the merges zero the rows past them."""
+  if row_counts is None:
+    return jnp.full((bsz,), rows, jnp.int32)
+  return jnp.clip(row_counts.astype(jnp.int32), 0, rows)
+
+
 def pad_query_rows(qg: jax.Array, block_m: int) -> jax.Array:
   """Pads the row axis of qg [B, Hkv, R, D] to a multiple of the kernels' row tile."""
   rows = qg.shape[2]

@@ -401,8 +401,7 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   idx = sel.indices
   if n_pad != n:
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, n_pad - n)), mode="edge")
-  live_rows = (jnp.full((bsz,), rows, jnp.int32) if row_counts is None
-               else jnp.clip(row_counts.astype(jnp.int32), 0, rows))
+  live_rows = common.live_rows(row_counts, bsz, rows)
   meta = jnp.stack([sel.counts,
                     jnp.broadcast_to(sel.prompt_start[:, None], (bsz, g)),
                     jnp.broadcast_to(sel.response_start[:, None], (bsz, g)),
