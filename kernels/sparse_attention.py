@@ -134,11 +134,11 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   if impl == "reference":
     raise ValueError("the reference takes the raw selection: call block_sparse_attention")
   common.check_dedup_extra(dedup_extra, extra_positions)
-  if extra_positions is not None and impl != "pallas_gpu":  # only that kernel gathers them itself
-    if dedup_extra:
-      extra_valid = common.drop_attended_extra(
-          extra_valid, common.extra_attended(sel, extra_positions, block_size, k.shape[1]),
-          k.shape[2])
+  if dedup_extra and impl != "pallas_gpu":  # that kernel skips already attended rows itself
+    extra_valid = common.drop_attended_extra(
+        extra_valid, common.extra_attended(sel, extra_positions, block_size, k.shape[1]),
+        k.shape[2])
+  if extra_positions is not None and impl not in ("pallas_gpu", "mosaic_gpu"):  # K/V arrays
     extra_k, extra_v = common.gather_rows(k, v, extra_positions)
     extra_positions = None
   scale_f = common.default_scale(scale, q.shape[-1])
@@ -190,11 +190,14 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2], n_resp_plan, d=d,
                                block_size=block_size, **(kernel_config or {}))
     fused_merge = cfg.pop("fused_merge", True)
-    mgpu_args = dict(block_size=block_size, scale=scale_f, interpret=interpret, **cfg)
+    mgpu_args = dict(block_size=block_size, scale=scale_f, interpret=interpret,
+                     row_counts=rows_of(query_counts), **cfg)
+    if extra_positions is not None:  # the sinks: one more tile of K/V rows, valid ones first
+      mgpu_args["extra"] = common.compact_extra_rows(k, v, extra_positions, extra_valid,
+                                                     block_size)
     if fused_merge and extra_k is None:  # nothing to merge on top: Triton's merge finishes
       return _mgpu.sparse_attention(qg, k, v, sel, t=t, hq=hq, dtype=q.dtype,
-                                    return_lse=return_lse, row_counts=rows_of(query_counts),
-                                    **mgpu_args)
+                                    return_lse=return_lse, **mgpu_args)
     part = _mgpu.sparse_partial(qg, k, v, sel, **mgpu_args)
   else:  # pallas_tpu
     why = _tpu.supported(q.shape, k.shape, q.dtype, block_size)

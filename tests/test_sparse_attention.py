@@ -391,13 +391,13 @@ def test_dedup_extra_counts_rows_the_selection_attends_once(impl, kw, per_head_s
 def test_gpu_tile_plan_covers_each_live_tile_once():
   """Every (slot, split) program works for one live tile; each live tile gets contiguous,
   distinct split ids 0..splits-1 covering all its programs."""
-  from focus_jax.kernels.sparse import gpu
+  from focus_jax.kernels.sparse import common
   for m_tiles in (1, 2, 3, 4, 7):
     for n_live in range(1, m_tiles + 1):
       seen = {}
       for slot in range(m_tiles):
         for sp in range(3):
-          tile, split, splits = (int(x) for x in gpu._tile_plan(
+          tile, split, splits = (int(x) for x in common.tile_plan(
               jnp.int32(n_live * 16 - 5), 16, m_tiles, jnp.int32(slot), jnp.int32(sp), 3))
           assert tile == slot % n_live
           seen.setdefault(tile, []).append((split, splits))
@@ -612,6 +612,44 @@ def test_mosaic_gpu_triton_merge_with_live_queries_and_lse_interpreted(case):
   np.testing.assert_allclose(np.asarray(lse)[live], want_lse[live], atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("e,cfg", [
+    (24, dict(num_splits=2)),  # one sink tile; 2 row tiles of 64 rows
+    (24, dict(num_splits=2, fused_merge=False)),  # XLA merges the row-tile slots
+    # Two sink tiles in one 128-key step. At most num_stages steps a split: the interpreter runs
+    # the 3 warpgroups on a CPU thread pool, and on a 2-core host a producer that waits for both
+    # consumers to free a slot deadlocks with the second consumer not yet started.
+    (70, dict(num_wgs=2, kv_blocks=2, num_splits=2)),
+])
+def test_mosaic_gpu_sinks_dedup_and_live_row_tiles_interpreted(e, cfg):
+  # Focus's sparse layer: sinks given as cache rows (per-head validity, some inside kept blocks
+  # or the response: dedup_extra drops those), and padded query slots, whose row tiles work
+  # as extra KV splits of the live ones (query counts leave 2, 1 and 1 live tiles of 2).
+  args, bs = make_case(360 + e, b=3, hq=8, hkv=2, t=20, d=64, s=640, bs=64, n=6, extra=False,
+                       dtype=jnp.bfloat16)
+  q, k, v, idx, cnt, ps, rs, re = args
+  rng = np.random.default_rng(e)
+  pos = rng.integers(-2, k.shape[1] + 2, (3, e))
+  pos[:, 0] = np.asarray(rs)  # in the response: counted once, there
+  pos[:, 1] = np.asarray(idx)[:, 0, 0] * bs + 3  # inside a block head 0 may keep
+  valid = jnp.asarray(rng.random((3, e, 2)) < 0.7)
+  pos = jnp.asarray(pos, jnp.int32)
+  counts = jnp.asarray([20, 5, 0], jnp.int32)  # live rows 80, 20, 0 of 80
+  up = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+  want = np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs, dedup_extra=True)(
+      *up, extra_valid=valid, extra_positions=pos, query_counts=counts))
+  got = _jit(sa.block_sparse_attention, block_size=bs, implementation="mosaic_gpu",
+             interpret=mgpu.gpu_interpret_params(detect_races=True), kernel_config=cfg,
+             dedup_extra=True)(*args, extra_valid=valid, extra_positions=pos,
+                               query_counts=counts)
+  assert not _mgpu_races_found()
+  got = np.asarray(got, np.float32)
+  assert np.all(got[2] == 0.0) and np.all(got[1, 5:] == 0.0)
+  assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+  no_sinks = np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs)(
+      *up, query_counts=counts))
+  assert np.abs(no_sinks - want).max() > 0.1 * np.abs(want).max()  # the sinks matter here
+
+
 def test_mosaic_gpu_normalized_entry_and_more_splits_than_items():
   args, bs = make_case(331, b=1, hq=2, hkv=1, t=4, d=64, s=320, bs=64, n=3,
                        dtype=jnp.bfloat16)
@@ -737,6 +775,19 @@ def test_mosaic_gpu_attention_lowers_for_cuda(layout, kernel_config):
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
   assert ("block_sparse_attention_merge" in text) == (kernel_config != dict(fused_merge=False))
+
+
+@pytest.mark.parametrize("layout", ["llada8b", "dream7b"])
+def test_mosaic_gpu_focus_call_lowers_for_cuda(layout):
+  # Focus's sparse layer: 32 sinks as cache rows (deduplicated), padded query slots.
+  q, kv, sel = _cuda_lowering_shapes(layout)
+  i32, b = _i32, 1
+  f = functools.partial(sa.block_sparse_attention_normalized, block_size=64,
+                        implementation="mosaic_gpu", max_response_len=256, dedup_extra=True)
+  text = jax.jit(f).trace(q, kv, kv, sel, extra_positions=i32(b, 32),
+                          extra_valid=jax.ShapeDtypeStruct((b, 32), jnp.bool_),
+                          query_counts=i32(b)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "block_sparse_attention_merge" in text
 
 
 @pytest.mark.parametrize("merge", [dict(merge_rows=12), dict(merge_d=48)])

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Running max of an empty softmax row: finite, so merges never compute inf - inf.
 NEG_INIT = -1e30
@@ -372,3 +373,41 @@ def pad_query_rows(qg: jax.Array, block_m: int) -> jax.Array:
   if rows_pad == rows:
     return qg
   return jnp.pad(qg, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+
+
+def live_tiles(live_rows, block_m: int, m_tiles: int):
+  """Row tiles holding live rows: the first ceil(live_rows / block_m), at least one."""
+  return jnp.clip(lax.div(live_rows + (block_m - 1), jnp.int32(block_m)), 1, m_tiles)
+
+
+def tile_plan(live_rows, block_m: int, m_tiles: int, tile_slot, split, num_splits: int):
+  """Program (row-tile slot, split) -> (the row tile it works for, its split among that tile's
+  splits, how many splits the tile has). Live tiles are the first ceil(live_rows / block_m);
+  slot j works for tile j mod n_live, so each live tile gets every slot congruent to it, and the
+  slots of padded query rows become extra KV splits of the live ones. Integer division of
+  non-negative scalars (lax.div / lax.rem), which Triton and Mosaic GPU both lower."""
+  n_live = live_tiles(live_rows, block_m, m_tiles)
+  tile = lax.rem(tile_slot, n_live)
+  helpers = lax.div(m_tiles - 1 - tile, n_live) + 1  # slots congruent to `tile`
+  return tile, lax.div(tile_slot, n_live) * num_splits + split, helpers * num_splits
+
+
+def compact_extra_rows(k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array,
+                       tile_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Extra keys given as cache rows (Focus's sinks) -> arrays a kernel reads in whole tiles, the
+  valid rows of each kv head first: xk, xv [B, E_pad, Hkv, D] (E_pad: E rounded up to a multiple
+  of `tile_rows`) and counts [B, Hkv] int32, the valid rows per head. `valid` [B, E] or
+  [B, E, Hkv]; so a kernel masks the extra tiles by one count instead of a per-row flag."""
+  bsz, e = positions.shape
+  hkv = k.shape[2]
+  ok = extra_valid_per_head(valid, hkv)  # [B, Hkv, E]
+  order = jnp.argsort(~ok, axis=-1, stable=True)  # valid rows first, in their order
+  pos = jnp.clip(positions.astype(jnp.int32), 0, k.shape[1] - 1)
+  pos = jnp.take_along_axis(jnp.broadcast_to(pos[:, None, :], ok.shape), order, axis=-1)
+  e_pad = -(-e // tile_rows) * tile_rows
+  pos = jnp.pad(pos, ((0, 0), (0, 0), (0, e_pad - e)))  # row 0: masked by the count
+  bi = jnp.arange(bsz)[:, None, None]
+  hi = jnp.arange(hkv)[None, :, None]
+  xk = jnp.swapaxes(k[bi, pos, hi], 1, 2)  # [B, Hkv, E_pad, D] -> [B, E_pad, Hkv, D]
+  xv = jnp.swapaxes(v[bi, pos, hi], 1, 2)
+  return xk, xv, jnp.sum(ok, axis=-1).astype(jnp.int32)

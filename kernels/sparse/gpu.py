@@ -9,9 +9,9 @@ Block ids are runtime inputs loaded inside the kernel (the GPU lowerings have no
 
 Query rows past `row_counts` (padded query slots; the rows are query-major, see
 `common.group_queries`) are not computed: a program whose row tile holds none of them works for a
-tile that does, as extra KV splits of it (`_tile_plan`), so the row tiles of a step that runs few
-queries split the keys finer instead of idling. Compute-bound layouts gain (Dream's 7-head groups:
-32 query slots make 4 tiles of 64 rows, 7 active queries make 1).
+tile that does, as extra KV splits of it (`common.tile_plan`), so the row tiles of a step that
+runs few queries split the keys finer instead of idling. Compute-bound layouts gain (Dream's
+7-head groups: 32 query slots make 4 tiles of 64 rows, 7 active queries make 1).
 
 Extra keys given as cache rows (`extra_positions`: Focus's sinks) are gathered inside the kernel
 by split 0 of each (batch * kv head, row tile), which starts its softmax from them: no XLA gather,
@@ -89,21 +89,6 @@ def extra_rows(positions: jax.Array, valid: jax.Array,
   return pos, ok
 
 
-def _live_tiles(live_rows, block_m: int, m_tiles: int):
-  """Row tiles holding live rows: the first ceil(live_rows / block_m), at least one."""
-  return jnp.clip((live_rows + block_m - 1) // block_m, 1, m_tiles)
-
-
-def _tile_plan(live_rows, block_m: int, m_tiles: int, tile_slot, split, num_splits: int):
-  """Program (row-tile slot, split) -> (the row tile it works for, its split among that tile's
-  splits, how many splits the tile has). Live tiles are the first ceil(live_rows / block_m);
-  slot j works for tile j mod n_live, so each live tile gets every slot congruent to it."""
-  n_live = _live_tiles(live_rows, block_m, m_tiles)
-  tile = tile_slot % n_live
-  helpers = (m_tiles - 1 - tile) // n_live + 1  # slots congruent to `tile`
-  return tile, (tile_slot // n_live) * num_splits + split, helpers * num_splits
-
-
 def merge_tile_slots(acc, m, l, live_rows, block_m: int) -> common.Partial:
   """The kernel's partials [B, Hkv, splits, m_tiles * block_m, ...] (slot j's rows hold tile
   j mod n_live's) merged by log-sum-exp into [B, Hkv, m_tiles * block_m, ...].
@@ -114,7 +99,7 @@ def merge_tile_slots(acc, m, l, live_rows, block_m: int) -> common.Partial:
   per_slot = common.merge_splits(acc, m, l)  # [B, Hkv, slot * block_m, ...]
   bsz, hkv, rows_pad, d = per_slot.acc.shape
   mt = rows_pad // block_m
-  n_live = _live_tiles(live_rows, block_m, mt)  # [B]
+  n_live = common.live_tiles(live_rows, block_m, mt)  # [B]
   owner = jnp.arange(mt)[None, :] % n_live[:, None]  # [B, slot]
   assign = owner[:, :, None] == jnp.arange(mt)[None, None, :]  # [B, slot, tile]
   assign = assign[:, None, :, :, None]  # [B, 1, slot, tile, 1]
@@ -153,7 +138,7 @@ def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_ti
   r0 = pl.program_id(1) * merge_rows
   d0 = pl.program_id(2) * d_chunk
   live_rows = live_ref[0]
-  n_live = _live_tiles(live_rows, block_m, m_tiles)
+  n_live = common.live_tiles(live_rows, block_m, m_tiles)
   tile = r0 // block_m
   n_slots = jnp.where(tile < n_live, (m_tiles - 1 - tile) // n_live + 1, 0)
   runs = _power_of_two_runs(n_splits)
@@ -254,8 +239,8 @@ def _kernel(sel_ref, meta_ref, q_ref, k_ref, v_ref, *refs, block_size: int, num_
   resp_first = rs // bs
   n_resp = jnp.where(re > rs, (re - 1) // bs - resp_first + 1, 0)
   total = count + n_resp
-  tile, split, splits = _tile_plan(meta_ref[4], block_m, m_tiles, pl.program_id(1), split,
-                                   num_splits)
+  tile, split, splits = common.tile_plan(meta_ref[4], block_m, m_tiles, pl.program_id(1),
+                                         split, num_splits)
   # Static loops walk `static_items` slots (enough for num_splits splits), masked past hi_item.
   per = (total + splits - 1) // splits
   lo_item = jnp.minimum(split * per, total)
@@ -390,7 +375,7 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
                    dedup_extra: bool = False, interpret: bool = False):
   """The split-KV kernel itself: ((acc [B, Hkv, splits, R_pad, D], m, l [B, Hkv, splits,
   R_pad]) float32, live rows [B] int32). R_pad is R padded to row tiles; a slot's rows hold the
-  partial of live tile `slot mod n_live` (`_tile_plan`)."""
+  partial of live tile `slot mod n_live` (`common.tile_plan`)."""
   bsz, hkv, rows, d = qg.shape
   s_len = k.shape[1]
   g, n = sel.indices.shape[1:]

@@ -18,6 +18,12 @@ Work layout (the same algorithm and partial format as `gpu.sparse_partial`):
   of the [B, S, Hkv, D] cache (rows Hkv*D elements apart: a strided TMA box). If S is not a
   multiple of the block size, the last tile is shifted back inside the cache and masked, as in
   the Triton kernel (TMA needs the row offset to be a multiple of 8, hence S % 8 == 0).
+- extra keys (Focus's sinks, `extra`): XLA gathers them per kv head, the valid ones first
+  (`common.compact_extra_rows`), into whole [block_size, D] tiles that come first in the item
+  list, masked past their count; the tile's TMA reads that array instead of the cache.
+- padded query slots: a program whose row tile holds no live row (`row_counts`) works for a live
+  tile, as extra KV splits of it (`common.tile_plan`, the Triton kernel's scheme); its partial
+  goes to its own slot's rows, which the merges read.
 - each consumer keeps (acc, m, l) in registers (m in log2 units, exp2 with the scale folded into
   one FMA) and writes its unnormalised partial straight to GMEM (m back in natural log). The
   Triton kernel's merge (`gpu.merge_to_output`) merges the splits by log-sum-exp, normalises and
@@ -39,16 +45,22 @@ block with its own item's key range.
 Status: lowers for CUDA (sm_90a) on jax 0.10.2 and 0.11.2 and matches the reference in Mosaic
 GPU's CPU interpreter (with the wgmma stand-in of `_dot`; the ping-pong barrier is skipped
 there, see `_kernel`). On the GPU: right on every check case (H200 2026-12-01; H100
-2026-12-06, where only a 4-consumer override failed, on shared memory, because the check merged
-the new 128-key default under it: fixed since, not re-run). 32K, alpha 0.5, 32 queries, per
+2026-12-06: 19 of 19, and Focus's call with sinks and padded slots, max error 3.2e-3 of the
+largest output; `benchmarks/results/kernels_h100_focus_call.json`). 32K, alpha 0.5, 32 queries, per
 layer, kernel alone, H100 2026-12-06, one process (benchmarks/results/kernels_h100_mgpu_dream.json):
 Dream-7B 25.4 us (1.36 TB/s, 301 TFLOP/s) against the Triton kernel's 35.9. With the four
 changes above undone (XLA merge, 64-key steps, no ping-pong, every step masked) it measured
 36.5 against the Triton kernel's 37.9 in an earlier process. LLaDA-8B's MHA layout: 80.9 us
 (64-key steps) against the Triton kernel's 101.0 in that process; its rounds spread 79-130 us
-(2 layers of buffers, so L2 reuse); 70.7 vs 65.0 on the H200. "auto" does not pick it, and
-Focus would not get the Triton merge: its sinks arrive as `extra_positions`, which this kernel
-does not gather, so they are merged on top in XLA (nor does it skip padded query slots).
+(2 layers of buffers, so L2 reuse); 70.7 vs 65.0 on the H200. "auto" does not pick it. As Focus
+calls it (7 of 32 slots live, 32 sinks deduplicated, per layer with the XLA preparation; H100,
+one process): Dream-7B 28.8 us (27.8 with one consumer) against the Triton kernel's 30.6, but
+the Dream-7B 32K Focus step measured 7.34 ms with it against 7.22 / 7.20 ms
+(`benchmarks/results/e2e_h100_dream_mgpu_focus.json`; a tie with XLA's command buffers off, so
+likely the Mosaic GPU call splits the step's CUDA graphs), so Focus keeps the Triton kernel.
+FA3's intra-warpgroup overlap (softmax under the previous P V wgmma) was built and measured
+slower (34.7 against 28.2 us): ptxas serialises the wgmmas (C7513) because the in-flight P V's
+register A operand gets redefined, see `benchmarks/results/kernels_h100_mgpu_overlap.json`.
 """
 
 from __future__ import annotations
@@ -65,6 +77,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from focus_jax.kernels.sparse import common
+from focus_jax.kernels.sparse.gpu import merge_tile_slots as _merge_tile_slots  # XLA's merge
 from focus_jax.kernels.sparse.gpu import merge_to_output as _merge_to_output  # Triton's merge
 from focus_jax.kernels.sparse.gpu import num_sms  # the device's SM count, shared with Triton's
 
@@ -276,10 +289,13 @@ def _mma_transforms(itemsize: int = 2):
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
-            q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_free, v_free, sched, *,
-            hkv: int, per_head: bool, n_sel: int, seq_len: int, block_size: int,
-            scale: float, p: Plan, dtype, interpreting: bool):
+def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: bool, n_sel: int,
+            seq_len: int, block_size: int, n_extra: int, scale: float, p: Plan, dtype,
+            interpreting: bool):
+  if n_extra:  # the extra tiles' K and V ([B, n_extra * block_size, Hkv, D])
+    xk_ref, xv_ref, *refs = refs
+  (acc_ref, m_ref, l_ref, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_free, v_free,
+   sched) = refs
   bs = block_size
   nw, wg_rows, stages, kb = p.num_wgs, p.wg_rows, p.num_stages, p.kv_blocks
   d = q_smem.shape[-1]
@@ -291,31 +307,42 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
   h = lax.rem(bh, jnp.int32(hkv))
   g = h if per_head else jnp.int32(0)
 
-  # Runtime metadata of this (batch, kv head): count of selected blocks and the three ranges.
+  # Runtime metadata of this (batch, kv head): count of selected blocks, the three ranges, the
+  # valid extra rows (at the front of the extra tiles) and the live query rows.
   count = meta_ref[b, g, 0]
   ps = meta_ref[b, g, 1]
   rs = meta_ref[b, g, 2]
   re = meta_ref[b, g, 3]
+  n_x = meta_ref[b, g, 4]
   resp_first = lax.div(rs, jnp.int32(bs))
   n_resp = jnp.where(re > rs, lax.div(re - 1, jnp.int32(bs)) - resp_first + 1, 0)
-  total = count + n_resp
-  per = lax.div(total + (p.num_splits - 1), jnp.int32(p.num_splits))
+  total = n_extra + count + n_resp  # items: the extra tiles, the selected blocks, the response
+  # Row-tile slots past the live query rows work for the live tiles, as extra KV splits.
+  row_tile, split, n_splits = common.tile_plan(meta_ref[b, g, 5], p.rows_per_program,
+                                                p.row_tiles, rt, sp, p.num_splits)
+  per = lax.div(total + (n_splits - 1), n_splits)
   per = lax.div(per + (kb - 1), jnp.int32(kb)) * kb  # whole steps: only the last split pads
-  lo_item = jnp.minimum(sp * per, total)
+  lo_item = jnp.minimum(split * per, total)
   n_local = jnp.minimum(lo_item + per, total) - lo_item
   n_steps = lax.div(n_local + (kb - 1), jnp.int32(kb))  # kb items per step
 
   def tile(j):
-    """Local item -> (tile start row, first and last+1 key of the item inside the tile)."""
+    """Local item -> (tile start row, first and last+1 key of the item inside the tile, whether
+    the tile comes from the extra rows, whose keys are valid below their count n_x)."""
     i = lo_item + j
-    is_sel = i < count
-    sel_blk = idx_ref[b, g, jnp.minimum(i, n_sel - 1)]
-    blk = jnp.where(is_sel, sel_blk, resp_first + (i - count))
+    i_c = i - n_extra  # index among the cache's items
+    is_sel = i_c < count
+    sel_blk = idx_ref[b, g, jnp.clip(i_c, 0, n_sel - 1)]
+    blk = jnp.where(is_sel, sel_blk, resp_first + (i_c - count))
     start = blk * bs
     lo = jnp.maximum(start, jnp.where(is_sel, ps, rs))
     hi = jnp.minimum(start + bs, jnp.where(is_sel, rs, re))
     w = jnp.minimum(start, seq_len - bs)  # the tile stays inside the cache when S % bs != 0
-    return w, lo, hi
+    if not n_extra:
+      return w, lo, hi, False
+    is_x = i < n_extra
+    return (jnp.where(is_x, i * bs, w), jnp.where(is_x, 0, lo), jnp.where(is_x, n_x, hi),
+            is_x)
 
   def step_tiles(j):
     """Step -> the kb (w, lo, hi) of its items; past the split's last item, that item again with
@@ -323,8 +350,8 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
     out = []
     for h in range(kb):
       jj = j * kb + h
-      w, lo, hi = tile(jnp.minimum(jj, n_local - 1))
-      out.append((w, lo, jnp.where(jj < n_local, hi, lo)))
+      w, lo, hi, is_x = tile(jnp.minimum(jj, n_local - 1))
+      out.append((w, lo, jnp.where(jj < n_local, hi, lo), is_x))
     return out
 
   # FA3's ping-pong: the two consumers meet at `sched` twice a step, so that one's wgmmas run
@@ -341,9 +368,9 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
   def _consumer():
     if p.consumer_regs:
       plgpu.set_max_registers(p.consumer_regs, action="increase")
-    row0 = rt * p.rows_per_program + wg * wg_rows
+    q_row0 = row_tile * p.rows_per_program + wg * wg_rows  # the rows this program works for
     q_tile = q_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, wg_rows)], q_tile, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_row0, wg_rows)], q_tile, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
     c = scale * LOG2E  # m in log2 units: p = exp2(s * c - m), one FMA per score
     # Key offsets within a tile, in the scores' layout. (The interpreter of jax 0.10 has no
@@ -358,10 +385,10 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
     def mask(s, tiles):
       """-inf outside each column block's key range (edge blocks, the split's padding step)."""
       col = iota((wg_rows, kb * bs))
-      w, lo, hi = tiles[0]
+      w, lo, hi, _ = tiles[0]
       pos = w + col
       for hb in range(1, kb):  # column block hb holds item hb of the step
-        w_h, lo_h, hi_h = tiles[hb]
+        w_h, lo_h, hi_h, _ = tiles[hb]
         in_h = col >= hb * bs
         pos = jnp.where(in_h, w_h - hb * bs + col, pos)
         lo = jnp.where(in_h, lo_h, lo)
@@ -394,7 +421,7 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
         s = mask(s, tiles)
       else:  # most steps are whole blocks inside their ranges: no mask to compute
         full = functools.reduce(jnp.logical_and,
-                                [(lo == w) & (hi == w + bs) for w, lo, hi in tiles])
+                                [(lo == w) & (hi == w + bs) for w, lo, hi, _ in tiles])
         s = lax.cond(full, lambda s: s, lambda s: mask(s, tiles), s)
       m_new = jnp.maximum(m, s.max(axis=1) * c)
       alpha = jnp.exp2(m - m_new)
@@ -432,7 +459,7 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
     acc, m, l = lax.fori_loop(0, n_steps, body, (a0, m0, l0))
     if pingpong:
       pl.when(wg == 0)(schedule)
-    rows = pl.ds(row0, wg_rows)
+    rows = pl.ds(rt * p.rows_per_program + wg * wg_rows, wg_rows)  # the slot's copy of them
     acc_ref.at[b, h, sp, rows][...] = acc
     # m back to natural-log units (NEG_INIT where no key was seen), as the merges expect.
     m_ref.at[b, h, sp, rows][...] = jnp.where(l > 0, m * LN2, common.NEG_INIT)
@@ -444,11 +471,18 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
       plgpu.set_max_registers(p.producer_regs, action="decrease")
 
     def fetch(j, slot):
-      for hb, (w, _, _) in enumerate(step_tiles(j)):  # kb copies, kb arrivals per barrier
+      for hb, (w, _, _, is_x) in enumerate(step_tiles(j)):  # kb copies, kb arrivals a barrier
         src = (b, pl.ds(w, bs), h)
         dst = (slot, pl.ds(hb * bs, bs)) if kb > 1 else slot
-        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_ready.at[slot])
+
+        def copy(k_src, v_src, src=src, dst=dst):
+          plgpu.copy_gmem_to_smem(k_src.at[src], k_smem.at[dst], k_ready.at[slot])
+          plgpu.copy_gmem_to_smem(v_src.at[src], v_smem.at[dst], v_ready.at[slot])
+        if n_extra:
+          pl.when(is_x)(lambda: copy(xk_ref, xv_ref))
+          pl.when(~is_x)(lambda: copy(k_ref, v_ref))
+        else:
+          copy(k_ref, v_ref)
 
     for j in range(stages):  # fill the ring
       pl.when(j < n_steps)(functools.partial(fetch, jnp.int32(j), j))
@@ -505,29 +539,28 @@ def interpret_params(interpret: bool | object) -> Any:
 
 def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection,
                    **kwargs) -> common.Partial:
-  """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection.
+  """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection
+  and the `extra` tiles (see `split_partials`).
 
   Same contract and output as `gpu.sparse_partial`: acc [B, Hkv, R, D], m and l [B, Hkv, R],
-  float32, m in natural-log units (NEG_INIT and l = 0 for rows that saw no key); the splits are
-  merged in XLA, for callers that merge further segments on top. Knobs: `split_partials`."""
-  acc, m, l = split_partials(qg, k, v, sel, **kwargs)
-  return common.merge_splits(acc, m, l).first_rows(qg.shape[2])
+  float32, m in natural-log units (NEG_INIT and l = 0 for rows that saw no key); the splits and
+  row-tile slots are merged in XLA, for callers that merge further segments on top. Rows at and
+  past `row_counts` [B] are not computed (their partial is unspecified)."""
+  (acc, m, l), live, block_m = split_partials(qg, k, v, sel, **kwargs)
+  return _merge_tile_slots(acc, m, l, live, block_m).first_rows(qg.shape[2])
 
 
 def sparse_attention(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Selection, *,
                      t: int, hq: int, dtype, return_lse: bool = False,
-                     row_counts: jax.Array | None = None, interpret: bool | object = False,
-                     **kwargs):
+                     interpret: bool | object = False, **kwargs):
   """The whole attention: out [B, T, Hq, D] in `dtype` (and the lse [B, T, Hq] float32), the
   splits merged, normalised and laid out by the Triton kernel's merge (`gpu.merge_to_output`).
   The XLA form of that tail (split merge, m's units, normalise, ungroup, cast: about six small
-  kernels) made a Dream-7B 32K layer 29.0 us against 25.4 (H100, one process). Rows at and past `row_counts` [B] come
-  back as zeros (lse -inf); this kernel still computes them."""
-  acc, m, l = split_partials(qg, k, v, sel, interpret=interpret, **kwargs)
-  rows, bsz = qg.shape[2], qg.shape[0]
-  return _merge_to_output(acc, m, l, common.live_rows(row_counts, bsz, rows),
-                          block_m=acc.shape[3], rows=rows, t=t, hq=hq, dtype=dtype,
-                          return_lse=return_lse,  # the merge is Triton's: plain interpret mode
+  kernels) made a Dream-7B 32K layer 29.0 us against 25.4 (H100, one process). Rows at and past
+  `row_counts` [B] come back as zeros (lse -inf)."""
+  (acc, m, l), live, block_m = split_partials(qg, k, v, sel, interpret=interpret, **kwargs)
+  return _merge_to_output(acc, m, l, live, block_m=block_m, rows=qg.shape[2], t=t, hq=hq,
+                          dtype=dtype, return_lse=return_lse,  # Triton's: plain interpret mode
                           interpret=interpret_params(interpret) is not None)
 
 
@@ -537,11 +570,17 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
                    kv_blocks: int | None = None, producer_regs: int | None = None,
                    pingpong: bool | None = None,
                    mask_full_steps: bool = False, semantics: str | None = None,
-                   approx_math: bool = True,
+                   approx_math: bool = True, row_counts: jax.Array | None = None,
+                   extra: tuple[jax.Array, jax.Array, jax.Array] | None = None,
                    interpret: bool | object = False):
-  """The kernel's unmerged partials: acc [B, Hkv, splits, rows_pad, D], m and l
-  [B, Hkv, splits, rows_pad] float32, m in natural-log units (NEG_INIT and l = 0 for rows that
-  saw no key), rows padded to whole row tiles (zero queries). Knobs: see
+  """The kernel's unmerged partials ((acc [B, Hkv, splits, rows_pad, D], m and l
+  [B, Hkv, splits, rows_pad] float32), live rows [B], rows per program), m in natural-log units
+  (NEG_INIT and l = 0 for rows that saw no key), rows padded to whole row tiles (zero queries).
+  Row-tile slot j holds the partial of live tile j mod n_live (`common.tile_plan`): the slots of
+  rows at and past `row_counts` [B] (padded query slots) work as extra KV splits of the live
+  tiles, as in the Triton kernel; `gpu.merge_to_output` and `gpu.merge_tile_slots` merge them.
+  `extra` (xk, xv [B, E_pad, Hkv, D], counts [B, Hkv]; `common.compact_extra_rows`): more keys,
+  the first counts[b, h] rows of each head, walked as E_pad / block_size more items. Knobs: see
   `plan`; `semantics` picks Mosaic GPU's lowering ("lane": explicit layouts, the default of jax
   0.10; "warpgroup": layouts inferred, the default of jax 0.11; None: the installed jax's
   default, as JAX's own FA3 kernel does); `interpret` runs Mosaic GPU's
@@ -566,20 +605,35 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   if not scale > 0:  # the row max is taken before scaling (one FMA a score): a sign would flip it
     raise ValueError(f"mosaic_gpu needs a positive softmax scale, got {scale}")
   nb = common.num_blocks(s_len, block_size)
-  p = plan(bsz, hkv, rows, d, block_size, n + nb, wg_rows=wg_rows, num_wgs=num_wgs,
+  n_extra = 0
+  if extra is not None:
+    xk, xv, x_counts = extra
+    chex.assert_shape([xk, xv], (bsz, None, hkv, d))
+    chex.assert_shape(x_counts, (bsz, hkv))
+    if xk.shape[1] % block_size or xk.dtype != k.dtype or xv.dtype != k.dtype:
+      raise ValueError(f"extra tiles must be whole blocks of {block_size} rows in {k.dtype}, "
+                       f"got {xk.shape} {xk.dtype} (see common.compact_extra_rows)")
+    n_extra = xk.shape[1] // block_size
+  p = plan(bsz, hkv, rows, d, block_size, n + nb + n_extra, wg_rows=wg_rows, num_wgs=num_wgs,
            num_splits=num_splits, num_stages=num_stages, kv_blocks=kv_blocks,
            producer_regs=producer_regs, pingpong=pingpong, mask_full_steps=mask_full_steps)
   qg = common.pad_query_rows(qg, p.rows_per_program)  # zero queries: finite, dropped later
   idx = sel.indices.astype(jnp.int32)
+  counts = sel.counts.astype(jnp.int32)
   if n == 0:
     idx = jnp.zeros((bsz, g, 1), jnp.int32)
-  meta = jnp.stack([sel.counts,
-                    jnp.broadcast_to(sel.prompt_start[:, None], (bsz, g)),
-                    jnp.broadcast_to(sel.response_start[:, None], (bsz, g)),
-                    jnp.broadcast_to(sel.response_end[:, None], (bsz, g))], axis=-1)
-  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 4))).astype(jnp.int32)  # [B, G, 8]
-  if n == 0:
-    meta = meta.at[..., 0].set(0)
+    counts = jnp.zeros_like(counts)
+  if n_extra and g == 1 < hkv:  # the extra counts are per head: so is the metadata
+    g = hkv
+    idx = jnp.broadcast_to(idx, (bsz, g, idx.shape[2]))
+    counts = jnp.broadcast_to(counts, (bsz, g))
+  live = common.live_rows(row_counts, bsz, rows)
+  per_b = lambda x: jnp.broadcast_to(x.astype(jnp.int32)[:, None], (bsz, g))
+  meta = jnp.stack([counts, per_b(sel.prompt_start), per_b(sel.response_start),
+                    per_b(sel.response_end),
+                    x_counts if n_extra else jnp.zeros((bsz, g), jnp.int32), per_b(live)],
+                   axis=-1)
+  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 2)))  # [B, G, 8]
 
   mma = _mma_transforms(jnp.dtype(qg.dtype).itemsize)
   stages = p.num_stages
@@ -605,9 +659,9 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   )
   interp = interpret_params(interpret)
   body = functools.partial(_kernel, hkv=hkv, per_head=g > 1, n_sel=max(1, n), seq_len=s_len,
-                           block_size=block_size, scale=float(scale), p=p, dtype=qg.dtype,
-                           interpreting=interp is not None)
-  return plgpu.kernel(
+                           block_size=block_size, n_extra=n_extra, scale=float(scale), p=p,
+                           dtype=qg.dtype, interpreting=interp is not None)
+  parts = plgpu.kernel(
       body,
       out_type=out_type,
       scratch_types=scratch,
@@ -617,4 +671,5 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(**params),
       interpret=interp,
-  )(idx, meta, qg, k, v)
+  )(idx, meta, qg, k, v, *((xk, xv) if n_extra else ()))
+  return parts, live, p.rows_per_program
