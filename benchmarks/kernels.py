@@ -7,6 +7,8 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
   waves  the default KV split count (one wave of resident programs) against its neighbours
   live   the kernel and its merge as a Focus step calls it (32 query slots, 7 or 32 live) over
          KV split counts, row tiles and merge forms
+  focus_call  a sparse layer exactly as Focus calls it (32 slots, 7 live, 32 sinks given as
+         cache rows and deduplicated): each GPU kernel checked and timed
   matmul  a cached step's GEMMs (few rows x a large weight): XLA against the weight-streaming
          Pallas kernel over a sweep of its tilings (`kernels/matmul.py`)
   mgpu_dense  the refresh's dense attention at 32K: cuDNN vs JAX's Mosaic GPU (FA3-style) kernel
@@ -148,11 +150,15 @@ def sparse_fn(sa, impl: str, block_size: int, normalized: bool, cfg: dict | None
 
 
 def sparse_layers(sa, impl: str, block_size: int, normalized: bool, cfg: dict | None = None,
-                  query_counts=None):
+                  query_counts=None, sinks=None):
   """(prep, layers): prep runs once per call (outside the timed loop), layers once per iteration.
 
   With `normalized`, the selection is normalised in prep (the kernel alone is timed); otherwise
-  every layer normalises its own selection (end to end). `query_counts` [B]: live queries."""
+  every layer normalises its own selection (end to end). `query_counts` [B]: live queries.
+  `sinks` (positions [B, E], validity [B, E]): extra keys given as cache rows, deduplicated
+  against the selection, as Focus passes its attention sinks."""
+  extra = {} if sinks is None else dict(extra_positions=sinks[0], extra_valid=sinks[1],
+                                         dedup_extra=True)
 
   def prep(idx, cnt, ranges, s_len):
     if normalized:
@@ -166,12 +172,12 @@ def sparse_layers(sa, impl: str, block_size: int, normalized: bool, cfg: dict | 
         o = sa.block_sparse_attention_normalized(q, k, v, sel[0], block_size=block_size,
                                                  implementation=impl, max_response_len=GEN,
                                                  kernel_config=cfg, interpret=SMOKE,
-                                                 query_counts=query_counts)
+                                                 query_counts=query_counts, **extra)
       else:
         o = sa.block_sparse_attention(q, k, v, *sel, block_size=block_size,
                                       implementation=impl, max_response_len=GEN,
                                       kernel_config=cfg, interpret=SMOKE,
-                                      query_counts=query_counts)
+                                      query_counts=query_counts, **extra)
       outs.append(o)
     return outs
   return prep, layers
@@ -420,6 +426,72 @@ def phase_live(sa, block_size: int, live_counts=(7, 32), rounds: int = 2) -> lis
                    us=t * 1e6, tb_s=p["bytes"] / t / 1e12, us_rounds=[x * 1e6 for x in ts])
         print("LIVE", json.dumps(row), flush=True)
         rows.append(row)
+  return rows
+
+
+def focus_call_impls() -> list[tuple[str, dict | None]]:
+  """The kernels a Focus sparse layer can run: the Triton split-KV kernel (the default) and the
+  Mosaic GPU one, with its default tiling and with one consumer (64-row tiles: a step's ~49 live
+  rows of Dream fill one). Smoke: one consumer only, whose interpreted warpgroups (producer and
+  consumer) cannot wait on a third that a 2-core host has not started; it is checked on Dream's
+  layout only, not timed (Mosaic GPU's interpreter runs a layer in seconds: LLaDA's 32 kv heads
+  and the timing loops would take minutes of the CPU suite)."""
+  mosaic = [("mosaic_gpu", dict(num_wgs=1, num_splits=2))] if SMOKE else [
+      ("mosaic_gpu", None), ("mosaic_gpu", dict(num_wgs=1))]
+  return [("pallas_gpu", None)] + mosaic
+
+
+def phase_focus_call(sa, block_size: int, live: int = 7, n_sink: int = 32,
+                     rounds: int = 3) -> list[dict]:
+  """A sparse layer exactly as Focus calls it: 32K, alpha 0.5, 32 query slots of which `live`
+  are live, and `n_sink` sinks given as cache rows (positions, half of them inside kept blocks,
+  deduplicated against the selection). Each implementation of `focus_call_impls` is checked on
+  the first layer against the float32 reference, then timed per layer (interleaved rounds of
+  21-iteration loops, median), both layouts."""
+  import jax
+  import jax.numpy as jnp
+  rows = []
+  for layout in LAYOUTS:
+    p, _ = target_problem(layout, block_size)
+    rng = np.random.default_rng(11)
+    pos = rng.integers(0, TARGET_CTX, (1, n_sink))
+    kept = np.asarray(p["idx"])[0, 0]  # kv head 0's blocks: those sinks are attended twice
+    pos[0, ::2] = np.resize(kept, n_sink // 2) * block_size + rng.integers(0, block_size,
+                                                                    n_sink // 2)
+    sinks = (jnp.asarray(pos, jnp.int32), jnp.ones((1, n_sink), bool))
+    counts = jnp.full((1,), live, jnp.int32)
+    args = (p["q"], p["ks"][0], p["vs"][0], p["idx"], p["cnt"], *p["ranges"])
+    ref = np.asarray(jax.jit(lambda *a: sa.reference_block_sparse_attention(
+        *[x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in a],
+        block_size=block_size, extra_positions=sinks[0], extra_valid=sinks[1], dedup_extra=True,
+        query_counts=counts))(*args), np.float64)
+    over = loop_overhead(p)
+    jobs = []
+    for impl, cfg in focus_call_impls():
+      if SMOKE and impl == "mosaic_gpu" and layout != "dream7b":
+        continue
+      row = dict(layout=layout, live_queries=live, sinks=n_sink, impl=impl, cfg=cfg or "default")
+      try:
+        prep, layers = sparse_layers(sa, impl, block_size, True, cfg, counts, sinks)
+        out = jax.jit(lambda q, k, v, idx, cnt, *r: layers(
+            q, [k], [v], *prep(idx, cnt, r, k.shape[1]))[0])(*args)
+        out = np.asarray(out, np.float64)
+        row["max_rel_err"] = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
+        row["ok"] = bool(np.all(np.isfinite(out)) and row["max_rel_err"] < 2e-2)
+        if not (SMOKE and impl == "mosaic_gpu"):
+          jobs.append((row, _iteration_timer(prep, layers, p, r_hi=2 if SMOKE else 21,
+                                             reps=1 if SMOKE else 7)))
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row.update(ok=False, error=repr(e)[:300])
+      rows.append(row)
+    for _ in range(1 if SMOKE else rounds):
+      for row, timer in jobs:
+        row.setdefault("us_rounds", []).append((timer()[0] - over) / p["layers"] * 1e6)
+    for row, _ in jobs:
+      row.update(us=statistics.median(row["us_rounds"]),
+                 tb_s=p["bytes"] / (statistics.median(row["us_rounds"]) * 1e-6) / 1e12)
+      print("FOCUS_CALL", json.dumps(row), flush=True)
   return rows
 
 
@@ -1119,6 +1191,11 @@ def summary(res: dict) -> None:
       c = c if isinstance(c, str) else " ".join(f"{k[:6]}={int(v)}" for k, v in c.items())
       print(f"tune {r['layout']:8} {r.get('impl', ''):10} {r.get('us', float('nan')):8.1f} us "
             f"{r.get('tb_s', float('nan')):5.2f} TB/s  {c} {r.get('error', '')[:80]}")
+  for r in res.get("focus_call", []):
+    c = r["cfg"] if isinstance(r["cfg"], str) else " ".join(f"{k}={v}" for k, v in r["cfg"].items())
+    err = f"max_rel {r['max_rel_err']:.1e}" if "max_rel_err" in r else r.get("error", "")[:60]
+    print(f"focus_call {r['layout']:8} {r['impl']:10} {c:22} {r.get('us', float('nan')):7.1f} us "
+          f"{'ok' if r['ok'] else 'FAIL'} {err}")
   for r in res.get("matmul", []):
     us, tb = r["us"], r["tb_s"]
     line = " ".join(f"{nm} {us[nm]:.1f} us {tb[nm]:.2f} TB/s" for nm in
@@ -1242,6 +1319,8 @@ def main() -> None:
       res["waves"] = phase_waves(sa, a.block_size)
     elif ph == "live":
       res["live"] = phase_live(sa, a.block_size)
+    elif ph == "focus_call":
+      res["focus_call"] = phase_focus_call(sa, a.block_size)
     elif ph == "relevance":
       res["relevance"] = phase_relevance(a.block_size)
     elif ph == "mass":

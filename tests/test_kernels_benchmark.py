@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("check", "live", "relevance", "waves")
+PHASES = ("check", "live", "relevance", "waves", "focus_call")
 
 
 def test_smoke_phases_run_and_write_their_results(tmp_path):
@@ -28,3 +28,7 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   assert layouts == {(lay, n) for lay in ("llada8b", "dream7b") for n in (7, 32)}
   assert all(row["us"] > 0 for row in res["live"] + res["waves"])
   assert all(row["same_blocks"] for row in res["relevance"])
+  calls = {(row["layout"], row["impl"]) for row in res["focus_call"]}
+  assert calls == {("llada8b", "pallas_gpu"), ("dream7b", "pallas_gpu"), ("dream7b", "mosaic_gpu")}
+  assert all(row["ok"] for row in res["focus_call"]), res["focus_call"]
+  assert all(row["us"] > 0 for row in res["focus_call"] if row["impl"] == "pallas_gpu")
