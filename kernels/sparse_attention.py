@@ -187,12 +187,13 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     why = _mgpu.supported(q.shape, k.shape, q.dtype, block_size)
     if why:
       raise ValueError(f"mosaic_gpu cannot run this: {why}")
-    cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2], n_resp_plan, d=d,
-                               block_size=block_size, **(kernel_config or {}))
+    n_extra_tiles = 0 if extra_positions is None else -(-extra_positions.shape[1] // block_size)
+    cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2] + n_extra_tiles,
+                               n_resp_plan, d=d, block_size=block_size, **(kernel_config or {}))
     fused_merge = cfg.pop("fused_merge", True)
     mgpu_args = dict(block_size=block_size, scale=scale_f, interpret=interpret,
                      row_counts=rows_of(query_counts), **cfg)
-    if extra_positions is not None:  # the sinks: one more tile of K/V rows, valid ones first
+    if extra_positions is not None:  # the sinks: ceil(E / block) more tiles, valid rows first
       mgpu_args["extra"] = common.compact_extra_rows(k, v, extra_positions, extra_valid,
                                                      block_size)
     if fused_merge and extra_k is None:  # nothing to merge on top: Triton's merge finishes

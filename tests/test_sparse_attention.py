@@ -612,20 +612,25 @@ def test_mosaic_gpu_triton_merge_with_live_queries_and_lse_interpreted(case):
   np.testing.assert_allclose(np.asarray(lse)[live], want_lse[live], atol=2e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("e,cfg", [
-    (24, dict(num_splits=2)),  # one sink tile; 2 row tiles of 64 rows
-    (24, dict(num_splits=2, fused_merge=False)),  # XLA merges the row-tile slots
-    # Two sink tiles in one 128-key step. At most num_stages steps a split: the interpreter runs
-    # the 3 warpgroups on a CPU thread pool, and on a 2-core host a producer that waits for both
-    # consumers to free a slot deadlocks with the second consumer not yet started.
-    (70, dict(num_wgs=2, kv_blocks=2, num_splits=2)),
+@pytest.mark.parametrize("e,per_head,cfg", [
+    # One sink tile; 2 row tiles of 64 rows, one split each: a tile whose row-tile slot is dead
+    # gets two splits.
+    (24, True, dict(num_wgs=1, num_splits=1)),
+    (24, True, dict(num_wgs=1, num_splits=1, fused_merge=False)),  # XLA merges the tile slots
+    (40, False, dict(num_wgs=1, num_splits=1)),  # one selection for both heads, per-head sinks
+    # Two sink tiles in one 128-key step, 2 consumers (one row tile of 128 rows). At most
+    # num_stages steps a split: the interpreter runs the 3 warpgroups on a CPU thread pool, and on
+    # a 2-core host a producer that waits for both consumers to free a slot deadlocks with the
+    # second consumer not yet started.
+    (70, True, dict(num_wgs=2, kv_blocks=2, num_splits=2)),
 ])
-def test_mosaic_gpu_sinks_dedup_and_live_row_tiles_interpreted(e, cfg):
+def test_mosaic_gpu_sinks_dedup_and_live_row_tiles_interpreted(e, per_head, cfg):
   # Focus's sparse layer: sinks given as cache rows (per-head validity, some inside kept blocks
   # or the response: dedup_extra drops those), and padded query slots, whose row tiles work
-  # as extra KV splits of the live ones (query counts leave 2, 1 and 1 live tiles of 2).
-  args, bs = make_case(360 + e, b=3, hq=8, hkv=2, t=20, d=64, s=640, bs=64, n=6, extra=False,
-                       dtype=jnp.bfloat16)
+  # as extra KV splits of the live ones (with 64-row tiles, query counts leave 2, 1 and 1 live
+  # tiles of 2).
+  args, bs = make_case(360 + e, b=3, hq=8, hkv=2, t=20, d=64, s=448, bs=64, n=4, extra=False,
+                       dtype=jnp.bfloat16, per_head=per_head)
   q, k, v, idx, cnt, ps, rs, re = args
   rng = np.random.default_rng(e)
   pos = rng.integers(-2, k.shape[1] + 2, (3, e))

@@ -388,8 +388,14 @@ def tile_plan(live_rows, block_m: int, m_tiles: int, tile_slot, split, num_split
   non-negative scalars (lax.div / lax.rem), which Triton and Mosaic GPU both lower."""
   n_live = live_tiles(live_rows, block_m, m_tiles)
   tile = lax.rem(tile_slot, n_live)
-  helpers = lax.div(m_tiles - 1 - tile, n_live) + 1  # slots congruent to `tile`
-  return tile, lax.div(tile_slot, n_live) * num_splits + split, helpers * num_splits
+  return (tile, lax.div(tile_slot, n_live) * num_splits + split,
+          slots_of_tile(tile, n_live, m_tiles) * num_splits)
+
+
+def slots_of_tile(tile, n_live, m_tiles: int):
+  """How many of the m_tiles row-tile slots work for live tile `tile` (< n_live): those
+  congruent to it mod n_live (`tile_plan`); the merges walk them."""
+  return lax.div(m_tiles - 1 - tile, n_live) + 1
 
 
 def compact_extra_rows(k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array,

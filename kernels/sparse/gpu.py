@@ -140,7 +140,7 @@ def _merge_kernel(live_ref, acc_ref, m_ref, l_ref, *out_refs, block_m: int, m_ti
   live_rows = live_ref[0]
   n_live = common.live_tiles(live_rows, block_m, m_tiles)
   tile = r0 // block_m
-  n_slots = jnp.where(tile < n_live, (m_tiles - 1 - tile) // n_live + 1, 0)
+  n_slots = jnp.where(tile < n_live, common.slots_of_tile(tile, n_live, m_tiles), 0)
   runs = _power_of_two_runs(n_splits)
 
   def merge_slot(i, carry):

@@ -11,8 +11,9 @@ Work layout (the same algorithm and partial format as `gpu.sparse_partial`):
 - grid (batch * kv head, row tile, KV split); `num_wgs` consumer warpgroups of `wg_rows` rows
   each stack the G query heads of the kv head (`rows = T * G`, padded to whole row tiles), so
   K/V are read once per row tile and never repeated (GQA).
-- the work items of a (batch, kv head) are its normalised selected blocks, then the blocks
-  covering [response_start, response_end); split `s` walks a contiguous share of them. Block ids
+- the work items of a (batch, kv head) are its extra tiles (below), its normalised selected
+  blocks, then the blocks covering [response_start, response_end); split `s` walks a contiguous
+  share of them. Block ids
   and the ranges are runtime values read from GMEM inside the kernel (no scalar prefetch on
   GPU); the producer turns each into the TMA copy of one [block_size, D] tile of K and of V out
   of the [B, S, Hkv, D] cache (rows Hkv*D elements apart: a strided TMA box). If S is not a
@@ -542,10 +543,11 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   """qg [B, Hkv, R, D] (rows of one kv head), k/v [B, S, Hkv, D] -> partial over the selection
   and the `extra` tiles (see `split_partials`).
 
-  Same contract and output as `gpu.sparse_partial`: acc [B, Hkv, R, D], m and l [B, Hkv, R],
-  float32, m in natural-log units (NEG_INIT and l = 0 for rows that saw no key); the splits and
-  row-tile slots are merged in XLA, for callers that merge further segments on top. Rows at and
-  past `row_counts` [B] are not computed (their partial is unspecified)."""
+  The output of `gpu.sparse_partial` (whose extra keys come as `extra_positions`, where these
+  come as `extra` tiles): acc [B, Hkv, R, D], m and l [B, Hkv, R], float32, m in natural-log
+  units (NEG_INIT and l = 0 for rows that saw no key); the splits and row-tile slots are merged
+  in XLA, for callers that merge further segments on top. Rows at and past `row_counts` [B] are
+  not computed (their partial is unspecified)."""
   (acc, m, l), live, block_m = split_partials(qg, k, v, sel, **kwargs)
   return _merge_tile_slots(acc, m, l, live, block_m).first_rows(qg.shape[2])
 
@@ -631,7 +633,8 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   per_b = lambda x: jnp.broadcast_to(x.astype(jnp.int32)[:, None], (bsz, g))
   meta = jnp.stack([counts, per_b(sel.prompt_start), per_b(sel.response_start),
                     per_b(sel.response_end),
-                    x_counts if n_extra else jnp.zeros((bsz, g), jnp.int32), per_b(live)],
+                    x_counts.astype(jnp.int32) if n_extra else jnp.zeros((bsz, g), jnp.int32),
+                    per_b(live)],
                    axis=-1)
   meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 2)))  # [B, G, 8]
 
