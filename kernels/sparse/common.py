@@ -165,9 +165,14 @@ def check_dedup_extra(dedup_extra: bool, extra_positions) -> None:
     raise ValueError("dedup_extra needs the extra keys as extra_positions (rows of the cache)")
 
 
+def clip_rows(positions: jax.Array, seq_len: int) -> jax.Array:
+  """Extra-key positions as every path reads them: int32, clipped into the cache's rows."""
+  return jnp.clip(positions.astype(jnp.int32), 0, seq_len - 1)
+
+
 def gather_rows(k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Rows `positions` [B, E] (clipped into the cache) of k/v [B, S, Hkv, D] -> [B, E, Hkv, D]."""
-  rows = jnp.clip(positions.astype(jnp.int32), 0, k.shape[1] - 1)[:, :, None, None]
+  rows = clip_rows(positions, k.shape[1])[:, :, None, None]
   return jnp.take_along_axis(k, rows, axis=1), jnp.take_along_axis(v, rows, axis=1)
 
 
@@ -175,7 +180,7 @@ def extra_attended(sel: Selection, positions: jax.Array, block_size: int,
                    seq_len: int) -> jax.Array:
   """[B, G, E] bool: whether the selection already attends the cache row at each extra position
   (inside a selected block and the prompt range, or inside the response range)."""
-  pos = jnp.clip(positions.astype(jnp.int32), 0, seq_len - 1)  # as gather_rows reads them
+  pos = clip_rows(positions, seq_len)  # as gather_rows reads them
   live = jnp.arange(sel.indices.shape[2]) < sel.counts[..., None]  # [B, G, N]
   in_sel = jnp.any((sel.indices[:, :, None, :] == (pos // block_size)[:, None, :, None])
                    & live[:, :, None, :], axis=-1)  # [B, G, E]
@@ -375,6 +380,21 @@ def pad_query_rows(qg: jax.Array, block_m: int) -> jax.Array:
   return jnp.pad(qg, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
 
 
+def kernel_meta(counts: jax.Array, sel: Selection, live: jax.Array,
+                extra_counts: jax.Array | None = None) -> jax.Array:
+  """[B, G, 8] int32, what the GPU kernels read at run time per (batch, selection group):
+  0 the selected-block count (`counts` [B, G]), 1-3 prompt_start, response_start, response_end,
+  4 the live query rows (`live` [B]), 5 the valid extra rows (`extra_counts` [B, G], else 0),
+  6-7 zero."""
+  bsz, g = counts.shape
+  per_b = lambda x: jnp.broadcast_to(x.astype(jnp.int32)[:, None], (bsz, g))
+  extra = jnp.zeros((bsz, g), jnp.int32) if extra_counts is None else extra_counts
+  zero = jnp.zeros((bsz, g), jnp.int32)
+  return jnp.stack([counts.astype(jnp.int32), per_b(sel.prompt_start), per_b(sel.response_start),
+                    per_b(sel.response_end), per_b(live), extra.astype(jnp.int32), zero, zero],
+                   axis=-1)
+
+
 def live_tiles(live_rows, block_m: int, m_tiles: int):
   """Row tiles holding live rows: the first ceil(live_rows / block_m), at least one."""
   return jnp.clip(lax.div(live_rows + (block_m - 1), jnp.int32(block_m)), 1, m_tiles)
@@ -408,7 +428,7 @@ def compact_extra_rows(k: jax.Array, v: jax.Array, positions: jax.Array, valid: 
   hkv = k.shape[2]
   ok = extra_valid_per_head(valid, hkv)  # [B, Hkv, E]
   order = jnp.argsort(~ok, axis=-1, stable=True)  # valid rows first, in their order
-  pos = jnp.clip(positions.astype(jnp.int32), 0, k.shape[1] - 1)
+  pos = clip_rows(positions, k.shape[1])
   pos = jnp.take_along_axis(jnp.broadcast_to(pos[:, None, :], ok.shape), order, axis=-1)
   e_pad = -(-e // tile_rows) * tile_rows
   pos = jnp.pad(pos, ((0, 0), (0, 0), (0, e_pad - e)))  # row 0: masked by the count

@@ -81,7 +81,7 @@ def extra_rows(positions: jax.Array, valid: jax.Array,
   to a power of two >= 16 (a Triton dot's smallest side) with invalid rows."""
   e = positions.shape[1]
   e_pad = max(16, pl.next_power_of_2(e))
-  pos = jnp.clip(positions.astype(jnp.int32), 0, seq_len - 1)
+  pos = common.clip_rows(positions, seq_len)
   ok = (valid[:, None, :] if valid.ndim == 2 else jnp.swapaxes(valid, 1, 2)).astype(jnp.int32)
   if e_pad != e:
     pos = jnp.pad(pos, ((0, 0), (0, e_pad - e)))
@@ -387,12 +387,7 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   if n_pad != n:
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, n_pad - n)), mode="edge")
   live_rows = common.live_rows(row_counts, bsz, rows)
-  meta = jnp.stack([sel.counts,
-                    jnp.broadcast_to(sel.prompt_start[:, None], (bsz, g)),
-                    jnp.broadcast_to(sel.response_start[:, None], (bsz, g)),
-                    jnp.broadcast_to(sel.response_end[:, None], (bsz, g)),
-                    jnp.broadcast_to(live_rows[:, None], (bsz, g))], axis=-1)
-  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 3))).astype(jnp.int32)  # [B, G, 8]
+  meta = common.kernel_meta(sel.counts, sel, live_rows)  # [B, G, 8]
   per_head = g > 1
 
   def gsel(bh):

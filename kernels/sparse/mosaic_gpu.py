@@ -308,18 +308,18 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: b
   h = lax.rem(bh, jnp.int32(hkv))
   g = h if per_head else jnp.int32(0)
 
-  # Runtime metadata of this (batch, kv head): count of selected blocks, the three ranges, the
-  # valid extra rows (at the front of the extra tiles) and the live query rows.
+  # Runtime metadata of this (batch, kv head) (`common.kernel_meta`): count of selected blocks,
+  # the three ranges, the live query rows and the valid extra rows (first in the extra tiles).
   count = meta_ref[b, g, 0]
   ps = meta_ref[b, g, 1]
   rs = meta_ref[b, g, 2]
   re = meta_ref[b, g, 3]
-  n_x = meta_ref[b, g, 4]
+  n_x = meta_ref[b, g, 5]
   resp_first = lax.div(rs, jnp.int32(bs))
   n_resp = jnp.where(re > rs, lax.div(re - 1, jnp.int32(bs)) - resp_first + 1, 0)
   total = n_extra + count + n_resp  # items: the extra tiles, the selected blocks, the response
   # Row-tile slots past the live query rows work for the live tiles, as extra KV splits.
-  row_tile, split, n_splits = common.tile_plan(meta_ref[b, g, 5], p.rows_per_program,
+  row_tile, split, n_splits = common.tile_plan(meta_ref[b, g, 4], p.rows_per_program,
                                                 p.row_tiles, rt, sp, p.num_splits)
   per = lax.div(total + (n_splits - 1), n_splits)
   per = lax.div(per + (kb - 1), jnp.int32(kb)) * kb  # whole steps: only the last split pads
@@ -630,13 +630,7 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
     idx = jnp.broadcast_to(idx, (bsz, g, idx.shape[2]))
     counts = jnp.broadcast_to(counts, (bsz, g))
   live = common.live_rows(row_counts, bsz, rows)
-  per_b = lambda x: jnp.broadcast_to(x.astype(jnp.int32)[:, None], (bsz, g))
-  meta = jnp.stack([counts, per_b(sel.prompt_start), per_b(sel.response_start),
-                    per_b(sel.response_end),
-                    x_counts.astype(jnp.int32) if n_extra else jnp.zeros((bsz, g), jnp.int32),
-                    per_b(live)],
-                   axis=-1)
-  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 2)))  # [B, G, 8]
+  meta = common.kernel_meta(counts, sel, live, x_counts if n_extra else None)  # [B, G, 8]
 
   mma = _mma_transforms(jnp.dtype(qg.dtype).itemsize)
   stages = p.num_stages

@@ -96,11 +96,7 @@ def sparse_partial(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   g, n = sel.indices.shape[1:]
   qg = common.pad_query_rows(qg, block_m)
   rows_pad = qg.shape[2]
-  meta = jnp.stack([sel.counts,
-                    jnp.broadcast_to(sel.prompt_start[:, None], (bsz, g)),
-                    jnp.broadcast_to(sel.response_start[:, None], (bsz, g)),
-                    jnp.broadcast_to(sel.response_end[:, None], (bsz, g))], axis=-1)
-  meta = jnp.pad(meta, ((0, 0), (0, 0), (0, 4))).astype(jnp.int32)
+  meta = common.kernel_meta(sel.counts, sel, common.live_rows(None, bsz, rows))  # reads 0-3
   shape = (bsz, hkv, num_splits, rows_pad)
   acc, m, l = jt.triton_call(
       qg, k, v, sel.indices.astype(jnp.int32), meta,
