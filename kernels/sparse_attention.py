@@ -193,9 +193,8 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     fused_merge = cfg.pop("fused_merge", True)
     mgpu_args = dict(block_size=block_size, scale=scale_f, interpret=interpret,
                      row_counts=rows_of(query_counts), **cfg)
-    if extra_positions is not None:  # the sinks: ceil(E / block) more tiles, valid rows first
-      mgpu_args["extra"] = common.compact_extra_rows(k, v, extra_positions, extra_valid,
-                                                     block_size)
+    if extra_positions is not None:  # the sinks: ceil(E / block) more tiles and a score bias
+      mgpu_args["extra"] = common.extra_tiles(k, v, extra_positions, extra_valid, block_size)
     if fused_merge and extra_k is None:  # nothing to merge on top: Triton's merge finishes
       return _mgpu.sparse_attention(qg, k, v, sel, t=t, hq=hq, dtype=q.dtype,
                                     return_lse=return_lse, **mgpu_args)

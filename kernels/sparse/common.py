@@ -380,19 +380,15 @@ def pad_query_rows(qg: jax.Array, block_m: int) -> jax.Array:
   return jnp.pad(qg, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
 
 
-def kernel_meta(counts: jax.Array, sel: Selection, live: jax.Array,
-                extra_counts: jax.Array | None = None) -> jax.Array:
+def kernel_meta(counts: jax.Array, sel: Selection, live: jax.Array) -> jax.Array:
   """[B, G, 8] int32, what the GPU kernels read at run time per (batch, selection group):
   0 the selected-block count (`counts` [B, G]), 1-3 prompt_start, response_start, response_end,
-  4 the live query rows (`live` [B]), 5 the valid extra rows (`extra_counts` [B, G], else 0),
-  6-7 zero."""
+  4 the live query rows (`live` [B]), 5-7 zero (8 columns: 32-byte rows)."""
   bsz, g = counts.shape
   per_b = lambda x: jnp.broadcast_to(x.astype(jnp.int32)[:, None], (bsz, g))
-  extra = jnp.zeros((bsz, g), jnp.int32) if extra_counts is None else extra_counts
   zero = jnp.zeros((bsz, g), jnp.int32)
   return jnp.stack([counts.astype(jnp.int32), per_b(sel.prompt_start), per_b(sel.response_start),
-                    per_b(sel.response_end), per_b(live), extra.astype(jnp.int32), zero, zero],
-                   axis=-1)
+                    per_b(sel.response_end), per_b(live), zero, zero, zero], axis=-1)
 
 
 def live_tiles(live_rows, block_m: int, m_tiles: int):
@@ -418,22 +414,19 @@ def slots_of_tile(tile, n_live, m_tiles: int):
   return lax.div(m_tiles - 1 - tile, n_live) + 1
 
 
-def compact_extra_rows(k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array,
-                       tile_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Extra keys given as cache rows (Focus's sinks) -> arrays a kernel reads in whole tiles, the
-  valid rows of each kv head first: xk, xv [B, E_pad, Hkv, D] (E_pad: E rounded up to a multiple
-  of `tile_rows`) and counts [B, Hkv] int32, the valid rows per head. `valid` [B, E] or
-  [B, E, Hkv]; so a kernel masks the extra tiles by one count instead of a per-row flag."""
-  bsz, e = positions.shape
+def extra_tiles(k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array,
+                tile_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Extra keys given as cache rows (Focus's sinks) -> arrays a TMA kernel reads in whole tiles:
+  xk, xv [B, E_pad, Hkv, D], the rows at `positions` [B, E] in their order (E_pad: E rounded up
+  to a multiple of `tile_rows`; padding rows read row 0), and bias [B, Hkv, E_pad] float32: 0
+  where a row is valid for that kv head, -inf elsewhere (padding included), which the kernel
+  adds to the scores of its extra columns. `valid` [B, E] or [B, E, Hkv]. One gather per array
+  and one small fusion: no sort to put the valid rows first."""
+  e = positions.shape[1]
   hkv = k.shape[2]
-  ok = extra_valid_per_head(valid, hkv)  # [B, Hkv, E]
-  order = jnp.argsort(~ok, axis=-1, stable=True)  # valid rows first, in their order
-  pos = clip_rows(positions, k.shape[1])
-  pos = jnp.take_along_axis(jnp.broadcast_to(pos[:, None, :], ok.shape), order, axis=-1)
   e_pad = -(-e // tile_rows) * tile_rows
-  pos = jnp.pad(pos, ((0, 0), (0, 0), (0, e_pad - e)))  # row 0: masked by the count
-  bi = jnp.arange(bsz)[:, None, None]
-  hi = jnp.arange(hkv)[None, :, None]
-  xk = jnp.swapaxes(k[bi, pos, hi], 1, 2)  # [B, Hkv, E_pad, D] -> [B, E_pad, Hkv, D]
-  xv = jnp.swapaxes(v[bi, pos, hi], 1, 2)
-  return xk, xv, jnp.sum(ok, axis=-1).astype(jnp.int32)
+  xk, xv = gather_rows(k, v, jnp.pad(positions, ((0, 0), (0, e_pad - e))))
+  ok = extra_valid_per_head(valid, hkv)  # [B, Hkv, E]
+  bias = jnp.where(ok, 0.0, -jnp.inf).astype(jnp.float32)
+  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, e_pad - e)), constant_values=-jnp.inf)
+  return xk, xv, bias

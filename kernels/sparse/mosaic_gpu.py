@@ -19,9 +19,10 @@ Work layout (the same algorithm and partial format as `gpu.sparse_partial`):
   of the [B, S, Hkv, D] cache (rows Hkv*D elements apart: a strided TMA box). If S is not a
   multiple of the block size, the last tile is shifted back inside the cache and masked, as in
   the Triton kernel (TMA needs the row offset to be a multiple of 8, hence S % 8 == 0).
-- extra keys (Focus's sinks, `extra`): XLA gathers them per kv head, the valid ones first
-  (`common.compact_extra_rows`), into whole [block_size, D] tiles that come first in the item
-  list, masked past their count; the tile's TMA reads that array instead of the cache.
+- extra keys (Focus's sinks, `extra`): XLA gathers their rows (`common.extra_tiles`) into whole
+  [block_size, D] tiles that come first in the item list; the tile's TMA reads that array
+  instead of the cache, and a per-head score bias (0 or -inf a row, loaded per masked step)
+  masks the rows a head must not count (invalid for it, or already in its kept blocks).
 - padded query slots: a program whose row tile holds no live row (`row_counts`) works for a live
   tile, as extra KV splits of it (`common.tile_plan`, the Triton kernel's scheme); its partial
   goes to its own slot's rows, which the merges read.
@@ -55,10 +56,12 @@ changes above undone (XLA merge, 64-key steps, no ping-pong, every step masked) 
 (64-key steps) against the Triton kernel's 101.0 in that process; its rounds spread 79-130 us
 (2 layers of buffers, so L2 reuse); 70.7 vs 65.0 on the H200. "auto" does not pick it. As Focus
 calls it (7 of 32 slots live, 32 sinks deduplicated, per layer with the XLA preparation; H100,
-one process): Dream-7B 28.8 us (27.8 with one consumer) against the Triton kernel's 30.6, but
-the Dream-7B 32K Focus step measured 7.34 ms with it against 7.22 / 7.20 ms
-(`benchmarks/results/e2e_h100_dream_mgpu_focus.json`; a tie with XLA's command buffers off, so
-likely the Mosaic GPU call splits the step's CUDA graphs), so Focus keeps the Triton kernel.
+one process): Dream-7B 29.5 us (28.7 with one consumer) against the Triton kernel's 30.7
+(`benchmarks/results/kernels_h100_focus_call_bias.json`), and the Dream-7B 32K Focus step ties,
+7.33 against 7.32 ms (`e2e_h100_dream_mgpu_bias.json`): in the step the kernel plus its merge
+take 25.1 us a layer against Triton's 29.2, but the sinks' XLA preparation (gather, dedup,
+bias: 4 small kernels) adds 5.9 (`profile_step_h100_dream_mgpu_bias.json`). So Focus keeps the
+Triton kernel, which gathers and deduplicates the sinks itself.
 FA3's intra-warpgroup overlap (softmax under the previous P V wgmma) was built and measured
 slower (34.7 against 28.2 us): ptxas serialises the wgmmas (C7513) because the in-flight P V's
 register A operand gets redefined, see `benchmarks/results/kernels_h100_mgpu_overlap.json`.
@@ -293,8 +296,8 @@ def _mma_transforms(itemsize: int = 2):
 def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: bool, n_sel: int,
             seq_len: int, block_size: int, n_extra: int, scale: float, p: Plan, dtype,
             interpreting: bool):
-  if n_extra:  # the extra tiles' K and V ([B, n_extra * block_size, Hkv, D])
-    xk_ref, xv_ref, *refs = refs
+  if n_extra:  # the extra tiles' K and V ([B, n_extra * block_size, Hkv, D]) and score bias
+    xk_ref, xv_ref, xbias_ref, *refs = refs
   (acc_ref, m_ref, l_ref, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_free, v_free,
    sched) = refs
   bs = block_size
@@ -309,12 +312,11 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: b
   g = h if per_head else jnp.int32(0)
 
   # Runtime metadata of this (batch, kv head) (`common.kernel_meta`): count of selected blocks,
-  # the three ranges, the live query rows and the valid extra rows (first in the extra tiles).
+  # the three ranges and the live query rows.
   count = meta_ref[b, g, 0]
   ps = meta_ref[b, g, 1]
   rs = meta_ref[b, g, 2]
   re = meta_ref[b, g, 3]
-  n_x = meta_ref[b, g, 5]
   resp_first = lax.div(rs, jnp.int32(bs))
   n_resp = jnp.where(re > rs, lax.div(re - 1, jnp.int32(bs)) - resp_first + 1, 0)
   total = n_extra + count + n_resp  # items: the extra tiles, the selected blocks, the response
@@ -329,7 +331,7 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: b
 
   def tile(j):
     """Local item -> (tile start row, first and last+1 key of the item inside the tile, whether
-    the tile comes from the extra rows, whose keys are valid below their count n_x)."""
+    the tile comes from the extra rows, whose keys the score bias masks per row)."""
     i = lo_item + j
     i_c = i - n_extra  # index among the cache's items
     is_sel = i_c < count
@@ -340,10 +342,11 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: b
     hi = jnp.minimum(start + bs, jnp.where(is_sel, rs, re))
     w = jnp.minimum(start, seq_len - bs)  # the tile stays inside the cache when S % bs != 0
     if not n_extra:
-      return w, lo, hi, False
+      return w, lo, hi, None
     is_x = i < n_extra
-    return (jnp.where(is_x, i * bs, w), jnp.where(is_x, 0, lo), jnp.where(is_x, n_x, hi),
-            is_x)
+    x_row = i * bs
+    return (jnp.where(is_x, x_row, w), jnp.where(is_x, x_row, lo),
+            jnp.where(is_x, x_row + bs, hi), is_x)
 
   def step_tiles(j):
     """Step -> the kb (w, lo, hi) of its items; past the split's last item, that item again with
@@ -379,14 +382,18 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: b
     if interpreting:
       iota = lambda shape: lax.broadcasted_iota(jnp.int32, shape, 1)
       cast = lambda x, _: x
+      load_cols = lambda ref: ref[...]
     else:
       iota = lambda shape: plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
       cast = plgpu.layout_cast
+      load_cols = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0),
+                                         optimized=False)  # plain loads: GMEM (L2), 2 a thread
 
     def mask(s, tiles):
-      """-inf outside each column block's key range (edge blocks, the split's padding step)."""
+      """-inf outside each column block's key range (edge blocks, the split's padding step), and
+      the extra tiles' score bias (-inf on rows not valid for this head)."""
       col = iota((wg_rows, kb * bs))
-      w, lo, hi, _ = tiles[0]
+      w, lo, hi, is_x = tiles[0]
       pos = w + col
       for hb in range(1, kb):  # column block hb holds item hb of the step
         w_h, lo_h, hi_h, _ = tiles[hb]
@@ -394,7 +401,15 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: b
         pos = jnp.where(in_h, w_h - hb * bs + col, pos)
         lo = jnp.where(in_h, lo_h, lo)
         hi = jnp.where(in_h, hi_h, hi)
-      return jnp.where((pos >= lo) & (pos < hi), s, -jnp.inf)
+      s = jnp.where((pos >= lo) & (pos < hi), s, -jnp.inf)
+      if n_extra:  # extra items come first, so a step's extra blocks start at column 0 and
+        # their bias rows are consecutive from the first one's (the bias is padded for kb > 1)
+        bias = load_cols(xbias_ref.at[b, h, pl.ds(jnp.where(is_x, w, 0), kb * bs)])
+        x_cols = is_x & (pos >= 0)  # column block 0 is extra, or no block is
+        for hb in range(1, kb):
+          x_cols = jnp.where(col >= hb * bs, tiles[hb][3], x_cols)
+        s = jnp.where(x_cols, s + lax.broadcast_in_dim(bias, s.shape, [1]), s)
+      return s
 
     @pl.when(n_steps > 0)
     def _():
@@ -422,7 +437,8 @@ def _kernel(idx_ref, meta_ref, q_ref, k_ref, v_ref, *refs, hkv: int, per_head: b
         s = mask(s, tiles)
       else:  # most steps are whole blocks inside their ranges: no mask to compute
         full = functools.reduce(jnp.logical_and,
-                                [(lo == w) & (hi == w + bs) for w, lo, hi, _ in tiles])
+                                [(lo == w) & (hi == w + bs) & (True if is_x is None else ~is_x)
+                                 for w, lo, hi, is_x in tiles])
         s = lax.cond(full, lambda s: s, lambda s: mask(s, tiles), s)
       m_new = jnp.maximum(m, s.max(axis=1) * c)
       alpha = jnp.exp2(m - m_new)
@@ -581,9 +597,9 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   Row-tile slot j holds the partial of live tile j mod n_live (`common.tile_plan`): the slots of
   rows at and past `row_counts` [B] (padded query slots) work as extra KV splits of the live
   tiles, as in the Triton kernel; `gpu.merge_to_output` and `gpu.merge_tile_slots` merge them.
-  `extra` (xk, xv [B, E_pad, Hkv, D], counts [B, Hkv]; `common.compact_extra_rows`): more keys,
-  the first counts[b, h] rows of each head, walked as E_pad / block_size more items. Knobs: see
-  `plan`; `semantics` picks Mosaic GPU's lowering ("lane": explicit layouts, the default of jax
+  `extra` (xk, xv [B, E_pad, Hkv, D], bias [B, Hkv, E_pad] float32; `common.extra_tiles`): more
+  keys, walked as E_pad / block_size more items, whose scores get the bias (-inf masks a row).
+  Knobs: see `plan`; `semantics` picks Mosaic GPU's lowering ("lane": explicit layouts, the default of jax
   0.10; "warpgroup": layouts inferred, the default of jax 0.11; None: the installed jax's
   default, as JAX's own FA3 kernel does); `interpret` runs Mosaic GPU's
   interpreter (True or an InterpretGPUParams) on the CPU.
@@ -609,12 +625,12 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   nb = common.num_blocks(s_len, block_size)
   n_extra = 0
   if extra is not None:
-    xk, xv, x_counts = extra
+    xk, xv, x_bias = extra
     chex.assert_shape([xk, xv], (bsz, None, hkv, d))
-    chex.assert_shape(x_counts, (bsz, hkv))
+    chex.assert_shape(x_bias, (bsz, hkv, xk.shape[1]))
     if xk.shape[1] % block_size or xk.dtype != k.dtype or xv.dtype != k.dtype:
       raise ValueError(f"extra tiles must be whole blocks of {block_size} rows in {k.dtype}, "
-                       f"got {xk.shape} {xk.dtype} (see common.compact_extra_rows)")
+                       f"got {xk.shape} {xk.dtype} (see common.extra_tiles)")
     n_extra = xk.shape[1] // block_size
   p = plan(bsz, hkv, rows, d, block_size, n + nb + n_extra, wg_rows=wg_rows, num_wgs=num_wgs,
            num_splits=num_splits, num_stages=num_stages, kv_blocks=kv_blocks,
@@ -625,12 +641,12 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   if n == 0:
     idx = jnp.zeros((bsz, g, 1), jnp.int32)
     counts = jnp.zeros_like(counts)
-  if n_extra and g == 1 < hkv:  # the extra counts are per head: so is the metadata
-    g = hkv
-    idx = jnp.broadcast_to(idx, (bsz, g, idx.shape[2]))
-    counts = jnp.broadcast_to(counts, (bsz, g))
   live = common.live_rows(row_counts, bsz, rows)
-  meta = common.kernel_meta(counts, sel, live, x_counts if n_extra else None)  # [B, G, 8]
+  meta = common.kernel_meta(counts, sel, live)  # [B, G, 8]
+  if n_extra:  # a step's bias load reads kv_blocks tiles from its first extra one
+    x_bias = jnp.pad(x_bias.astype(jnp.float32),
+                     ((0, 0), (0, 0), (0, (p.kv_blocks - 1) * block_size)),
+                     constant_values=-jnp.inf)
 
   mma = _mma_transforms(jnp.dtype(qg.dtype).itemsize)
   stages = p.num_stages
@@ -668,5 +684,5 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(**params),
       interpret=interp,
-  )(idx, meta, qg, k, v, *((xk, xv) if n_extra else ()))
+  )(idx, meta, qg, k, v, *((xk, xv, x_bias) if n_extra else ()))
   return parts, live, p.rows_per_program
