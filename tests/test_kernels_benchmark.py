@@ -5,6 +5,7 @@ the benchmark broken until the next GPU session)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,13 +23,18 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   (name,) = os.listdir(tmp_path)
   with open(tmp_path / name) as f:
     res = json.load(f)
-  assert all(res[phase] for phase in PHASES)
+  assert all(res[phase] for phase in PHASES), res
   assert all(row["ok"] for row in res["check"]), res["check"]
   layouts = {(row["layout"], row["live_queries"]) for row in res["live"]}
-  assert layouts == {(lay, n) for lay in ("llada8b", "dream7b") for n in (7, 32)}
-  assert all(row["us"] > 0 for row in res["live"] + res["waves"])
-  assert all(row["same_blocks"] for row in res["relevance"])
+  assert layouts == {(lay, n) for lay in ("llada8b", "dream7b") for n in (7, 32)}, res["live"]
+  # Timed, but in interpret mode on a CPU that other tests share: t(2 iterations) - t(1) minus
+  # the loop's overhead can come out negative there, so the number only has to exist.
+  assert all(math.isfinite(row["us"]) for row in res["live"] + res["waves"]), (res["live"],
+                                                                              res["waves"])
+  assert all(row["same_blocks"] for row in res["relevance"]), res["relevance"]
   calls = {(row["layout"], row["impl"]) for row in res["focus_call"]}
-  assert calls == {("llada8b", "pallas_gpu"), ("dream7b", "pallas_gpu"), ("dream7b", "mosaic_gpu")}
+  assert calls == {("llada8b", "pallas_gpu"), ("dream7b", "pallas_gpu"),
+                   ("dream7b", "mosaic_gpu")}, res["focus_call"]
   assert all(row["ok"] for row in res["focus_call"]), res["focus_call"]
-  assert all(row["us"] > 0 for row in res["focus_call"] if row["impl"] == "pallas_gpu")
+  assert all(math.isfinite(row["us"]) for row in res["focus_call"]
+             if row["impl"] == "pallas_gpu"), res["focus_call"]
