@@ -618,7 +618,9 @@ def test_mosaic_gpu_triton_merge_with_live_queries_and_lse_interpreted(case):
     # gets two splits.
     (24, True, dict(num_wgs=1, num_splits=1)),
     (24, True, dict(num_wgs=1, num_splits=1, fused_merge=False)),  # XLA merges the tile slots
-    (40, False, dict(num_wgs=1, num_splits=1)),  # one selection for both heads, per-head sinks
+    # One selection for both heads, per-head sinks; 128-key steps: the sink tile and a cache
+    # block share a step (the bias covers the first column block only).
+    (40, False, dict(num_wgs=1, num_splits=1, kv_blocks=2)),
     # Two sink tiles in one 128-key step, 2 consumers (one row tile of 128 rows). At most
     # num_stages steps a split: the interpreter runs the 3 warpgroups on a CPU thread pool, and on
     # a 2-core host a producer that waits for both consumers to free a slot deadlocks with the
