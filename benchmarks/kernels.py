@@ -438,8 +438,9 @@ def focus_call_impls() -> list[tuple[str, dict | None]]:
   Mosaic GPU one, with its default tiling and with one consumer (64-row tiles: a step's ~49 live
   rows of Dream fill one). Smoke: one consumer and one split only (one consumer: interpreted
   warpgroups cannot wait on a third that a 2-core host has not started; one split: the
-  interpreter's time grows with the programs); it is checked on Dream's layout only, not timed (Mosaic GPU's interpreter runs a layer in seconds: LLaDA's 32 kv heads
-  and the timing loops would take minutes of the CPU suite)."""
+  interpreter's time grows with the programs); it is checked on Dream's layout only, not timed
+  (Mosaic GPU's interpreter runs a layer in seconds: LLaDA's 32 kv heads and the timing loops
+  would take minutes of the CPU suite)."""
   mosaic = [("mosaic_gpu", dict(num_wgs=1, num_splits=1))] if SMOKE else [
       ("mosaic_gpu", None), ("mosaic_gpu", dict(num_wgs=1))]
   return [("pallas_gpu", None)] + mosaic

@@ -187,14 +187,15 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
     why = _mgpu.supported(q.shape, k.shape, q.dtype, block_size)
     if why:
       raise ValueError(f"mosaic_gpu cannot run this: {why}")
-    n_extra_tiles = 0 if extra_positions is None else -(-extra_positions.shape[1] // block_size)
+    # The sinks: ceil(E / block) more tiles (planned as items) and a score bias.
+    extra = (None if extra_positions is None else
+             common.extra_tiles(k, v, extra_positions, extra_valid, block_size))
+    n_extra_tiles = 0 if extra is None else extra[0].shape[1] // block_size
     cfg = _mgpu.default_config(bsz, hkv, qg.shape[2], sel.indices.shape[2] + n_extra_tiles,
                                n_resp_plan, d=d, block_size=block_size, **(kernel_config or {}))
     fused_merge = cfg.pop("fused_merge", True)
     mgpu_args = dict(block_size=block_size, scale=scale_f, interpret=interpret,
-                     row_counts=rows_of(query_counts), **cfg)
-    if extra_positions is not None:  # the sinks: ceil(E / block) more tiles and a score bias
-      mgpu_args["extra"] = common.extra_tiles(k, v, extra_positions, extra_valid, block_size)
+                     row_counts=rows_of(query_counts), extra=extra, **cfg)
     if fused_merge and extra_k is None:  # nothing to merge on top: Triton's merge finishes
       return _mgpu.sparse_attention(qg, k, v, sel, t=t, hq=hq, dtype=q.dtype,
                                     return_lse=return_lse, **mgpu_args)

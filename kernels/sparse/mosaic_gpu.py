@@ -599,9 +599,9 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   tiles, as in the Triton kernel; `gpu.merge_to_output` and `gpu.merge_tile_slots` merge them.
   `extra` (xk, xv [B, E_pad, Hkv, D], bias [B, Hkv, E_pad] float32; `common.extra_tiles`): more
   keys, walked as E_pad / block_size more items, whose scores get the bias (-inf masks a row).
-  Knobs: see `plan`; `semantics` picks Mosaic GPU's lowering ("lane": explicit layouts, the default of jax
-  0.10; "warpgroup": layouts inferred, the default of jax 0.11; None: the installed jax's
-  default, as JAX's own FA3 kernel does); `interpret` runs Mosaic GPU's
+  Knobs: see `plan`; `semantics` picks Mosaic GPU's lowering ("lane": explicit layouts, the
+  default of jax 0.10; "warpgroup": layouts inferred, the default of jax 0.11; None: the
+  installed jax's default, as JAX's own FA3 kernel does); `interpret` runs Mosaic GPU's
   interpreter (True or an InterpretGPUParams) on the CPU.
   """
   chex.assert_rank([qg, k, v], 4)
