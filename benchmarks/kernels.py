@@ -664,9 +664,9 @@ def phase_mass(rounds: int = 3) -> list[dict]:
 
 
 MATMUL_SHAPES = {  # (K, N) of a cached step's GEMMs; "swiglu": silu(x @ gate) * (x @ up)
-    "llada8b": dict(q_o=(4096, 4096), swiglu=(4096, 12288), gate_up=(4096, 12288),
-                    down=(12288, 4096), lm_head=(4096, 126464)),
-    "dream7b": dict(q_o=(3584, 3584), k_v=(3584, 512), swiglu=(3584, 18944),
+    "llada8b": dict(q_o=(4096, 4096), qkv=(4096, 12288), swiglu=(4096, 12288),
+                    gate_up=(4096, 12288), down=(12288, 4096), lm_head=(4096, 126464)),
+    "dream7b": dict(q_o=(3584, 3584), k_v=(3584, 512), qkv=(3584, 4608), swiglu=(3584, 18944),
                     down=(18944, 3584), lm_head=(3584, 152064)),
 }
 MATMUL_TILES = ((64, 128), (64, 256), (64, 512), (128, 64), (128, 128), (128, 256), (256, 64),
@@ -683,7 +683,7 @@ def matmul_tilings(k: int, n: int, swiglu: bool):
 
 
 def phase_matmul(rows: int = 32, impls=("xla", "pallas"), label: str = "", rounds: int = 2,
-                 layouts=None):
+                 layouts=None, gemms=None):
   """The GEMMs of a cached step (`kernels/matmul.py`): `rows` x K times K x N, bf16, and the
   SwiGLU up-projection (two such weights, silu(gate) * up).
 
@@ -701,7 +701,7 @@ def phase_matmul(rows: int = 32, impls=("xla", "pallas"), label: str = "", round
   from focus_jax.kernels import matmul as mm
   out = []
   shapes = [(lay, name, kn) for lay, d in MATMUL_SHAPES.items() for name, kn in d.items()
-            if layouts is None or lay in layouts]
+            if (layouts is None or lay in layouts) and (gemms is None or name in gemms)]
   if SMOKE:
     shapes = [("tiny", "square", (512, 256)), ("tiny", "swiglu", (512, 256))]
   for layout, name, (k, n) in shapes:
@@ -1281,6 +1281,8 @@ def main() -> None:
                   help="mgpu_sparse, matmul: comma-separated layouts to time (default: all)")
   ap.add_argument("--matmul-impls", default="xla,pallas",
                   help="matmul: among xla, pallas")
+  ap.add_argument("--matmul-gemms", default=None,
+                  help="matmul: comma-separated GEMMs to time (q_o, qkv, swiglu, ...; default: all)")
   ap.add_argument("--matmul-label", default="",
                   help="matmul: recorded with each row (e.g. the XLA_FLAGS of the run)")
   a = ap.parse_args()
@@ -1334,7 +1336,8 @@ def main() -> None:
       res["mass"] = phase_mass()
     elif ph == "matmul":
       res["matmul"] = phase_matmul(impls=a.matmul_impls.split(","), label=a.matmul_label,
-                                   layouts=a.mgpu_layouts and a.mgpu_layouts.split(","))
+                                   layouts=a.mgpu_layouts and a.mgpu_layouts.split(","),
+                                   gemms=a.matmul_gemms and a.matmul_gemms.split(","))
     elif ph == "mgpu_dense":
       res["mgpu_dense"] = phase_mgpu_dense()
     elif ph == "mgpu_sparse":
