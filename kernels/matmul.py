@@ -30,6 +30,12 @@ that replace them cost more than the streaming gains. Streaming only the SwiGLU
 comparisons of that step, by 0.06-0.33 ms (6.04 against 6.36 ms in the latest,
 `e2e_h200_ab_session3.json`), so the LLaDA configs use "auto". For Dream-7B it loses (6.07
 against 5.81 ms): the model default stays "xla".
+
+A layer's fused q|k|v weight (`fused_qkv`), H100, 2026-12-06 (`kernels_h100_matmul_qkv.json`):
+alone, LLaDA-8B's [4096, 12288] streams in 41.6 us against XLA's 48.0; Dream-7B's [3584, 4608]
+in 18.6 against 18.0. Streaming it with the SwiGLU left LLaDA-8B's Focus step unchanged (7.71 /
+7.88 against 7.69 / 7.80 ms at 8K, `e2e_h100_llada_qkv_streamed.json`), so only "pallas_gpu"
+(every projection) streams it.
 """
 
 from __future__ import annotations
