@@ -630,19 +630,18 @@ def test_mosaic_gpu_triton_merge_with_live_queries_and_lse_interpreted(case):
 def test_mosaic_gpu_sinks_dedup_and_live_row_tiles_interpreted(e, per_head, cfg):
   # Focus's sparse layer: sinks given as cache rows (per-head validity, some inside kept blocks
   # or the response: dedup_extra drops those), and padded query slots, whose row tiles work
-  # as extra KV splits of the live ones (with 64-row tiles, query counts leave 1 and 0 live
-  # tiles of 2; two live tiles are the plain case of the tests above). Batch 2: the interpreter's
-  # time grows with the programs.
-  args, bs = make_case(360 + e, b=2, hq=8, hkv=2, t=20, d=64, s=448, bs=64, n=4, extra=False,
+  # as extra KV splits of the live ones (with 64-row tiles, query counts leave 2, 1 and 0 live
+  # tiles of 2).
+  args, bs = make_case(360 + e, b=3, hq=8, hkv=2, t=20, d=64, s=448, bs=64, n=4, extra=False,
                        dtype=jnp.bfloat16, per_head=per_head)
   q, k, v, idx, cnt, ps, rs, re = args
   rng = np.random.default_rng(e)
-  pos = rng.integers(-2, k.shape[1] + 2, (2, e))
+  pos = rng.integers(-2, k.shape[1] + 2, (3, e))
   pos[:, 0] = np.asarray(rs)  # in the response: counted once, there
   pos[:, 1] = np.asarray(idx)[:, 0, 0] * bs + 3  # inside a block head 0 may keep
-  valid = jnp.asarray(rng.random((2, e, 2)) < 0.7)
+  valid = jnp.asarray(rng.random((3, e, 2)) < 0.7)
   pos = jnp.asarray(pos, jnp.int32)
-  counts = jnp.asarray([5, 0], jnp.int32)  # live rows 20 and 0 of 80
+  counts = jnp.asarray([20, 5, 0], jnp.int32)  # live rows 80, 20 and 0 of 80
   up = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
   want = np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs, dedup_extra=True)(
       *up, extra_valid=valid, extra_positions=pos, query_counts=counts))
@@ -652,7 +651,7 @@ def test_mosaic_gpu_sinks_dedup_and_live_row_tiles_interpreted(e, per_head, cfg)
                                query_counts=counts)
   assert not _mgpu_races_found()
   got = np.asarray(got, np.float32)
-  assert np.all(got[1] == 0.0) and np.all(got[0, 5:] == 0.0)
+  assert np.all(got[2] == 0.0) and np.all(got[1, 5:] == 0.0)
   assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
   no_sinks = np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs)(
       *up, query_counts=counts))
