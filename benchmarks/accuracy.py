@@ -66,6 +66,10 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
     # refresh (1/4 of a 1K prompt, 1/32 of 8K: the 2048 of a 32K run is 1/16).
     economy["local_prompt"] = {"refresh_prompt_window": LOCAL_PROMPT_WINDOW,
                                "refresh_prompt_globals": 64}
+  if "fp8_attention" in fields:
+    # The refresh's attention in fp8. The accuracy batches are padded, which cuDNN's fp8 kernel
+    # cannot mask: every backend runs the XLA emulation of its quantisation here.
+    economy["fp8_refresh"] = {"refresh_fp8_attention": True, "attention_impl": "xla"}
   for name, opts in economy.items():
     out[f"dual_cache+{name}"] = ("dual_cache", opts)
   for name, opts in economy.items():

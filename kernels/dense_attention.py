@@ -11,6 +11,14 @@
 
 `implementation` is "auto", "xla", "cudnn" or "splash"; "auto" picks by backend, dtype and shape.
 Rows whose keys are all masked are unspecified except on the XLA path (uniform over the keys).
+
+`fp8=True` runs the attention in float8 e4m3 with per-tensor scales (a refresh-economy option:
+the refresh is compute-bound, and Hopper's fp8 tensor cores do twice the bf16 rate). On a GPU it
+is cuDNN's fp8 flash attention (through JAX's private cuDNN module: jax has no public fp8
+entry point); elsewhere, or with implementation "xla", `xla_fp8_attention`, an emulation of the
+same quantisation points (q, k, v, the softmax numerators and the output), which the tests and
+the accuracy runs of padded batches use. cuDNN's fp8 attention takes no padding mask: a padded
+batch on it is refused with the ways out named.
 """
 
 from __future__ import annotations
@@ -23,6 +31,12 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128
+
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value: per-tensor scales map |x|max onto it
+# Softmax numerators exp(s - running max) lie in (0, 1]; cuDNN quantises them times this scale.
+FP8_PROBS_SCALE = FP8_MAX
 
 
 def _splash_fits(q: jax.Array, k: jax.Array) -> bool:
@@ -116,8 +130,102 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
 
+def quantize_fp8(x: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """x [B, T, ...] -> (x * scale in e4m3, 1 / scale) with scale = FP8_MAX / max|x| (per tensor,
+  float32). With `valid` [B, T], invalid positions become 0: only valid ones set the scale (a
+  pad row must not cost the real ones precision, nor overflow e4m3 into NaN)."""
+  if valid is not None:
+    x = jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, 0)
+  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+  scale = FP8_MAX / jnp.maximum(amax, jnp.finfo(jnp.float32).tiny)
+  return (x.astype(jnp.float32) * scale).astype(FP8), 1.0 / scale
+
+
+def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      key_valid: jax.Array | None = None,
+                      query_valid: jax.Array | None = None, query_chunk: int = 512) -> jax.Array:
+  """The fp8 attention's arithmetic in XLA: q, k, v in e4m3 with per-tensor scales, float32
+  logits and row sums, the softmax numerators (under the exact row max) in e4m3 times
+  FP8_PROBS_SCALE, float32 accumulation, and the output rounded to e4m3 on the scale that maps
+  max|v| (its bound) onto FP8_MAX. cuDNN's running max makes its numerators differ slightly.
+
+  Masks as `xla_attention`'s. Queries go `query_chunk` at a time, so the float32 logits stay at
+  [B, Hq, query_chunk, S] (an 8K accuracy batch would otherwise need tens of GB). Masked
+  positions do not set the scales."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  (q8, dq) = quantize_fp8(q, query_valid)
+  (k8, dk), (v8, dv) = quantize_fp8(k, key_valid), quantize_fp8(v, key_valid)
+  k32, v32 = k8.astype(jnp.float32), v8.astype(jnp.float32)
+  logit_scale = dq * dk / jnp.sqrt(jnp.float32(d))
+  out_scale = 1.0 / dv  # = FP8_MAX / max|v|, which bounds |out|
+
+  def rows(q_rows, q_ok):  # [B, C, Hq, D], [B, C] -> [B, C, Hq, D] float32
+    c = q_rows.shape[1]
+    qg = q_rows.astype(jnp.float32).reshape(b, c, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k32,
+                        precision=jax.lax.Precision.HIGHEST) * logit_scale
+    if key_valid is not None:
+      scores = jnp.where(key_valid[:, None, None, None, :], scores, MASK_VALUE)
+    scores = jnp.where(q_ok[:, None, None, :, None], scores, MASK_VALUE)
+    numerators = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    row_sum = jnp.sum(numerators, axis=-1)
+    p8 = (numerators * FP8_PROBS_SCALE).astype(FP8).astype(jnp.float32)
+    out = jnp.einsum("bkgts,bskd->btkgd", p8, v32, precision=jax.lax.Precision.HIGHEST)
+    out = out * (dv / FP8_PROBS_SCALE) / jnp.moveaxis(row_sum, -1, 1)[..., None]
+    out = (out * out_scale).astype(FP8).astype(jnp.float32) / out_scale
+    return out.reshape(b, c, hq, d)
+
+  q_ok = jnp.ones((b, t), bool) if query_valid is None else query_valid
+  chunk = min(query_chunk, t)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  q8 = jnp.pad(q8, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q_ok = jnp.pad(q_ok, ((0, 0), (0, pad)))
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda a: rows(*a), (split(q8), split(q_ok)))  # [n, B, C, Hq, D]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, d)[:, :t]
+  return out.astype(q.dtype)
+
+
+def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """cuDNN's fp8 flash attention (Hopper), unmasked, with the scales of `xla_fp8_attention`."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # no public fp8 entry point
+  (q8, dq), (k8, dk), (v8, dv) = quantize_fp8(q), quantize_fp8(k), quantize_fp8(v)
+  as_param = lambda x: jnp.asarray(x, jnp.float32).reshape(1, 1, 1, 1)
+  params = {key: as_param(1.0) for key in cudnn_fa.fp8_params_keys}  # backward-only ones unused
+  out_scale = 1.0 / dv
+  params.update(descale_q=as_param(dq), descale_k=as_param(dk), descale_v=as_param(dv),
+                descale_s=as_param(1.0 / FP8_PROBS_SCALE), scale_s=as_param(FP8_PROBS_SCALE),
+                scale_o=as_param(out_scale))
+  out, _, _ = cudnn_fa.dot_product_attention(
+      q8, k8, v8, fp8_params=params, scale=float(q.shape[-1]) ** -0.5, use_fp8=True,
+      qkv_layout="BTNH")
+  return (out.astype(jnp.float32) / out_scale).astype(q.dtype)
+
+
+def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,
+                  query_valid: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+  """Attention in fp8 (module docstring). "auto" and "cudnn": cuDNN on a GPU (unmasked only),
+  the XLA emulation elsewhere; "xla": the emulation everywhere (masks allowed)."""
+  impl = _resolve(implementation, q, k)
+  if impl == "splash":
+    raise ValueError("fp8 attention has no splash kernel: use attention_impl 'auto' or 'xla'")
+  if impl == "cudnn":
+    if key_valid is not None or query_valid is not None:
+      raise ValueError(
+          "cuDNN's fp8 flash attention takes no padding mask, and this batch is padded: run "
+          "unpadded prompts (one length, a multiple of the pad_to rounding), or the XLA "
+          "emulation (attention_impl='xla'), or turn fp8 attention off")
+    return cudnn_fp8_attention(q, k, v)
+  return xla_fp8_attention(q, k, v, key_valid, query_valid)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,
-              query_valid: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+              query_valid: jax.Array | None = None, implementation: str = "auto",
+              fp8: bool = False) -> jax.Array:
+  if fp8:
+    return fp8_attention(q, k, v, key_valid, query_valid, implementation)
   impl = _resolve(implementation, q, k)
   if impl == "cudnn":
     return cudnn_attention(q, k, v, key_valid, query_valid)

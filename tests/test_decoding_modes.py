@@ -255,6 +255,32 @@ def test_refresh_economy_options(model, mode, economy, refreshes):
   assert (tokens != baseline).any(), "skipping refreshes should be an approximation here"
 
 
+def test_fp8_refresh_attention(model):
+  """The refresh's attention in fp8: close to the bfloat16 refresh, not equal to it; every block
+  decodes; cached steps are untouched. The batch is padded, so it runs the XLA emulation."""
+  cfg, params = model
+  tokens, mask = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  cache = kv.KVCache.empty(cfg, 2, canvas.length)
+  start = jnp.int32(PROMPT)
+  exact, exact_cache = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla")
+  fp8, fp8_cache = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla",
+                              kv.RefreshPolicy(fp8_attention=True))
+  rel = float(jnp.linalg.norm(fp8 - exact) / jnp.linalg.norm(exact))
+  assert 1e-4 < rel < 0.1, rel
+  real = canvas.attention_mask[:, :, None, None]  # pad rows hold no meaning (Dream: any values)
+  k_fp8, k_exact = (jnp.where(real, c.k[-1], 0) for c in (fp8_cache, exact_cache))
+  k_rel = float(jnp.linalg.norm(k_fp8 - k_exact) / jnp.linalg.norm(k_exact))
+  assert 0 < k_rel < 0.1, k_rel  # the last layer's K comes from fp8-attended layers below
+  out, _ = decode(cfg, params, "dual_cache", refresh_fp8_attention=True, attention_impl="xla")
+  assert not (out == MASK).any()
+  with pytest.raises(ValueError, match="padding mask"):  # cuDNN's kernel cannot mask pads
+    kv.refresh(cfg, params, canvas, cache, start, BLOCK, "cudnn",
+               kv.RefreshPolicy(fp8_attention=True))
+  with pytest.raises(ValueError, match="fp8_attention"):
+    make_denoiser(cfg, "focus", refresh_fp8_attention=True, refresh_prompt_window=32)
+
+
 def test_refresh_economy_rejects_bad_cadence():
   with pytest.raises(ValueError, match="every_blocks"):
     make_denoiser(tiny("llada"), "dual_cache", refresh_every_blocks=0)

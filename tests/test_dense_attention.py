@@ -74,3 +74,65 @@ def test_auto_on_this_backend_runs():
   q, k, v, kv = _qkv(4, t=16, d=32, s=40)
   out = jax.jit(lambda *a: da.attention(*a))(q, k, v, kv)
   np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, kv), atol=1e-5, rtol=1e-5)
+
+
+def _numpy_fp8(q, k, v, key_valid=None):
+  """fp8 attention's arithmetic in NumPy (ml_dtypes' e4m3), independent of the JAX emulation."""
+  import ml_dtypes
+  e4m3 = ml_dtypes.float8_e4m3fn
+
+  def quant(x, valid=None):
+    x = np.asarray(x, np.float32)
+    if valid is not None:  # pad rows are zeroed: they neither set the scale nor overflow
+      x = np.where(np.asarray(valid)[:, :, None, None], x, 0)
+    scale = np.float32(448.0) / np.abs(x).max()
+    return (x * scale).astype(e4m3).astype(np.float64), 1.0 / np.float64(scale)
+
+  (q8, dq), (k8, dk), (v8, dv) = quant(q), quant(k, key_valid), quant(v, key_valid)
+  g = q8.shape[2] // k8.shape[2]
+  k8, v8 = np.repeat(k8, g, axis=2), np.repeat(v8, g, axis=2)
+  s = np.einsum("bthd,bshd->bhts", q8, k8) * dq * dk / np.sqrt(q8.shape[-1])
+  if key_valid is not None:
+    s = np.where(np.asarray(key_valid)[:, None, None, :], s, -np.inf)
+  n = np.exp(s - s.max(-1, keepdims=True))
+  p8 = (n * 448.0).astype(np.float32).astype(e4m3).astype(np.float64) / 448.0
+  out = np.einsum("bhts,bshd->bthd", p8, v8) * dv / n.sum(-1).transpose(0, 2, 1)[..., None]
+  return (out / dv).astype(np.float32).astype(e4m3).astype(np.float64) * dv
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fp8_emulation_is_the_quantised_arithmetic(with_mask):
+  q, k, v, kv = _qkv(5, t=48, hq=4, hkv=2, d=32, s=80)
+  kv = kv if with_mask else None
+  out = np.asarray(da.attention(q, k, v, key_valid=kv, implementation="xla", fp8=True))
+  want = _numpy_fp8(q, k, v, kv)
+  # float32 against float64 may round a value to the neighbouring e4m3 step (1/8 of it) now
+  # and then; everything else agrees to float32 precision.
+  close = np.isclose(out, want, rtol=1e-4, atol=1e-6)
+  assert close.mean() > 0.99
+  np.testing.assert_allclose(out, want, rtol=0.13, atol=1e-3)
+  exact = _naive(q, k, v, kv if with_mask else jnp.ones(q.shape[:1] + k.shape[1:2], bool))
+  rel = np.linalg.norm(out - exact) / np.linalg.norm(exact)
+  assert 1e-3 < rel < 0.1, rel  # it does quantise, and only by fp8's few percent
+
+
+def test_fp8_emulation_query_chunks_and_padding():
+  q, k, v, kv = _qkv(6, t=37, hq=4, hkv=4, d=16, s=50)
+  whole = da.xla_fp8_attention(q, k, v, kv, query_chunk=64)
+  chunked = da.xla_fp8_attention(q, k, v, kv, query_chunk=8)  # 5 chunks, the last padded
+  np.testing.assert_array_equal(np.asarray(whole), np.asarray(chunked))
+  # Masked keys take no part, whatever they hold: not in the softmax, not in the scales.
+  noise = jnp.asarray(np.random.default_rng(7).normal(0, 30, k.shape), k.dtype)
+  moved = da.xla_fp8_attention(q, jnp.where(kv[..., None, None], k, noise),
+                               jnp.where(kv[..., None, None], v, noise), kv, query_chunk=8)
+  np.testing.assert_array_equal(np.asarray(whole), np.asarray(moved))
+
+
+def test_fp8_refuses_what_it_cannot_run():
+  q, k, v, kv = _qkv(8, t=8, s=16, d=16)
+  with pytest.raises(ValueError, match="padding mask"):
+    da.attention(q.astype(jnp.bfloat16), k, v, key_valid=kv, implementation="cudnn", fp8=True)
+  with pytest.raises(ValueError, match="splash"):
+    da.attention(q, k, v, implementation="splash", fp8=True)
+  with pytest.raises(ValueError, match="implementation"):
+    da.attention(q, k, v, implementation="flash9000", fp8=True)

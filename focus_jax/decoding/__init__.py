@@ -18,8 +18,8 @@ DREAM_DENSE_TAIL = 4
 def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) -> Denoiser:
   """The denoiser of a decoding mode; `options` are that mode's knobs (Focus: FocusConfig's
   fields plus attention_impl; caches: attention_impl, refresh_every_step; both: the refresh
-  economy `refresh_every_blocks`, `reuse_prompt_kv`, `refresh_prompt_window` and
-  `refresh_prompt_globals`, see `RefreshPolicy`)."""
+  economy `refresh_every_blocks`, `reuse_prompt_kv`, `refresh_prompt_window`,
+  `refresh_prompt_globals` and `refresh_fp8_attention`, see `RefreshPolicy`)."""
   options = dict(options)
   if mode == "vanilla":
     options.pop("cache_sharding", None)  # vanilla keeps no cache
@@ -27,7 +27,8 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
   refresh = RefreshPolicy(every_blocks=options.pop("refresh_every_blocks", 1),
                           reuse_prompt_kv=options.pop("reuse_prompt_kv", False),
                           prompt_window=options.pop("refresh_prompt_window", 0),
-                          prompt_globals=options.pop("refresh_prompt_globals", 64))
+                          prompt_globals=options.pop("refresh_prompt_globals", 64),
+                          fp8_attention=options.pop("refresh_fp8_attention", False))
   if mode == "prefix_cache":
     return PrefixCacheDenoiser(config, refresh=refresh, **options)
   if mode == "dual_cache":

@@ -59,12 +59,18 @@ class RefreshPolicy:
     (kernels.local_attention); response queries attend to everything. At 32K with W = 2048 the
     refresh's attention does 7% of the dense FLOPs. Prompts shorter than about
     prompt_globals + 1.5 W refresh densely.
+  - fp8_attention: every full refresh's attention runs in float8 e4m3 with per-tensor scales
+    (`kernels.dense_attention`, cuDNN's fp8 flash attention on a GPU). The refresh is
+    compute-bound and attention is over half of it at 32K; the GEMMs stay bfloat16, and so does
+    every cached step. cuDNN's fp8 kernel has no padding mask: padded batches need
+    attention_impl "xla" (the emulation) or unpadded prompts.
   """
 
   every_blocks: int = 1
   reuse_prompt_kv: bool = False
   prompt_window: int = 0
   prompt_globals: int = 64
+  fp8_attention: bool = False
 
   def __post_init__(self):
     if self.every_blocks < 1:
@@ -74,6 +80,9 @@ class RefreshPolicy:
                        f"{self.prompt_window}")
     if self.prompt_globals < 0:
       raise ValueError(f"refresh prompt_globals must be >= 0, got {self.prompt_globals}")
+    if self.fp8_attention and self.prompt_window:
+      raise ValueError("refresh fp8_attention applies to the dense refresh; the local prompt "
+                       "window (prompt_window > 0) has no fp8 kernel: choose one of the two")
 
 
 FULL_REFRESH, RESPONSE_REFRESH, CACHED_STEP = 0, 1, 2
@@ -161,6 +170,7 @@ class RefreshAttention:
   prompt_length: int = 0  # with prompt_window > 0: the prompt rows attend locally
   prompt_window: int = 0
   prompt_globals: int = 0
+  fp8: bool = False
 
   def __call__(self, layer, q, k, v, layer_state, carry, query_rows=None):
     del layer
@@ -173,7 +183,7 @@ class RefreshAttention:
     else:
       out = dense_attention.attention(q, k, v, key_valid=self.key_valid,
                                       query_valid=rows_of(self.query_valid, query_rows),
-                                      implementation=self.implementation)
+                                      implementation=self.implementation, fp8=self.fp8)
     zero = (0, 0, 0, 0)
     return out, (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), zero),
                  jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), zero)), carry
@@ -188,7 +198,7 @@ def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_
       config, canvas.attention_mask, canvas.tokens.shape)
   policy = policy or RefreshPolicy()
   attention = RefreshAttention(key_valid, query_valid, attention_impl, canvas.prompt_length,
-                               policy.prompt_window, policy.prompt_globals)
+                               policy.prompt_window, policy.prompt_globals, policy.fp8_attention)
   hidden, kv, _ = Transformer(config).apply(
       {"params": params}, canvas.tokens, positions, attention, tuple(zip(cache.k, cache.v)),
       output_rows=family.source_positions(config, window_start, window))
