@@ -12,6 +12,8 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
   matmul  a cached step's GEMMs (few rows x a large weight): XLA against the weight-streaming
          Pallas kernel over a sweep of its tilings (`kernels/matmul.py`)
   mgpu_dense  the refresh's dense attention at 32K: cuDNN vs JAX's Mosaic GPU (FA3-style) kernel
+  fp8_dense  the refresh's dense attention in fp8 (`RefreshPolicy.fp8_attention`) against
+         bfloat16: cuDNN's time for each, and each one's error (and the XLA emulation's)
   mgpu_sparse  the Mosaic GPU (wgmma + TMA) split-KV sparse kernel: correctness against the
          float32 reference, then 32K timing against pallas_gpu and a sweep of its tiling knobs
   relevance  a sparse layer's prompt-block selection (relevance of the focus slots, top alpha):
@@ -928,6 +930,59 @@ def mgpu_sweep_configs(layout: str, base: dict, hkv: int, rows: int, n_items: in
   return out
 
 
+def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
+  """The refresh's dense attention at 32K (and LLaDA's at 8K) in bfloat16 and in fp8.
+
+  cuDNN on a GPU (the XLA path and the fp8 emulation in a smoke run). Errors of the first
+  `ref_rows` query rows against a float32 reference: (max |error| / max |ref|, relative L2), on
+  diffuse logits (q, k ~ N(0, 1)) and on peaked ones (q, k x3: fp8's error grows with the
+  logits). The emulation's error is reported beside cuDNN's fp8: the accuracy benchmark runs
+  its padded batches on the emulation, so the two must agree.
+  """
+  import jax
+  import jax.numpy as jnp
+  gpu = jax.default_backend() == "gpu"
+  bf16_impl = "cudnn" if gpu else "xla"
+  cases = [("llada8b", TARGET_CTX), ("dream7b", TARGET_CTX), ("llada8b", 8192)]
+  if SMOKE:
+    cases = [("llada8b", TARGET_CTX), ("dream7b", TARGET_CTX)]
+
+  def errors(out, ref):
+    diff = out[:, :ref_rows].astype(jnp.float32) - ref
+    return [float(jnp.max(jnp.abs(diff)) / jnp.max(jnp.abs(ref))),
+            float(jnp.linalg.norm(diff) / jnp.linalg.norm(ref))]
+
+  rows = []
+  for layout, ctx in cases:
+    lay = LAYOUTS[layout]
+    s_len = ctx + GEN
+    flops = 4.0 * s_len * s_len * lay["d"] * lay["hq"]
+    for logit_scale in (1.0, 3.0):
+      keys = jax.random.split(jax.random.PRNGKey(1), 3)
+      shape = lambda h: (1, s_len, h, lay["d"])
+      q = (jax.random.normal(keys[0], shape(lay["hq"])) * logit_scale).astype(jnp.bfloat16)
+      k = (jax.random.normal(keys[1], shape(lay["hkv"])) * logit_scale).astype(jnp.bfloat16)
+      v = jax.random.normal(keys[2], shape(lay["hkv"])).astype(jnp.bfloat16)
+      group = lay["hq"] // lay["hkv"]
+      ref = jax.jit(lambda q, k, v: da.xla_attention(
+          q[:, :ref_rows].astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)))(
+              q, k, v)
+      bf16 = jax.jit(lambda q, k, v: da.attention(q, k, v, implementation=bf16_impl))
+      fp8 = jax.jit(lambda q, k, v: da.attention(q, k, v, implementation=bf16_impl, fp8=True))
+      emulated = jax.jit(lambda q, k, v: da.xla_fp8_attention(q, k, v))
+      row = dict(layout=layout, context=ctx, logit_scale=logit_scale, group=group,
+                 impl=bf16_impl, bf16_err=errors(bf16(q, k, v), ref),
+                 fp8_err=errors(fp8(q, k, v), ref), emulation_err=errors(emulated(q, k, v), ref))
+      if logit_scale == 1.0:
+        for name, fn in (("bf16", bf16), ("fp8", fp8)):
+          t, _ = timeit(fn, (q, k, v), reps=reps)
+          row[f"{name}_ms"], row[f"{name}_tflops"] = t * 1e3, flops / t / 1e12
+        row["fp8_speedup"] = row["bf16_ms"] / row["fp8_ms"]
+      print("FP8_DENSE", row, flush=True)
+      rows.append(row)
+  return rows
+
+
 def phase_mgpu_sparse(sa, block_size: int, path: str | None = None, res: dict | None = None,
                       rounds: int = 3, parts: str = "check,time,sweep",
                       layouts: str | None = None) -> list[dict]:
@@ -1340,6 +1395,8 @@ def main() -> None:
                                    gemms=a.matmul_gemms and a.matmul_gemms.split(","))
     elif ph == "mgpu_dense":
       res["mgpu_dense"] = phase_mgpu_dense()
+    elif ph == "fp8_dense":
+      res["fp8_dense"] = phase_fp8_dense(da)
     elif ph == "mgpu_sparse":
       res["mgpu_sparse"] = phase_mgpu_sparse(sa, a.block_size, path, res,
                                              parts=a.mgpu_parts, layouts=a.mgpu_layouts)

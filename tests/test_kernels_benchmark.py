@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("check", "live", "relevance", "waves", "focus_call")
+PHASES = ("check", "live", "relevance", "waves", "focus_call", "fp8_dense")
 
 
 def test_smoke_phases_run_and_write_their_results(tmp_path):
@@ -36,5 +36,10 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   assert calls == {("llada8b", "pallas_gpu"), ("dream7b", "pallas_gpu"),
                    ("dream7b", "mosaic_gpu")}, res["focus_call"]
   assert all(row["ok"] for row in res["focus_call"]), res["focus_call"]
+  # Off a GPU, fp8 attention is the emulation itself; either way it errs by fp8's few percent,
+  # more on peaked logits, where bfloat16 stays at its 0.2%.
+  for row in res["fp8_dense"]:
+    assert row["fp8_err"] == row["emulation_err"], row
+    assert row["bf16_err"][1] < 0.005 < row["fp8_err"][1] < 0.2, row
   assert all(math.isfinite(row["us"]) for row in res["focus_call"]
              if row["impl"] == "pallas_gpu"), res["focus_call"]
