@@ -206,11 +206,15 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,
                   query_valid: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
-  """Attention in fp8 (module docstring). "auto" and "cudnn": cuDNN on a GPU (unmasked only),
-  the XLA emulation elsewhere; "xla": the emulation everywhere (masks allowed)."""
+  """Attention in fp8 (module docstring). "auto": cuDNN on a GPU for 16-bit inputs (unmasked
+  only), else the XLA emulation, which is slower than bfloat16 attention (it exists for tests
+  and accuracy studies; a TPU has no fp8 kernel here); "cudnn": cuDNN; "xla": the emulation
+  (masks allowed); "splash" is refused."""
   impl = _resolve(implementation, q, k)
-  if impl == "splash":
+  if implementation == "splash":
     raise ValueError("fp8 attention has no splash kernel: use attention_impl 'auto' or 'xla'")
+  if implementation == "auto" and impl == "splash":
+    impl = "xla"
   if impl == "cudnn":
     if key_valid is not None or query_valid is not None:
       raise ValueError(

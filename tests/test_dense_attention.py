@@ -136,3 +136,10 @@ def test_fp8_refuses_what_it_cannot_run():
     da.attention(q, k, v, implementation="splash", fp8=True)
   with pytest.raises(ValueError, match="implementation"):
     da.attention(q, k, v, implementation="flash9000", fp8=True)
+
+
+def test_fp8_auto_on_a_tpu_is_the_emulation(monkeypatch):
+  q, k, v, _ = _qkv(9, t=128, s=128, d=16)  # splash would fit these lengths in bfloat16
+  want = da.xla_fp8_attention(q, k, v)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  np.testing.assert_array_equal(np.asarray(da.attention(q, k, v, fp8=True)), np.asarray(want))
