@@ -138,7 +138,14 @@ def quantize_fp8(x: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Arra
     x = jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, 0)
   amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
   scale = FP8_MAX / jnp.maximum(amax, jnp.finfo(jnp.float32).tiny)
-  return (x.astype(jnp.float32) * scale).astype(FP8), 1.0 / scale
+  return _kept(x.astype(jnp.float32) * scale), 1.0 / scale
+
+
+def _kept(x: jax.Array) -> jax.Array:
+  """x rounded to e4m3, behind an optimisation barrier: with excess precision allowed (XLA's
+  GPU default) XLA drops a float32 -> e4m3 -> float32 round trip as a no-op, which would make
+  the emulation skip the very rounding it is there to model."""
+  return jax.lax.optimization_barrier(x.astype(FP8))
 
 
 def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -170,10 +177,10 @@ def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scores = jnp.where(q_ok[:, None, None, :, None], scores, MASK_VALUE)
     numerators = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     row_sum = jnp.sum(numerators, axis=-1)
-    p8 = (numerators * FP8_PROBS_SCALE).astype(FP8).astype(jnp.float32)
+    p8 = _kept(numerators * FP8_PROBS_SCALE).astype(jnp.float32)
     out = jnp.einsum("bkgts,bskd->btkgd", p8, v32, precision=jax.lax.Precision.HIGHEST)
     out = out * (dv / FP8_PROBS_SCALE) / jnp.moveaxis(row_sum, -1, 1)[..., None]
-    out = (out * out_scale).astype(FP8).astype(jnp.float32) / out_scale
+    out = _kept(out * out_scale).astype(jnp.float32) / out_scale
     return out.reshape(b, c, hq, d)
 
   q_ok = jnp.ones((b, t), bool) if query_valid is None else query_valid
