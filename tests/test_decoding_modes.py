@@ -256,8 +256,8 @@ def test_refresh_economy_options(model, mode, economy, refreshes):
 
 
 def test_fp8_refresh_attention(model):
-  """The refresh's attention in fp8: close to the bfloat16 refresh, not equal to it; every block
-  decodes; cached steps are untouched. The batch is padded, so it runs the XLA emulation."""
+  """The refresh's attention in fp8: close to the exact refresh, not equal to it; every block
+  decodes. The batch is padded, so it runs the XLA emulation."""
   cfg, params = model
   tokens, mask = prompts()
   canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)

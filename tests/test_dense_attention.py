@@ -143,3 +143,12 @@ def test_fp8_auto_on_a_tpu_is_the_emulation(monkeypatch):
   want = da.xla_fp8_attention(q, k, v)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   np.testing.assert_array_equal(np.asarray(da.attention(q, k, v, fp8=True)), np.asarray(want))
+
+
+def test_fp8_emulation_keeps_its_roundings_from_the_compiler():
+  """XLA's GPU compiler (excess precision allowed, its default) drops a float32 -> e4m3 ->
+  float32 round trip; the CPU keeps it, so the tests above cannot see that. Each of the five
+  roundings (q, k, v, the numerators, the output) must sit behind an optimisation barrier."""
+  q, k, v, _ = _qkv(10, t=16, s=16, d=16)
+  jaxpr = str(jax.make_jaxpr(da.xla_fp8_attention)(q, k, v))
+  assert jaxpr.count("optimization_barrier") == 5, jaxpr
