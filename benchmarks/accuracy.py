@@ -68,7 +68,8 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
                                "refresh_prompt_globals": 64}
   if "fp8_attention" in fields:
     # The refresh's attention in fp8. The accuracy batches are padded, which cuDNN's fp8 kernel
-    # cannot mask: every backend runs the XLA emulation of its quantisation here.
+    # cannot mask: every backend runs the XLA emulation of its quantisation here (and, through
+    # the same knob, the cached steps' dense attention runs on XLA, same arithmetic).
     economy["fp8_refresh"] = {"refresh_fp8_attention": True, "attention_impl": "xla"}
   for name, opts in economy.items():
     out[f"dual_cache+{name}"] = ("dual_cache", opts)

@@ -138,14 +138,15 @@ def quantize_fp8(x: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Arra
     x = jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, 0)
   amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
   scale = FP8_MAX / jnp.maximum(amax, jnp.finfo(jnp.float32).tiny)
-  return _kept(x.astype(jnp.float32) * scale), 1.0 / scale
+  return (x.astype(jnp.float32) * scale).astype(FP8), 1.0 / scale
 
 
-def _kept(x: jax.Array) -> jax.Array:
-  """x rounded to e4m3, behind an optimisation barrier: with excess precision allowed (XLA's
-  GPU default) XLA drops a float32 -> e4m3 -> float32 round trip as a no-op, which would make
-  the emulation skip the very rounding it is there to model."""
-  return jax.lax.optimization_barrier(x.astype(FP8))
+def _widened(x8: jax.Array) -> jax.Array:
+  """An e4m3 array back in float32, for the emulation, behind an optimisation barrier: with
+  excess precision allowed (XLA's GPU default) XLA drops a float32 -> e4m3 -> float32 round
+  trip as a no-op, which would make the emulation skip the very rounding it models. (cuDNN's
+  path consumes the e4m3 arrays directly and needs no barrier.)"""
+  return jax.lax.optimization_barrier(x8).astype(jnp.float32)
 
 
 def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -163,13 +164,13 @@ def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   hkv = k.shape[2]
   (q8, dq) = quantize_fp8(q, query_valid)
   (k8, dk), (v8, dv) = quantize_fp8(k, key_valid), quantize_fp8(v, key_valid)
-  k32, v32 = k8.astype(jnp.float32), v8.astype(jnp.float32)
+  q32, k32, v32 = _widened(q8), _widened(k8), _widened(v8)
   logit_scale = dq * dk / jnp.sqrt(jnp.float32(d))
   out_scale = 1.0 / dv  # = FP8_MAX / max|v|, which bounds |out|
 
   def rows(q_rows, q_ok):  # [B, C, Hq, D], [B, C] -> [B, C, Hq, D] float32
     c = q_rows.shape[1]
-    qg = q_rows.astype(jnp.float32).reshape(b, c, hkv, hq // hkv, d)
+    qg = q_rows.reshape(b, c, hkv, hq // hkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k32,
                         precision=jax.lax.Precision.HIGHEST) * logit_scale
     if key_valid is not None:
@@ -177,20 +178,20 @@ def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scores = jnp.where(q_ok[:, None, None, :, None], scores, MASK_VALUE)
     numerators = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     row_sum = jnp.sum(numerators, axis=-1)
-    p8 = _kept(numerators * FP8_PROBS_SCALE).astype(jnp.float32)
+    p8 = _widened((numerators * FP8_PROBS_SCALE).astype(FP8))
     out = jnp.einsum("bkgts,bskd->btkgd", p8, v32, precision=jax.lax.Precision.HIGHEST)
     out = out * (dv / FP8_PROBS_SCALE) / jnp.moveaxis(row_sum, -1, 1)[..., None]
-    out = _kept(out * out_scale).astype(jnp.float32) / out_scale
+    out = _widened((out * out_scale).astype(FP8)) / out_scale
     return out.reshape(b, c, hq, d)
 
   q_ok = jnp.ones((b, t), bool) if query_valid is None else query_valid
   chunk = min(query_chunk, t)
   n = -(-t // chunk)
   pad = n * chunk - t
-  q8 = jnp.pad(q8, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q32 = jnp.pad(q32, ((0, 0), (0, pad), (0, 0), (0, 0)))
   q_ok = jnp.pad(q_ok, ((0, 0), (0, pad)))
   split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-  out = jax.lax.map(lambda a: rows(*a), (split(q8), split(q_ok)))  # [n, B, C, Hq, D]
+  out = jax.lax.map(lambda a: rows(*a), (split(q32), split(q_ok)))  # [n, B, C, Hq, D]
   out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, d)[:, :t]
   return out.astype(q.dtype)
 
@@ -217,11 +218,9 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array
   only), else the XLA emulation, which is slower than bfloat16 attention (it exists for tests
   and accuracy studies; a TPU has no fp8 kernel here); "cudnn": cuDNN; "xla": the emulation
   (masks allowed); "splash" is refused."""
-  impl = _resolve(implementation, q, k)
+  impl = _resolve(implementation, q, k)  # (rejects unknown names)
   if implementation == "splash":
     raise ValueError("fp8 attention has no splash kernel: use attention_impl 'auto' or 'xla'")
-  if implementation == "auto" and impl == "splash":
-    impl = "xla"
   if impl == "cudnn":
     if key_valid is not None or query_valid is not None:
       raise ValueError(
@@ -229,7 +228,7 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array
           "unpadded prompts (one length, a multiple of the pad_to rounding), or the XLA "
           "emulation (attention_impl='xla'), or turn fp8 attention off")
     return cudnn_fp8_attention(q, k, v)
-  return xla_fp8_attention(q, k, v, key_valid, query_valid)
+  return xla_fp8_attention(q, k, v, key_valid, query_valid)  # also "auto" on a TPU
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,
