@@ -13,7 +13,10 @@
 Rows whose keys are all masked are unspecified except on the XLA path (uniform over the keys).
 
 `fp8=True` runs the attention in float8 e4m3 with per-tensor scales (a refresh-economy option:
-the refresh is compute-bound, and Hopper's fp8 tensor cores do twice the bf16 rate). On a GPU it
+the refresh is compute-bound, and Hopper's fp8 tensor cores do twice the bf16 rate). Keys and
+values are smoothed first (`fp8_operands`): each sequence's mean key and mean value per kv head
+are taken out, which the softmax cannot see and the output gets back exactly, so a channel that
+is large in every token (the slow RoPE channels of a long-context model) costs no precision. On a GPU it
 is cuDNN's fp8 flash attention (through JAX's private cuDNN module: jax has no public fp8
 entry point); elsewhere, or with implementation "xla", `xla_fp8_attention`, an emulation of the
 same quantisation points (q, k, v, the softmax numerators and the output), which the tests and
@@ -22,6 +25,8 @@ batch on it is refused with the ways out named.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -149,24 +154,76 @@ def _widened(x8: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(x8).astype(jnp.float32)
 
 
+class Fp8Operands(NamedTuple):
+  """q, k, v ready for fp8 attention; the output is `descaled(attention(q8, k8, v8)) + v_mean`."""
+  q8: jax.Array        # [B, T, Hq, D] e4m3
+  k8: jax.Array        # [B, S, Hkv, D] e4m3, mean key removed
+  v8: jax.Array        # [B, S, Hkv, D] e4m3, mean value removed
+  descale_q: jax.Array  # float32 scalars: x = x8 * descale_x
+  descale_k: jax.Array
+  descale_v: jax.Array
+  v_mean: jax.Array    # [B, 1, Hkv, D] float32, added back to every output row
+
+
+def _smoothed(x: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """x [B, S, H, D] minus its mean over the valid positions of each sequence (float32), pad
+  positions zero; and that mean [B, 1, H, D]."""
+  x = x.astype(jnp.float32)
+  if valid is None:
+    mean = jnp.mean(x, axis=1, keepdims=True)
+    return x - mean, mean
+  w = valid[:, :, None, None]
+  count = jnp.maximum(jnp.sum(valid, axis=1), 1).astype(jnp.float32)[:, None, None, None]
+  mean = jnp.sum(jnp.where(w, x, 0), axis=1, keepdims=True) / count
+  return jnp.where(w, x - mean, 0), mean
+
+
+def fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,
+                 query_valid: jax.Array | None = None, smooth: bool = True) -> Fp8Operands:
+  """The quantisation shared by cuDNN's fp8 attention and its emulation. K loses its mean key
+  (q . mean is one constant per score row: the softmax cannot see it) and V its mean value (each
+  row of probabilities sums to 1, so the output gets it back exactly); then per-tensor e4m3
+  scales. A component common to every token would otherwise set the scale and bury the part
+  that differs between tokens, the part attention reads, under fp8's rounding. `smooth=False`
+  skips that (for measuring what it buys)."""
+  if smooth:
+    k, _ = _smoothed(k, key_valid)
+    v, v_mean = _smoothed(v, key_valid)
+  else:
+    v_mean = jnp.zeros((v.shape[0], 1) + v.shape[2:], jnp.float32)
+  (q8, dq), (k8, dk), (v8, dv) = (quantize_fp8(q, query_valid), quantize_fp8(k, key_valid),
+                                  quantize_fp8(v, key_valid))
+  return Fp8Operands(q8, k8, v8, dq, dk, dv, v_mean)
+
+
+def _with_mean_value(out: jax.Array, v_mean: jax.Array) -> jax.Array:
+  """out [B, T, Hq, D] float32 plus each query head's kv-head mean value [B, 1, Hkv, D]."""
+  b, t, hq, d = out.shape
+  hkv = v_mean.shape[2]
+  out = out.reshape(b, t, hkv, hq // hkv, d) + v_mean[:, :, :, None, :]
+  return out.reshape(b, t, hq, d)
+
+
 def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       key_valid: jax.Array | None = None,
-                      query_valid: jax.Array | None = None, query_chunk: int = 512) -> jax.Array:
-  """The fp8 attention's arithmetic in XLA: q, k, v in e4m3 with per-tensor scales, float32
-  logits and row sums, the softmax numerators (under the exact row max) in e4m3 times
-  FP8_PROBS_SCALE, float32 accumulation, and the output rounded to e4m3 on the scale that maps
-  max|v| (its bound) onto FP8_MAX. cuDNN's running max makes its numerators differ slightly.
+                      query_valid: jax.Array | None = None, query_chunk: int = 512,
+                      smooth: bool = True) -> jax.Array:
+  """The fp8 attention's arithmetic in XLA: `fp8_operands` (smoothed k and v, e4m3 with
+  per-tensor scales), float32 logits and row sums, the softmax numerators (under the exact row
+  max) in e4m3 times FP8_PROBS_SCALE, float32 accumulation, and the output rounded to e4m3 on
+  the scale that maps max|v8| (its bound) onto FP8_MAX, then the mean value added back.
+  cuDNN's running max makes its numerators differ slightly.
 
   Masks as `xla_attention`'s. Queries go `query_chunk` at a time, so the float32 logits stay at
   [B, Hq, query_chunk, S] (an 8K accuracy batch would otherwise need tens of GB). Masked
-  positions do not set the scales."""
+  positions do not set the scales or the means."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
-  (q8, dq) = quantize_fp8(q, query_valid)
-  (k8, dk), (v8, dv) = quantize_fp8(k, key_valid), quantize_fp8(v, key_valid)
-  q32, k32, v32 = _widened(q8), _widened(k8), _widened(v8)
-  logit_scale = dq * dk / jnp.sqrt(jnp.float32(d))
-  out_scale = 1.0 / dv  # = FP8_MAX / max|v|, which bounds |out|
+  ops = fp8_operands(q, k, v, key_valid, query_valid, smooth)
+  q32, k32, v32 = _widened(ops.q8), _widened(ops.k8), _widened(ops.v8)
+  logit_scale = ops.descale_q * ops.descale_k / jnp.sqrt(jnp.float32(d))
+  dv = ops.descale_v
+  out_scale = 1.0 / dv  # = FP8_MAX / max|v - mean|, which bounds |out - mean|
 
   def rows(q_rows, q_ok):  # [B, C, Hq, D], [B, C] -> [B, C, Hq, D] float32
     c = q_rows.shape[1]
@@ -193,23 +250,25 @@ def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
   out = jax.lax.map(lambda a: rows(*a), (split(q32), split(q_ok)))  # [n, B, C, Hq, D]
   out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, d)[:, :t]
-  return out.astype(q.dtype)
+  return _with_mean_value(out, ops.v_mean).astype(q.dtype)
 
 
-def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """cuDNN's fp8 flash attention (Hopper), unmasked, with the scales of `xla_fp8_attention`."""
+def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        smooth: bool = True) -> jax.Array:
+  """cuDNN's fp8 flash attention (Hopper), unmasked, on `fp8_operands` with the scales of
+  `xla_fp8_attention`."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # no public fp8 entry point
-  (q8, dq), (k8, dk), (v8, dv) = quantize_fp8(q), quantize_fp8(k), quantize_fp8(v)
+  ops = fp8_operands(q, k, v, smooth=smooth)
   as_param = lambda x: jnp.asarray(x, jnp.float32).reshape(1, 1, 1, 1)
   params = {key: as_param(1.0) for key in cudnn_fa.fp8_params_keys}  # backward-only ones unused
-  out_scale = 1.0 / dv
-  params.update(descale_q=as_param(dq), descale_k=as_param(dk), descale_v=as_param(dv),
-                descale_s=as_param(1.0 / FP8_PROBS_SCALE), scale_s=as_param(FP8_PROBS_SCALE),
-                scale_o=as_param(out_scale))
+  out_scale = 1.0 / ops.descale_v
+  params.update(descale_q=as_param(ops.descale_q), descale_k=as_param(ops.descale_k),
+                descale_v=as_param(ops.descale_v), descale_s=as_param(1.0 / FP8_PROBS_SCALE),
+                scale_s=as_param(FP8_PROBS_SCALE), scale_o=as_param(out_scale))
   out, _, _ = cudnn_fa.dot_product_attention(
-      q8, k8, v8, fp8_params=params, scale=float(q.shape[-1]) ** -0.5, use_fp8=True,
+      ops.q8, ops.k8, ops.v8, fp8_params=params, scale=float(q.shape[-1]) ** -0.5, use_fp8=True,
       qkv_layout="BTNH")
-  return (out.astype(jnp.float32) / out_scale).astype(q.dtype)
+  return _with_mean_value(out.astype(jnp.float32) / out_scale, ops.v_mean).astype(q.dtype)
 
 
 def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,

@@ -76,10 +76,19 @@ def test_auto_on_this_backend_runs():
   np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, kv), atol=1e-5, rtol=1e-5)
 
 
-def _numpy_fp8(q, k, v, key_valid=None):
-  """fp8 attention's arithmetic in NumPy (ml_dtypes' e4m3), independent of the JAX emulation."""
+def _numpy_fp8(q, k, v, key_valid=None, smooth=True):
+  """fp8 attention's arithmetic in NumPy (ml_dtypes' e4m3), independent of the JAX emulation.
+  `smooth=False`: without taking out the mean key and value first (what smoothing buys)."""
   import ml_dtypes
   e4m3 = ml_dtypes.float8_e4m3fn
+  valid = (np.ones(k.shape[:2], bool) if key_valid is None else np.asarray(key_valid))
+  w = valid[:, :, None, None]
+
+  def mean(x):  # per sequence and head, over the valid positions
+    x = np.asarray(x, np.float32)
+    if not smooth:
+      return np.zeros_like(x[:, :1])
+    return (np.where(w, x, 0).sum(1, keepdims=True) / w.sum(1, keepdims=True)).astype(np.float32)
 
   def quant(x, valid=None):
     x = np.asarray(x, np.float32)
@@ -88,24 +97,27 @@ def _numpy_fp8(q, k, v, key_valid=None):
     scale = np.float32(448.0) / np.abs(x).max()
     return (x * scale).astype(e4m3).astype(np.float64), 1.0 / np.float64(scale)
 
-  (q8, dq), (k8, dk), (v8, dv) = quant(q), quant(k, key_valid), quant(v, key_valid)
+  k_mean, v_mean = mean(k), mean(v)
+  (q8, dq), (k8, dk), (v8, dv) = quant(q), quant(k - k_mean, valid), quant(v - v_mean, valid)
   g = q8.shape[2] // k8.shape[2]
-  k8, v8 = np.repeat(k8, g, axis=2), np.repeat(v8, g, axis=2)
+  k8, v8, v_mean = (np.repeat(x, g, axis=2) for x in (k8, v8, v_mean))
   s = np.einsum("bthd,bshd->bhts", q8, k8) * dq * dk / np.sqrt(q8.shape[-1])
-  if key_valid is not None:
-    s = np.where(np.asarray(key_valid)[:, None, None, :], s, -np.inf)
+  s = np.where(valid[:, None, None, :], s, -np.inf)
   n = np.exp(s - s.max(-1, keepdims=True))
   p8 = (n * 448.0).astype(np.float32).astype(e4m3).astype(np.float64) / 448.0
   out = np.einsum("bhts,bshd->bthd", p8, v8) * dv / n.sum(-1).transpose(0, 2, 1)[..., None]
-  return (out / dv).astype(np.float32).astype(e4m3).astype(np.float64) * dv
+  return (out / dv).astype(np.float32).astype(e4m3).astype(np.float64) * dv + v_mean
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_fp8_emulation_is_the_quantised_arithmetic(with_mask):
+@pytest.mark.parametrize("with_mask,smooth", [(False, True), (True, True), (True, False)])
+def test_fp8_emulation_is_the_quantised_arithmetic(with_mask, smooth):
   q, k, v, kv = _qkv(5, t=48, hq=4, hkv=2, d=32, s=80)
   kv = kv if with_mask else None
-  out = np.asarray(da.attention(q, k, v, key_valid=kv, implementation="xla", fp8=True))
-  want = _numpy_fp8(q, k, v, kv)
+  if smooth:
+    out = np.asarray(da.attention(q, k, v, key_valid=kv, implementation="xla", fp8=True))
+  else:
+    out = np.asarray(da.xla_fp8_attention(q, k, v, kv, smooth=False))
+  want = _numpy_fp8(q, k, v, kv, smooth=smooth)
   # float32 against float64 may round a value to the neighbouring e4m3 step (1/8 of it) now
   # and then; everything else agrees to float32 precision.
   close = np.isclose(out, want, rtol=1e-4, atol=1e-6)
@@ -114,6 +126,25 @@ def test_fp8_emulation_is_the_quantised_arithmetic(with_mask):
   exact = _naive(q, k, v, kv if with_mask else jnp.ones(q.shape[:1] + k.shape[1:2], bool))
   rel = np.linalg.norm(out - exact) / np.linalg.norm(exact)
   assert 1e-3 < rel < 0.1, rel  # it does quantise, and only by fp8's few percent
+
+
+def test_fp8_smoothing_keeps_a_common_channel_from_costing_precision():
+  """A key channel and a value channel large in every token (a long-context model's slow RoPE
+  pairs): the softmax cannot see the first and the output gets the second back exactly, so
+  fp8's error must stay what it is without them. Unsmoothed (the NumPy model) it is worse."""
+  q, k, v, kv = _qkv(11, t=32, hq=4, hkv=2, d=32, s=96)
+  offset = np.zeros(k.shape[-1], np.float32)
+  offset[[3, 17]] = (24.0, -16.0)
+  k_off, v_off = k + offset, v + 3 * offset
+  exact = _naive(q, k, v, kv)
+  exact_off = exact + 3 * offset  # rows of probabilities sum to 1
+  np.testing.assert_allclose(_naive(q, k_off, v_off, kv), exact_off, rtol=1e-4, atol=1e-3)
+  err = lambda out, want: float(np.linalg.norm(out - want) / np.linalg.norm(exact))
+  base = err(np.asarray(da.xla_fp8_attention(q, k, v, kv)), exact)
+  smoothed = err(np.asarray(da.xla_fp8_attention(q, k_off, v_off, kv)), exact_off)
+  unsmoothed = err(_numpy_fp8(q, k_off, v_off, kv, smooth=False), exact_off)
+  assert 1e-3 < base < 0.1 and smoothed < 1.3 * base, (base, smoothed)
+  assert unsmoothed > 3 * smoothed, (unsmoothed, smoothed)
 
 
 def test_fp8_emulation_query_chunks_and_padding():

@@ -41,5 +41,9 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   for row in res["fp8_dense"]:
     assert row["fp8_err"] == row["emulation_err"], row
     assert row["bf16_err"][1] < 0.005 < row["fp8_err"][1] < 0.2, row
+  # Key channels offset in every token: smoothing takes them out; unsmoothed fp8 pays for them.
+  for row in res["fp8_dense"]:
+    if row["common_channels"]:
+      assert row["fp8_unsmoothed_err"][1] > 1.2 * row["fp8_err"][1], row
   assert all(math.isfinite(row["us"]) for row in res["focus_call"]
              if row["impl"] == "pallas_gpu"), res["focus_call"]
