@@ -135,15 +135,30 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
 
-def quantize_fp8(x: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """x [B, T, ...] -> (x * scale in e4m3, 1 / scale) with scale = FP8_MAX / max|x| (per tensor,
-  float32). With `valid` [B, T], invalid positions become 0: only valid ones set the scale (a
-  pad row must not cost the real ones precision, nor overflow e4m3 into NaN)."""
-  if valid is not None:
-    x = jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, 0)
-  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+def quantize_fp8(x: jax.Array, valid: jax.Array | None = None,
+                 center: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x [B, T, H, D] -> ((x - mean) * scale in e4m3, 1 / scale, mean [B, 1, H, D] float32).
+
+  `center`: mean is x's mean over the valid positions of each sequence, per head and channel
+  (else 0). scale = FP8_MAX / max|x - mean| (per tensor, float32). With `valid` [B, T], invalid
+  positions become 0 and set neither the mean nor the scale (a pad row must not cost the real
+  ones precision, nor overflow e4m3 into NaN). One pass of reductions: per channel,
+  max|x - mean| is max(hi - mean, mean - lo), so the largest, smallest and the sum are read
+  together, then a second pass writes the e4m3 array."""
+  x = x.astype(jnp.float32)
+  w = None if valid is None else valid[:, :, None, None]
+  hi = jnp.max(x if w is None else jnp.where(w, x, -jnp.inf), axis=1, keepdims=True)
+  lo = jnp.min(x if w is None else jnp.where(w, x, jnp.inf), axis=1, keepdims=True)
+  mean = jnp.zeros_like(hi)
+  if center:
+    count = x.shape[1] if w is None else jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1)
+    mean = jnp.sum(x if w is None else jnp.where(w, x, 0), axis=1, keepdims=True) / count
+  amax = jnp.maximum(jnp.max(hi - mean), jnp.max(mean - lo))
   scale = FP8_MAX / jnp.maximum(amax, jnp.finfo(jnp.float32).tiny)
-  return (x.astype(jnp.float32) * scale).astype(FP8), 1.0 / scale
+  x8 = (x - mean) * scale
+  if w is not None:
+    x8 = jnp.where(w, x8, 0)
+  return x8.astype(FP8), 1.0 / scale, mean
 
 
 def _widened(x8: jax.Array) -> jax.Array:
@@ -165,19 +180,6 @@ class Fp8Operands(NamedTuple):
   v_mean: jax.Array    # [B, 1, Hkv, D] float32, added back to every output row
 
 
-def _smoothed(x: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """x [B, S, H, D] minus its mean over the valid positions of each sequence (float32), pad
-  positions zero; and that mean [B, 1, H, D]."""
-  x = x.astype(jnp.float32)
-  if valid is None:
-    mean = jnp.mean(x, axis=1, keepdims=True)
-    return x - mean, mean
-  w = valid[:, :, None, None]
-  count = jnp.maximum(jnp.sum(valid, axis=1), 1).astype(jnp.float32)[:, None, None, None]
-  mean = jnp.sum(jnp.where(w, x, 0), axis=1, keepdims=True) / count
-  return jnp.where(w, x - mean, 0), mean
-
-
 def fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,
                  query_valid: jax.Array | None = None, smooth: bool = True) -> Fp8Operands:
   """The quantisation shared by cuDNN's fp8 attention and its emulation. K loses its mean key
@@ -186,13 +188,9 @@ def fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array 
   scales. A component common to every token would otherwise set the scale and bury the part
   that differs between tokens, the part attention reads, under fp8's rounding. `smooth=False`
   skips that (for measuring what it buys)."""
-  if smooth:
-    k, _ = _smoothed(k, key_valid)
-    v, v_mean = _smoothed(v, key_valid)
-  else:
-    v_mean = jnp.zeros((v.shape[0], 1) + v.shape[2:], jnp.float32)
-  (q8, dq), (k8, dk), (v8, dv) = (quantize_fp8(q, query_valid), quantize_fp8(k, key_valid),
-                                  quantize_fp8(v, key_valid))
+  (q8, dq, _), (k8, dk, _), (v8, dv, v_mean) = (
+      quantize_fp8(q, query_valid), quantize_fp8(k, key_valid, center=smooth),
+      quantize_fp8(v, key_valid, center=smooth))
   return Fp8Operands(q8, k8, v8, dq, dk, dv, v_mean)
 
 
