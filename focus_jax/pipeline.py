@@ -112,6 +112,22 @@ def sampler_rule(config: ModelConfig, *, steps: int, gen_length: int, block_leng
                     **sampler_options)
 
 
+def check_fp8_pads(prompt_mask: np.ndarray, gen_length: int) -> None:
+  """fp8 attention cannot mask pad keys, only neutralise them (each becomes an average key);
+  refuses a batch where that could move a row's output by more than FP8_MAX_PAD_FRACTION."""
+  from focus_jax.kernels import dense_attention  # pylint: disable=g-import-not-at-top
+  pads = np.sum(~np.asarray(prompt_mask, bool), axis=1)
+  share = pads / (prompt_mask.shape[1] + gen_length)
+  if share.max() > dense_attention.FP8_MAX_PAD_FRACTION:
+    row = int(share.argmax())
+    raise ValueError(
+        f"refresh_fp8_attention: prompt row {row} is {int(pads[row])} pad tokens of "
+        f"{prompt_mask.shape[1] + gen_length} ({share[row]:.1%}); fp8 attention cannot mask pads, "
+        f"and above {dense_attention.FP8_MAX_PAD_FRACTION:.1%} they could bias its output. Batch "
+        "prompts of similar length, pad less (generate's pad_to, e.g. pad_to=1 for one prompt), "
+        "or turn refresh_fp8_attention off")
+
+
 def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
                  mode: str = "vanilla", gen_length: int = 128, steps: int | None = None,
                  block_length: int = 32, cfg_scale: float = 0.0, seed: int = 0,
@@ -129,6 +145,8 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   denoiser = make_denoiser(model.config, mode, **options)
   # An unpadded batch needs no mask (cuDNN's unmasked path is the fast one).
   mask = None if prompt_mask is None or np.all(prompt_mask) else jnp.asarray(prompt_mask)
+  if mask is not None and options.get("refresh_fp8_attention"):
+    check_fp8_pads(prompt_mask, gen_length)
   args = (model.params, jnp.asarray(prompt), mask, jax.random.key(seed))
   kwargs = dict(config=model.config, rule=rule, denoiser=denoiser, gen_length=gen_length,
                 block_length=block_length, cfg_scale=cfg_scale)

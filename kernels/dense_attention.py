@@ -16,12 +16,18 @@ Rows whose keys are all masked are unspecified except on the XLA path (uniform o
 the refresh is compute-bound, and Hopper's fp8 tensor cores do twice the bf16 rate). Keys and
 values are smoothed first (`fp8_operands`): each sequence's mean key and mean value per kv head
 are taken out, which the softmax cannot see and the output gets back exactly, so a channel that
-is large in every token (the slow RoPE channels of a long-context model) costs no precision. On a GPU it
-is cuDNN's fp8 flash attention (through JAX's private cuDNN module: jax has no public fp8
-entry point); elsewhere, or with implementation "xla", `xla_fp8_attention`, an emulation of the
-same quantisation points (q, k, v, the softmax numerators and the output), which the tests and
-the accuracy runs of padded batches use. cuDNN's fp8 attention takes no padding mask: a padded
-batch on it is refused with the ways out named.
+is large in every token (the slow RoPE channels of a long-context model) costs no precision. On
+a GPU it is cuDNN's fp8 flash attention (through JAX's private cuDNN module: jax has no public
+fp8 entry point); elsewhere, or with implementation "xla", `xla_fp8_attention`, an emulation of
+the same arithmetic (q, k, v, the softmax numerators and the output rounded to e4m3).
+
+cuDNN's fp8 kernel takes no mask, so in fp8 a pad key is not masked but neutralised: after
+smoothing its key and value are zero, which makes it an average key (its score is the row's
+mean score, since the smoothed keys sum to 0 over the valid ones) carrying the average value.
+Its weight in a row is at most 1 / (valid keys + 1) (Jensen: the valid keys' mean exp-score is
+at least 1), so n pads move a row's output towards the mean value by at most n / (valid + n)
+of its distance from it. The emulation does the same, so both give one answer on padded
+batches; callers keep the pad share small (`FP8_MAX_PAD_FRACTION`, checked by the pipeline).
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value: per-tensor scales map |x|max onto it
 # Softmax numerators exp(s - running max) lie in (0, 1]; cuDNN quantises them times this scale.
 FP8_PROBS_SCALE = FP8_MAX
+# The largest share of pad keys in a row fp8 attention accepts: the bound on how far the pads
+# pull a row's output (module docstring), kept below fp8's own error (about 6% relative).
+FP8_MAX_PAD_FRACTION = 1 / 32
 
 
 def _splash_fits(q: jax.Array, k: jax.Array) -> bool:
@@ -212,8 +221,9 @@ def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   the scale that maps max|v8| (its bound) onto FP8_MAX, then the mean value added back.
   cuDNN's running max makes its numerators differ slightly.
 
-  Masks as `xla_attention`'s. Queries go `query_chunk` at a time, so the float32 logits stay at
-  [B, Hq, query_chunk, S] (an 8K accuracy batch would otherwise need tens of GB). Masked
+  Pad keys (`key_valid` False) are neutralised as on cuDNN, not masked (module docstring); pad
+  queries' rows are unspecified. Queries go `query_chunk` at a time, so the float32 logits stay
+  at [B, Hq, query_chunk, S] (an 8K accuracy batch would otherwise need tens of GB). Pad
   positions do not set the scales or the means."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
@@ -223,14 +233,11 @@ def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   dv = ops.descale_v
   out_scale = 1.0 / dv  # = FP8_MAX / max|v - mean|, which bounds |out - mean|
 
-  def rows(q_rows, q_ok):  # [B, C, Hq, D], [B, C] -> [B, C, Hq, D] float32
+  def rows(q_rows):  # [B, C, Hq, D] -> [B, C, Hq, D] float32
     c = q_rows.shape[1]
     qg = q_rows.reshape(b, c, hkv, hq // hkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k32,
                         precision=jax.lax.Precision.HIGHEST) * logit_scale
-    if key_valid is not None:
-      scores = jnp.where(key_valid[:, None, None, None, :], scores, MASK_VALUE)
-    scores = jnp.where(q_ok[:, None, None, :, None], scores, MASK_VALUE)
     numerators = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     row_sum = jnp.sum(numerators, axis=-1)
     p8 = _widened((numerators * FP8_PROBS_SCALE).astype(FP8))
@@ -239,24 +246,25 @@ def xla_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     out = _widened((out * out_scale).astype(FP8)) / out_scale
     return out.reshape(b, c, hq, d)
 
-  q_ok = jnp.ones((b, t), bool) if query_valid is None else query_valid
   chunk = min(query_chunk, t)
   n = -(-t // chunk)
-  pad = n * chunk - t
-  q32 = jnp.pad(q32, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  q_ok = jnp.pad(q_ok, ((0, 0), (0, pad)))
-  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-  out = jax.lax.map(lambda a: rows(*a), (split(q32), split(q_ok)))  # [n, B, C, Hq, D]
+  q32 = jnp.pad(q32, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0)))
+  chunks = jnp.moveaxis(q32.reshape(b, n, chunk, hq, d), 1, 0)
+  out = jax.lax.map(rows, chunks)  # [n, B, C, Hq, D]
   out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, d)[:, :t]
   return _with_mean_value(out, ops.v_mean).astype(q.dtype)
 
 
 def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        key_valid: jax.Array | None = None, query_valid: jax.Array | None = None,
                         smooth: bool = True) -> jax.Array:
-  """cuDNN's fp8 flash attention (Hopper), unmasked, on `fp8_operands` with the scales of
-  `xla_fp8_attention`."""
+  """cuDNN's fp8 flash attention (Hopper) on `fp8_operands`, with the scales and the pad
+  handling of `xla_fp8_attention`. `smooth=False` is for measuring only, and unpadded: unsmoothed
+  pads would not score the row's mean."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # no public fp8 entry point
-  ops = fp8_operands(q, k, v, smooth=smooth)
+  if not smooth and key_valid is not None:
+    raise ValueError("unsmoothed fp8 attention cannot neutralise pad keys: pass smooth=True")
+  ops = fp8_operands(q, k, v, key_valid, query_valid, smooth)
   as_param = lambda x: jnp.asarray(x, jnp.float32).reshape(1, 1, 1, 1)
   params = {key: as_param(1.0) for key in cudnn_fa.fp8_params_keys}  # backward-only ones unused
   out_scale = 1.0 / ops.descale_v
@@ -271,20 +279,14 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,
                   query_valid: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
-  """Attention in fp8 (module docstring). "auto": cuDNN on a GPU for 16-bit inputs (unmasked
-  only), else the XLA emulation, which is slower than bfloat16 attention (it exists for tests
-  and accuracy studies; a TPU has no fp8 kernel here); "cudnn": cuDNN; "xla": the emulation
-  (masks allowed); "splash" is refused."""
+  """Attention in fp8 (module docstring). "auto": cuDNN on a GPU for 16-bit inputs, else the XLA
+  emulation, which is slower than bfloat16 attention (it exists for tests and accuracy studies;
+  a TPU has no fp8 kernel here); "cudnn": cuDNN; "xla": the emulation; "splash" is refused."""
   impl = _resolve(implementation, q, k)  # (rejects unknown names)
   if implementation == "splash":
     raise ValueError("fp8 attention has no splash kernel: use attention_impl 'auto' or 'xla'")
   if impl == "cudnn":
-    if key_valid is not None or query_valid is not None:
-      raise ValueError(
-          "cuDNN's fp8 flash attention takes no padding mask, and this batch is padded: run "
-          "unpadded prompts (one length, a multiple of the pad_to rounding), or the XLA "
-          "emulation (attention_impl='xla'), or turn fp8 attention off")
-    return cudnn_fp8_attention(q, k, v)
+    return cudnn_fp8_attention(q, k, v, key_valid, query_valid)
   return xla_fp8_attention(q, k, v, key_valid, query_valid)  # also "auto" on a TPU
 
 

@@ -76,9 +76,15 @@ def test_auto_on_this_backend_runs():
   np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, kv), atol=1e-5, rtol=1e-5)
 
 
+def _left_padded(s, pads=(2, 5)):
+  """key_valid [len(pads), s] of left-padded rows: a pipeline batch's few pads, not 30%."""
+  return jnp.arange(s)[None, :] >= jnp.asarray(pads)[:, None]
+
+
 def _numpy_fp8(q, k, v, key_valid=None, smooth=True):
   """fp8 attention's arithmetic in NumPy (ml_dtypes' e4m3), independent of the JAX emulation.
-  `smooth=False`: without taking out the mean key and value first (what smoothing buys)."""
+  Pad keys are zeroed after smoothing and attended, not masked. `smooth=False`: without taking
+  out the mean key and value first (what smoothing buys)."""
   import ml_dtypes
   e4m3 = ml_dtypes.float8_e4m3fn
   valid = (np.ones(k.shape[:2], bool) if key_valid is None else np.asarray(key_valid))
@@ -102,7 +108,6 @@ def _numpy_fp8(q, k, v, key_valid=None, smooth=True):
   g = q8.shape[2] // k8.shape[2]
   k8, v8, v_mean = (np.repeat(x, g, axis=2) for x in (k8, v8, v_mean))
   s = np.einsum("bthd,bshd->bhts", q8, k8) * dq * dk / np.sqrt(q8.shape[-1])
-  s = np.where(valid[:, None, None, :], s, -np.inf)
   n = np.exp(s - s.max(-1, keepdims=True))
   p8 = (n * 448.0).astype(np.float32).astype(e4m3).astype(np.float64) / 448.0
   out = np.einsum("bhts,bshd->bthd", p8, v8) * dv / n.sum(-1).transpose(0, 2, 1)[..., None]
@@ -111,8 +116,8 @@ def _numpy_fp8(q, k, v, key_valid=None, smooth=True):
 
 @pytest.mark.parametrize("with_mask,smooth", [(False, True), (True, True), (True, False)])
 def test_fp8_emulation_is_the_quantised_arithmetic(with_mask, smooth):
-  q, k, v, kv = _qkv(5, t=48, hq=4, hkv=2, d=32, s=80)
-  kv = kv if with_mask else None
+  q, k, v, _ = _qkv(5, t=48, hq=4, hkv=2, d=32, s=80)
+  kv = _left_padded(80) if with_mask else None
   if smooth:
     out = np.asarray(da.attention(q, k, v, key_valid=kv, implementation="xla", fp8=True))
   else:
@@ -128,11 +133,36 @@ def test_fp8_emulation_is_the_quantised_arithmetic(with_mask, smooth):
   assert 1e-3 < rel < 0.1, rel  # it does quantise, and only by fp8's few percent
 
 
+def test_fp8_pads_pull_a_row_by_at_most_their_share():
+  """fp8 attention cannot mask (cuDNN's kernel has no mask): a pad key becomes an average key
+  with the average value. Against the same batch without its pads, each row's output moves
+  towards the mean value by at most n_pad / (n_valid + n_pad) of its distance from it."""
+  q, k, v, _ = _qkv(12, t=24, hq=4, hkv=2, d=32, s=60)
+  n_pad = 12
+  noise = jnp.asarray(np.random.default_rng(3).normal(0, 5, (1, n_pad) + k.shape[2:]), k.dtype)
+  pad = lambda x: jnp.concatenate([jnp.broadcast_to(noise, (x.shape[0],) + noise.shape[1:]), x], 1)
+  kv = jnp.concatenate([jnp.zeros((q.shape[0], n_pad), bool),
+                        jnp.ones(k.shape[:2], bool)], axis=1)
+  plain = np.asarray(da.xla_fp8_attention(q, k, v), np.float64)
+  padded = np.asarray(da.xla_fp8_attention(q, pad(k), pad(v), kv), np.float64)
+  mean_v = np.repeat(np.asarray(v, np.float64).mean(1, keepdims=True), 2, axis=2)
+  share = n_pad / (n_pad + k.shape[1])
+  pull = np.linalg.norm(padded - plain, axis=-1)
+  reach = np.linalg.norm(plain - mean_v, axis=-1)
+  # (+ a little for the output's e4m3 rounding, which the pull moves across)
+  assert np.all(pull <= (share + 0.03) * reach), (pull / reach).max()
+  assert 0 < np.median(pull / reach) <= share, np.median(pull / reach)
+  # and the cuDNN path refuses to run unsmoothed over pads (its pads would not be average keys)
+  with pytest.raises(ValueError, match="smooth"):
+    da.cudnn_fp8_attention(q, pad(k), pad(v), kv, smooth=False)
+
+
 def test_fp8_smoothing_keeps_a_common_channel_from_costing_precision():
   """A key channel and a value channel large in every token (a long-context model's slow RoPE
   pairs): the softmax cannot see the first and the output gets the second back exactly, so
   fp8's error must stay what it is without them. Unsmoothed (the NumPy model) it is worse."""
-  q, k, v, kv = _qkv(11, t=32, hq=4, hkv=2, d=32, s=96)
+  q, k, v, _ = _qkv(11, t=32, hq=4, hkv=2, d=32, s=96)
+  kv = _left_padded(96)
   offset = np.zeros(k.shape[-1], np.float32)
   offset[[3, 17]] = (24.0, -16.0)
   k_off, v_off = k + offset, v + 3 * offset
@@ -152,7 +182,7 @@ def test_fp8_emulation_query_chunks_and_padding():
   whole = da.xla_fp8_attention(q, k, v, kv, query_chunk=64)
   chunked = da.xla_fp8_attention(q, k, v, kv, query_chunk=8)  # 5 chunks, the last padded
   np.testing.assert_array_equal(np.asarray(whole), np.asarray(chunked))
-  # Masked keys take no part, whatever they hold: not in the softmax, not in the scales.
+  # Whatever pad keys hold does not matter: not in the scales, the means or the scores.
   noise = jnp.asarray(np.random.default_rng(7).normal(0, 30, k.shape), k.dtype)
   moved = da.xla_fp8_attention(q, jnp.where(kv[..., None, None], k, noise),
                                jnp.where(kv[..., None, None], v, noise), kv, query_chunk=8)
@@ -161,8 +191,6 @@ def test_fp8_emulation_query_chunks_and_padding():
 
 def test_fp8_refuses_what_it_cannot_run():
   q, k, v, kv = _qkv(8, t=8, s=16, d=16)
-  with pytest.raises(ValueError, match="padding mask"):
-    da.attention(q.astype(jnp.bfloat16), k, v, key_valid=kv, implementation="cudnn", fp8=True)
   with pytest.raises(ValueError, match="splash"):
     da.attention(q, k, v, implementation="splash", fp8=True)
   with pytest.raises(ValueError, match="implementation"):

@@ -62,8 +62,9 @@ class RefreshPolicy:
   - fp8_attention: every full refresh's attention runs in float8 e4m3 with per-tensor scales
     (`kernels.dense_attention`, cuDNN's fp8 flash attention on a GPU). The refresh is
     compute-bound and attention is over half of it at 32K; the GEMMs stay bfloat16, and so does
-    every cached step. cuDNN's fp8 kernel has no padding mask: padded batches need
-    attention_impl "xla" (the emulation) or unpadded prompts.
+    every cached step. fp8 attention cannot mask pad keys; it makes each an average key
+    carrying the average value (a bounded pull, `kernels.dense_attention`), and the pipeline
+    refuses batches with more than FP8_MAX_PAD_FRACTION of pads in a row.
   """
 
   every_blocks: int = 1
