@@ -936,8 +936,9 @@ def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
   cuDNN on a GPU (the XLA path and the fp8 emulation in a smoke run). Errors of the first
   `ref_rows` query rows against a float32 reference: (max |error| / max |ref|, relative L2), on
   diffuse logits (q, k ~ N(0, 1)), on peaked ones (q, k x3: fp8's error grows with the
-  logits), and with two key channels offset by +16/-12 in every token (what smoothing the keys
-  is for; the float32 reference sees the same keys). The emulation's error is reported beside
+  logits), with two key channels offset by +16/-12 in every token (what smoothing the keys
+  is for; the float32 reference sees the same keys), and with 63 left pad keys (masked in the
+  reference and in bfloat16, neutralised in fp8). The emulation's error is reported beside
   cuDNN's fp8: the accuracy benchmark runs its padded batches on the emulation, so the two must
   agree. So is fp8 without smoothing K and V (`smooth=False`), error and time: what smoothing
   buys and costs.
@@ -962,7 +963,9 @@ def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
     flops = 4.0 * s_len * s_len * lay["d"] * lay["hq"]
     offset = jnp.zeros((lay["d"],), jnp.float32).at[jnp.array([3, 17])].set(
         jnp.array([16.0, -12.0]))
-    for logit_scale, common in ((1.0, False), (3.0, False), (1.0, True)):
+    # (logit scale, common key channels, left pads): pads are neutralised, not masked, in fp8
+    for logit_scale, common, pads in ((1.0, False, 0), (3.0, False, 0), (1.0, True, 0),
+                                      (1.0, False, 63)):
       keys = jax.random.split(jax.random.PRNGKey(1), 3)
       shape = lambda h: (1, s_len, h, lay["d"])
       q = (jax.random.normal(keys[0], shape(lay["hq"])) * logit_scale).astype(jnp.bfloat16)
@@ -971,22 +974,28 @@ def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
       if common:
         k = k + offset
       k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+      kv = (jnp.arange(s_len) >= pads)[None] if pads else None
       group = lay["hq"] // lay["hkv"]
-      ref = jax.jit(lambda q, k, v: da.xla_attention(
-          q[:, :ref_rows].astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)))(
-              q, k, v)
-      bf16 = jax.jit(lambda q, k, v: da.attention(q, k, v, implementation=bf16_impl))
-      fp8 = jax.jit(lambda q, k, v: da.attention(q, k, v, implementation=bf16_impl, fp8=True))
-      emulated = jax.jit(lambda q, k, v: da.xla_fp8_attention(q, k, v))
+      ref = jax.jit(lambda q, k, v, kv: da.xla_attention(
+          q[:, pads:pads + ref_rows].astype(jnp.float32), k.astype(jnp.float32),
+          v.astype(jnp.float32), kv))(q, k, v, kv)
+      errors_of = lambda out: errors(out[:, pads:], ref)
+      bf16 = jax.jit(lambda q, k, v, kv: da.attention(q, k, v, kv, implementation=bf16_impl))
+      fp8 = jax.jit(lambda q, k, v, kv: da.attention(q, k, v, kv, implementation=bf16_impl,
+                                                     fp8=True))
+      emulated = jax.jit(lambda q, k, v, kv: da.xla_fp8_attention(q, k, v, kv))
       unsmoothed = jax.jit(lambda q, k, v: (da.cudnn_fp8_attention if gpu
                                             else da.xla_fp8_attention)(q, k, v, smooth=False))
       row = dict(layout=layout, context=ctx, logit_scale=logit_scale, common_channels=common,
-                 group=group, impl=bf16_impl, bf16_err=errors(bf16(q, k, v), ref),
-                 fp8_err=errors(fp8(q, k, v), ref), emulation_err=errors(emulated(q, k, v), ref),
-                 fp8_unsmoothed_err=errors(unsmoothed(q, k, v), ref))
-      if logit_scale == 1.0 and not common:
-        for name, fn in (("bf16", bf16), ("fp8", fp8), ("fp8_unsmoothed", unsmoothed)):
-          t, _ = timeit(fn, (q, k, v), reps=reps)
+                 pads=pads, group=group, impl=bf16_impl,
+                 bf16_err=errors_of(bf16(q, k, v, kv)), fp8_err=errors_of(fp8(q, k, v, kv)),
+                 emulation_err=errors_of(emulated(q, k, v, kv)))
+      if not pads:  # (unsmoothed fp8 cannot neutralise pads)
+        row["fp8_unsmoothed_err"] = errors_of(unsmoothed(q, k, v))
+      if logit_scale == 1.0 and not common and not pads:
+        for name, fn, args in (("bf16", bf16, (q, k, v, kv)), ("fp8", fp8, (q, k, v, kv)),
+                               ("fp8_unsmoothed", unsmoothed, (q, k, v))):
+          t, _ = timeit(fn, args, reps=reps)
           row[f"{name}_ms"], row[f"{name}_tflops"] = t * 1e3, flops / t / 1e12
         row["fp8_speedup"] = row["bf16_ms"] / row["fp8_ms"]
       print("FP8_DENSE", row, flush=True)
