@@ -70,6 +70,9 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
     # The refresh's attention in fp8: cuDNN's fp8 kernel on a GPU, its XLA emulation elsewhere.
     # Each prompt here has 16 pads (1.5% of a 1K row), which fp8 attention neutralises.
     economy["fp8_refresh"] = {"refresh_fp8_attention": True}
+  if "fp8_matmul" in fields:
+    # ... and its projections too (fp8 GEMMs): the whole refresh in fp8 but the lm head.
+    economy["fp8_refresh_all"] = {"refresh_fp8_attention": True, "refresh_fp8_matmul": True}
   for name, opts in economy.items():
     out[f"dual_cache+{name}"] = ("dual_cache", opts)
   for name, opts in economy.items():

@@ -37,6 +37,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from focus_jax.kernels.fp8 import FP8, FP8_MAX, scale_for
+
 # A finite large negative: a fully masked row (a pad query) stays finite instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -44,8 +46,6 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128
 
 
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = 448.0  # e4m3's largest finite value: per-tensor scales map |x|max onto it
 # Softmax numerators exp(s - running max) lie in (0, 1]; cuDNN quantises them times this scale.
 FP8_PROBS_SCALE = FP8_MAX
 # The largest share of pad keys in a row fp8 attention accepts: the bound on how far the pads
@@ -162,8 +162,7 @@ def quantize_fp8(x: jax.Array, valid: jax.Array | None = None,
   if center:
     count = x.shape[1] if w is None else jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1)
     mean = jnp.sum(x if w is None else jnp.where(w, x, 0), axis=1, keepdims=True) / count
-  amax = jnp.maximum(jnp.max(hi - mean), jnp.max(mean - lo))
-  scale = FP8_MAX / jnp.maximum(amax, jnp.finfo(jnp.float32).tiny)
+  scale = scale_for(jnp.maximum(jnp.max(hi - mean), jnp.max(mean - lo)))
   x8 = (x - mean) * scale
   if w is not None:
     x8 = jnp.where(w, x8, 0)

@@ -49,6 +49,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from focus_jax.kernels import fp8
+
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu")
 # Rows above this go to XLA: at M = 256 (batch 8) the GEMMs are compute-bound and XLA's
 # autotuned tensor-core tilings are the right tool.
@@ -236,3 +238,23 @@ def _over_rows(x, weights, implementation: str, tiling: MatmulTiling, xla_fn, pa
     implementation = "pallas_gpu" if ok else "xla"
   out = xla_fn(x2) if implementation == "xla" else pallas_fn(x2, tiling)
   return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., K] @ w [K, N] in float8 e4m3: one power-of-two scale per operand (`kernels.fp8`),
+  float32 accumulation, the output in x's dtype. For refresh-sized calls (thousands of rows),
+  where the GEMMs are compute-bound and Hopper multiplies e4m3 at twice the bfloat16 rate.
+
+  Written as XLA's fp8 GEMM pattern (convert from e4m3, multiply by a scalar, dot), which XLA's
+  GPU compiler rewrites into one cuBLASLt fp8 GEMM with the scales folded in. The e4m3 arrays
+  sit behind an optimisation barrier: with excess precision allowed, XLA's simplifier would
+  otherwise drop the round trip through e4m3 and leave a bfloat16 GEMM. Power-of-two scales make
+  the multiply exact in any dtype, so off Hopper (and in the tests) this is the same arithmetic.
+  """
+  if x.shape[-1] != w.shape[0]:
+    raise ValueError(f"x's last axis {x.shape[-1]} does not match w's rows {w.shape[0]}")
+  (x8, dx), (w8, dw) = fp8.quantize(x, power_of_two=True), fp8.quantize(w, power_of_two=True)
+  x8, w8 = jax.lax.optimization_barrier((x8, w8))
+  dt = x.dtype
+  xs, ws = x8.astype(dt) * dx.astype(dt), w8.astype(dt) * dw.astype(dt)
+  return jax.lax.dot_general(xs, ws, (((x.ndim - 1,), (0,)), ((), ())))

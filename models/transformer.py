@@ -113,6 +113,16 @@ def _streamed_dot_general(lhs, rhs, dimension_numbers, precision=None):
   return matmul.matmul(lhs, rhs, implementation="pallas_gpu", interpret=_interpret())
 
 
+def _fp8_dot_general(lhs, rhs, dimension_numbers, precision=None):
+  """nn.Dense's contraction in float8 (`ModelConfig.fp8_matmul`)."""
+  (contract_lhs, contract_rhs), batch = dimension_numbers
+  if not (tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,)
+          and not batch[0] and rhs.ndim == 2):
+    raise ValueError(f"fp8_matmul takes x[..., K] @ w[K, N], got {dimension_numbers}")
+  del precision  # (e4m3 operands, float32 accumulation)
+  return matmul.fp8_matmul(lhs, rhs)
+
+
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
   """cos/sin [B, T, head_dim] in float32 for rotate-half RoPE (cat(freqs, freqs) layout)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -155,11 +165,16 @@ def _precision(dtype) -> jax.lax.Precision | None:
 
 
 def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
-           bias_axis: str | None = None):
+           bias_axis: str | None = None, fp8_allowed: bool = True):
   dtype = cfg.jnp_dtype
+  dot_general = None
+  if cfg.fp8_matmul and fp8_allowed:
+    dot_general = _fp8_dot_general
+  elif _resolved(cfg.matmul_impl) == "pallas_gpu":
+    dot_general = _streamed_dot_general
   return nn.Dense(
       features, use_bias=bias_axis is not None, dtype=dtype, param_dtype=dtype, name=name,
-      dot_general=_streamed_dot_general if _resolved(cfg.matmul_impl) == "pallas_gpu" else None,
+      dot_general=dot_general,
       kernel_init=nn.with_logical_partitioning(_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                              (bias_axis,) if bias_axis else (None,)),
@@ -239,7 +254,9 @@ class Block(nn.Module):
     w_gate = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="gate_proj")(cfg.d_model)
     w_up = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="up_proj")(cfg.d_model)
     streamed = _resolved(cfg.matmul_impl) in ("pallas_gpu", "pallas_gpu_mlp")
-    if streamed and _streams(h, w_gate.shape):  # both weights in one pass, silu fused
+    if cfg.fp8_matmul:
+      act = nn.silu(matmul.fp8_matmul(h, w_gate)) * matmul.fp8_matmul(h, w_up)
+    elif streamed and _streams(h, w_gate.shape):  # both weights in one pass, silu fused
       act = matmul.swiglu(h, w_gate, w_up, implementation="pallas_gpu", interpret=_interpret())
     else:
       act = nn.silu(_dot(h, w_gate)) * _dot(h, w_up)
@@ -268,7 +285,7 @@ class Transformer(nn.Module):
                           embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
     self.layers = [Block(cfg, i) for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.rms_eps, cfg.jnp_dtype)
-    self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")
+    self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head", fp8_allowed=False)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attention: Attention,
                layer_states: Sequence[Any] | None = None, carry: Any = None,

@@ -286,6 +286,29 @@ def test_fp8_refresh_attention(model):
     make_denoiser(cfg, "focus", refresh_fp8_attention=True, refresh_prompt_window=32)
 
 
+def test_fp8_refresh_matmul(model):
+  """The refresh's projections in fp8: the window's logits move by e4m3's few percent and every
+  block decodes; with fp8 attention too. (This random model is chaotic: fp8 GEMMs change a
+  quarter to half of its dual-cache tokens, and Dream's sampler then even picks the mask id.)"""
+  cfg, params = model
+  tokens, mask = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  cache = kv.KVCache.empty(cfg, 2, canvas.length)
+  start = jnp.int32(PROMPT)
+  exact, _ = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla")
+  fp8, _ = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla",
+                      kv.RefreshPolicy(fp8_matmul=True))
+  rel = float(jnp.linalg.norm(fp8 - exact) / jnp.linalg.norm(exact))
+  assert 1e-4 < rel < 0.1, rel
+  out, _ = decode(cfg, params, "focus", l_dense=2, dense_tail=0, prompt_block_size=16,
+                  refresh_fp8_matmul=True)
+  assert not (out == MASK).any()
+  exact_tokens, _ = decode(cfg, params, "dual_cache")
+  out, state = decode(cfg, params, "dual_cache", refresh_fp8_matmul=True,
+                      refresh_fp8_attention=True, attention_impl="xla")
+  assert int(state.num_steps) == GEN and (out != exact_tokens).any()
+
+
 def test_refresh_economy_rejects_bad_cadence():
   with pytest.raises(ValueError, match="every_blocks"):
     make_denoiser(tiny("llada"), "dual_cache", refresh_every_blocks=0)

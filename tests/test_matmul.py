@@ -11,6 +11,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from focus_jax import presets
 from focus_jax.kernels import matmul as mm
 from focus_jax.models import config as C
 from focus_jax.models.attention import SelfAttention
@@ -238,3 +239,62 @@ def test_load_fuses_qkv_from_the_same_weights():
   q = plain.params["layers_0"]["q_proj"]["kernel"]
   param_map.fuse_qkv(fused.config, plain.params, donate=True)
   assert q.is_deleted()
+
+
+def _numpy_fp8_matmul(x, w):
+  """fp8_matmul's arithmetic in NumPy (ml_dtypes' e4m3, power-of-two scales), float64 sums."""
+  import ml_dtypes
+
+  def quant(a):
+    a = np.asarray(a.astype(jnp.float32), np.float32)
+    scale = np.float32(2.0 ** np.floor(np.log2(448.0 / np.abs(a).max())))
+    return a * scale, scale
+  (xs, sx), (ws, sw) = quant(x), quant(w)
+  e4m3 = lambda a: a.astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  return (e4m3(xs) / sx) @ (e4m3(ws) / sw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fp8_matmul_is_the_quantised_product(dtype):
+  x, (w,), as64 = _operands(30, 48, 96, 40, dtype)
+  x = x.reshape(2, 24, 96)  # leading axes are kept
+  got = mm.fp8_matmul(x, w)
+  assert got.shape == (2, 24, 40) and got.dtype == dtype
+  want = _numpy_fp8_matmul(x.reshape(48, 96), w).reshape(2, 24, 40)
+  rtol = 1e-5 if dtype == jnp.float32 else 8e-3  # (bfloat16: the output's rounding)
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=rtol,
+                             atol=rtol * np.abs(want).max())
+  exact = as64(x) @ as64(w)
+  rel = np.linalg.norm(want - exact) / np.linalg.norm(exact)
+  assert 1e-3 < rel < 0.08, rel  # it does quantise, by e4m3's few percent
+
+
+def test_fp8_matmul_keeps_xlas_fp8_gemm_pattern():
+  """XLA's GPU compiler makes one cuBLASLt fp8 GEMM of convert(e4m3) * scalar -> dot, and would
+  drop an e4m3 round trip it can see through: the e4m3 operands sit behind one optimisation
+  barrier, then each is converted, scaled by a scalar and multiplied."""
+  x, (w,), _ = _operands(31, 16, 32, 8)
+  jaxpr = jax.make_jaxpr(mm.fp8_matmul)(x, w).jaxpr
+  prims = [e.primitive.name for e in jaxpr.eqns]
+  assert prims.count("optimization_barrier") == 1 and prims[-1] == "dot_general", prims
+  barrier = prims.index("optimization_barrier")
+  assert all(str(v.aval.dtype) == "float8_e4m3fn" for v in jaxpr.eqns[barrier].outvars)
+  assert prims[barrier + 1:] == ["convert_element_type", "convert_element_type", "mul",
+                                 "convert_element_type", "convert_element_type", "mul",
+                                 "dot_general"], prims[barrier + 1:]
+
+
+def test_fp8_matmul_model_flag_leaves_the_lm_head_alone():
+  """`ModelConfig.fp8_matmul`: the projections run in fp8 (hidden states move), the lm head
+  does not (the same hidden states give the same logits)."""
+  cfg = presets.tiny()
+  fp8_cfg = cfg.replace(fp8_matmul=True)
+  params = Transformer(cfg).init_params(jax.random.PRNGKey(0))
+  tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % cfg.vocab_size
+  positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), tokens.shape)
+  run = lambda c: Transformer(c).apply({"params": params}, tokens, positions, SelfAttention())[0]
+  exact, fp8 = run(cfg), run(fp8_cfg)
+  rel = float(jnp.linalg.norm(fp8 - exact) / jnp.linalg.norm(exact))
+  assert 1e-4 < rel < 0.1, rel
+  logits = lambda c: Transformer(c).apply({"params": params}, exact, method=Transformer.logits)
+  np.testing.assert_array_equal(np.asarray(logits(cfg)), np.asarray(logits(fp8_cfg)))

@@ -19,7 +19,8 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
   """The denoiser of a decoding mode; `options` are that mode's knobs (Focus: FocusConfig's
   fields plus attention_impl; caches: attention_impl, refresh_every_step; both: the refresh
   economy `refresh_every_blocks`, `reuse_prompt_kv`, `refresh_prompt_window`,
-  `refresh_prompt_globals` and `refresh_fp8_attention`, see `RefreshPolicy`)."""
+  `refresh_prompt_globals`, `refresh_fp8_attention` and `refresh_fp8_matmul`, see
+  `RefreshPolicy`)."""
   options = dict(options)
   if mode == "vanilla":
     options.pop("cache_sharding", None)  # vanilla keeps no cache
@@ -28,7 +29,8 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
                           reuse_prompt_kv=options.pop("reuse_prompt_kv", False),
                           prompt_window=options.pop("refresh_prompt_window", 0),
                           prompt_globals=options.pop("refresh_prompt_globals", 64),
-                          fp8_attention=options.pop("refresh_fp8_attention", False))
+                          fp8_attention=options.pop("refresh_fp8_attention", False),
+                          fp8_matmul=options.pop("refresh_fp8_matmul", False))
   if mode == "prefix_cache":
     return PrefixCacheDenoiser(config, refresh=refresh, **options)
   if mode == "dual_cache":

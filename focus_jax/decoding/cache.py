@@ -65,6 +65,10 @@ class RefreshPolicy:
     every cached step. fp8 attention cannot mask pad keys; it makes each an average key
     carrying the average value (a bounded pull, `kernels.dense_attention`), and the pipeline
     refuses batches with more than FP8_MAX_PAD_FRACTION of pads in a row.
+  - fp8_matmul: every full refresh's projections (q, k, v, o and the MLP; not the lm head)
+    multiply in float8 e4m3 with per-tensor scales (`ModelConfig.fp8_matmul`, cuBLASLt's fp8
+    GEMM on a Hopper GPU). They are the other half of the refresh's time at 32K. Cached steps
+    stay bfloat16 (their GEMMs stream weights; fp8 would not speed them up).
   """
 
   every_blocks: int = 1
@@ -72,6 +76,7 @@ class RefreshPolicy:
   prompt_window: int = 0
   prompt_globals: int = 64
   fp8_attention: bool = False
+  fp8_matmul: bool = False
 
   def __post_init__(self):
     if self.every_blocks < 1:
@@ -200,7 +205,8 @@ def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_
   policy = policy or RefreshPolicy()
   attention = RefreshAttention(key_valid, query_valid, attention_impl, canvas.prompt_length,
                                policy.prompt_window, policy.prompt_globals, policy.fp8_attention)
-  hidden, kv, _ = Transformer(config).apply(
+  forward = config.replace(fp8_matmul=True) if policy.fp8_matmul else config
+  hidden, kv, _ = Transformer(forward).apply(
       {"params": params}, canvas.tokens, positions, attention, tuple(zip(cache.k, cache.v)),
       output_rows=family.source_positions(config, window_start, window))
   logits = logits_at(config, params, hidden)
