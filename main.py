@@ -34,7 +34,7 @@ def _task_prompt(cfg, model: pipeline.Model):
         f"{' '.join(words[:24])} ... {' '.join(words[-16:])}\nexpected answer: {ex.answer_text}")
   pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
       model.config.eos_token_id)
-  prompt, mask = pipeline.pad_prompts([ex.prompt.tolist()] * cfg.batch_size, pad)
+  prompt, mask = pipeline.pad_prompts([ex.prompt.tolist()] * cfg.batch_size, pad, cfg.pad_to)
   return prompt, mask, ex
 
 
@@ -53,7 +53,7 @@ def _prompt_ids(cfg, model: pipeline.Model):
                                     chat=cfg.chat)
   pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
       model.config.eos_token_id)
-  return pipeline.pad_prompts(ids, pad)
+  return pipeline.pad_prompts(ids, pad, cfg.pad_to)
 
 
 def main(argv):

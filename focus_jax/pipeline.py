@@ -83,6 +83,8 @@ def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int,
   """Left-pads to a common length rounded up to `pad_to`: (tokens [B, P], mask [B, P])."""
   if not token_lists or any(len(t) == 0 for t in token_lists):
     raise ValueError("every prompt must have at least one token")
+  if pad_to < 1:
+    raise ValueError(f"pad_to must be >= 1 (1: no rounding), got {pad_to}")
   longest = max(len(t) for t in token_lists)
   length = -(-longest // pad_to) * pad_to
   tokens = np.full((len(token_lists), length), pad_id, np.int32)
@@ -124,7 +126,8 @@ def check_fp8_pads(prompt_mask: np.ndarray, gen_length: int) -> None:
         f"refresh_fp8_attention: prompt row {row} is {int(pads[row])} pad tokens of "
         f"{prompt_mask.shape[1] + gen_length} ({share[row]:.1%}); fp8 attention cannot mask pads, "
         f"and above {dense_attention.FP8_MAX_PAD_FRACTION:.1%} they could bias its output. Batch "
-        "prompts of similar length, pad less (generate's pad_to, e.g. pad_to=1 for one prompt), "
+        "prompts of similar length, pad less (generate's pad_to, main.py's --config.pad_to; 1 "
+        "for a single prompt), "
         "or turn refresh_fp8_attention off")
 
 

@@ -50,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.prompts = ["Write one sentence about the sea."]
   c.chat = True
+  # Prompts are left-padded to a multiple of this (one compile serves similar lengths); 1: no
+  # padding for a single prompt (fp8 attention refuses rows that are more than 1/32 pads).
+  c.pad_to = 64
   # > 0: ignore `prompts` and use random token ids of this length (benchmarks; no tokenizer).
   c.synthetic_prompt_length = 0
   c.batch_size = 1  # rows of the synthetic prompt

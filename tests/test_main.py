@@ -33,6 +33,21 @@ def test_main_rejects_unknown_mode():
   assert "unknown decoding mode 'sparse'" in out.stderr
 
 
+def test_fp8_refresh_and_pad_to():
+  """fp8 attention cannot mask pads: a short prompt left-padded to 64 is refused, naming the
+  way out, and runs with --config.pad_to=1 (no padding)."""
+  cmd = [sys.executable, "main.py", "--config=configs/tiny.py", "--config.gen_length=32",
+         "--config.steps=32", "--config.block_length=16", "--config.modes=('dual_cache',)",
+         "--config.decoding.dual_cache.refresh_fp8_attention=True"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "pad tokens" in out.stderr and "--config.pad_to" in out.stderr, out.stderr[-2000:]
+  out = subprocess.run(cmd + ["--config.pad_to=1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "=== dual_cache ===" in out.stdout
+
+
 def test_default_run_answers_the_generated_question():
   """`python main.py` as shipped (configs/demo.py, the trained demo_model/), on a shorter
   prompt so CI stays quick: dense and Focus both print the expected answer."""
