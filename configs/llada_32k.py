@@ -4,8 +4,10 @@ With the default random weights ("ultra_llada") the prompt is 32K random tokens;
 --config.model at a converted UltraLLaDA checkpoint (its RoPE base is read from its config.json)
 and set --config.synthetic_prompt_length=0 with real prompts for text.
 --config.decoding.focus.refresh_fp8_attention=True runs the refreshes' attention in fp8 (cuDNN,
-Hopper): 19.10 against 16.49 tokens/s on an H100 (README, 2026-12-06); prompts must then be
-unpadded (the synthetic one is a multiple of 64 tokens).
+Hopper): 18.85 against 16.56 tokens/s on an H100, 0 points lost on the demo model at 1K-8K
+(README, 2026-12-06). Pad keys are neutralised, not masked: a batch whose rows are more than
+1/32 pads is refused. --config.decoding.focus.refresh_fp8_matmul=True adds the refreshes'
+projections in fp8 (README).
 """
 
 from focus_jax.run_config import default_config
