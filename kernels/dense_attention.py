@@ -195,7 +195,10 @@ def fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array 
   row of probabilities sums to 1, so the output gets it back exactly); then per-tensor e4m3
   scales. A component common to every token would otherwise set the scale and bury the part
   that differs between tokens, the part attention reads, under fp8's rounding. `smooth=False`
-  skips that (for measuring what it buys)."""
+  skips that (for measuring what it buys; unpadded only: unsmoothed, a zeroed pad key would
+  not score the row's mean)."""
+  if not smooth and key_valid is not None:
+    raise ValueError("unsmoothed fp8 attention cannot neutralise pad keys: pass smooth=True")
   (q8, dq, _), (k8, dk, _), (v8, dv, v_mean) = (
       quantize_fp8(q, query_valid), quantize_fp8(k, key_valid, center=smooth),
       quantize_fp8(v, key_valid, center=smooth))
@@ -258,11 +261,8 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                         key_valid: jax.Array | None = None, query_valid: jax.Array | None = None,
                         smooth: bool = True) -> jax.Array:
   """cuDNN's fp8 flash attention (Hopper) on `fp8_operands`, with the scales and the pad
-  handling of `xla_fp8_attention`. `smooth=False` is for measuring only, and unpadded: unsmoothed
-  pads would not score the row's mean."""
+  handling of `xla_fp8_attention`."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # no public fp8 entry point
-  if not smooth and key_valid is not None:
-    raise ValueError("unsmoothed fp8 attention cannot neutralise pad keys: pass smooth=True")
   ops = fp8_operands(q, k, v, key_valid, query_valid, smooth)
   as_param = lambda x: jnp.asarray(x, jnp.float32).reshape(1, 1, 1, 1)
   params = {key: as_param(1.0) for key in cudnn_fa.fp8_params_keys}  # backward-only ones unused

@@ -256,20 +256,27 @@ def test_refresh_economy_options(model, mode, economy, refreshes):
   assert (tokens != baseline).any(), "skipping refreshes should be an approximation here"
 
 
+def refresh_against_exact(cfg, params, mask, policy):
+  """The first block's refresh under `policy` and exactly: (relative L2 distance of the window
+  logits, the canvas, the policy's cache, the exact cache)."""
+  tokens, _ = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  cache = kv.KVCache.empty(cfg, 2, canvas.length)
+  start = jnp.int32(PROMPT)
+  exact, exact_cache = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla")
+  approx, approx_cache = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla", policy)
+  rel = float(jnp.linalg.norm(approx - exact) / jnp.linalg.norm(exact))
+  return rel, canvas, approx_cache, exact_cache
+
+
 def test_fp8_refresh_attention(model):
   """The refresh's attention in fp8 (the XLA emulation here): close to the exact refresh, not
   equal to it; every block decodes. Row 0 has 3 pads, which fp8 neutralises instead of masking;
   a row with 37 (28% of it) is refused before anything compiles."""
   cfg, params = model
-  tokens, mask = prompts()
-  mask = mask.at[0, 3:].set(True)
-  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
-  cache = kv.KVCache.empty(cfg, 2, canvas.length)
-  start = jnp.int32(PROMPT)
-  exact, exact_cache = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla")
-  fp8, fp8_cache = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla",
-                              kv.RefreshPolicy(fp8_attention=True))
-  rel = float(jnp.linalg.norm(fp8 - exact) / jnp.linalg.norm(exact))
+  mask = prompts()[1].at[0, 3:].set(True)
+  rel, canvas, fp8_cache, exact_cache = refresh_against_exact(
+      cfg, params, mask, kv.RefreshPolicy(fp8_attention=True))
   assert 1e-4 < rel < 0.1, rel
   real = canvas.attention_mask[:, :, None, None]  # pad rows hold no meaning (Dream: any values)
   k_fp8, k_exact = (jnp.where(real, c.k[-1], 0) for c in (fp8_cache, exact_cache))
@@ -291,14 +298,7 @@ def test_fp8_refresh_matmul(model):
   block decodes; with fp8 attention too. (This random model is chaotic: fp8 GEMMs change a
   quarter to half of its dual-cache tokens, and Dream's sampler then even picks the mask id.)"""
   cfg, params = model
-  tokens, mask = prompts()
-  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
-  cache = kv.KVCache.empty(cfg, 2, canvas.length)
-  start = jnp.int32(PROMPT)
-  exact, _ = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla")
-  fp8, _ = kv.refresh(cfg, params, canvas, cache, start, BLOCK, "xla",
-                      kv.RefreshPolicy(fp8_matmul=True))
-  rel = float(jnp.linalg.norm(fp8 - exact) / jnp.linalg.norm(exact))
+  rel, *_ = refresh_against_exact(cfg, params, prompts()[1], kv.RefreshPolicy(fp8_matmul=True))
   assert 1e-4 < rel < 0.1, rel
   out, _ = decode(cfg, params, "focus", l_dense=2, dense_tail=0, prompt_block_size=16,
                   refresh_fp8_matmul=True)
