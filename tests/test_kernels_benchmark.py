@@ -50,3 +50,25 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
       assert row["fp8_unsmoothed_err"][1] > 1.2 * row["fp8_err"][1], row
   assert all(math.isfinite(row["us"]) for row in res["focus_call"]
              if row["impl"] == "pallas_gpu"), res["focus_call"]
+
+
+def test_fp8_gemm_forms_runs_and_writes_its_results(tmp_path, monkeypatch):
+  """benchmarks/fp8_gemm_forms.py on a tiny shape: every form runs, each fp8 form quantises
+  (the CPU keeps e4m3 round trips, barrier or not), and the JSON is written."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import fp8_gemm_forms as forms  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  monkeypatch.setattr(forms, "ROWS", 256)
+  monkeypatch.setattr(forms, "K", 64)
+  monkeypatch.setattr(forms, "N", 32)
+  monkeypatch.setenv("OUT", str(tmp_path))
+  forms.main()
+  with open(tmp_path / "fp8_gemm_forms.json") as f:
+    rows = {r["form"]: r for r in json.load(f)["rows"]}
+  assert set(rows) == {*forms.FORMS, forms.PREQUANTISED}, rows
+  assert rows["bf16"]["rel_err"] < 0.005, rows["bf16"]
+  for name in forms.FORMS:
+    if name != "bf16":
+      assert 0.005 < rows[name]["rel_err"] < 0.08, rows[name]
