@@ -16,6 +16,7 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
          bfloat16: cuDNN's time for each, and each one's error (and the XLA emulation's)
   fp8_matmul  a 32K refresh's projections in fp8 (`RefreshPolicy.fp8_matmul`) against
          bfloat16: time and error
+  fp8_gemm_forms  which way of writing an fp8 GEMM XLA makes into cuBLASLt's fp8 GEMM
   mgpu_sparse  the Mosaic GPU (wgmma + TMA) split-KV sparse kernel: correctness against the
          float32 reference, then 32K timing against pallas_gpu and a sweep of its tiling knobs
   relevance  a sparse layer's prompt-block selection (relevance of the focus slots, top alpha):
@@ -941,8 +942,7 @@ def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
   logits), with two key channels offset by +16/-12 in every token (what smoothing the keys
   is for; the float32 reference sees the same keys), and with 63 left pad keys (masked in the
   reference and in bfloat16, neutralised in fp8). The emulation's error is reported beside
-  cuDNN's fp8: the accuracy benchmark runs its padded batches on the emulation, so the two must
-  agree. So is fp8 without smoothing K and V (`smooth=False`), error and time: what smoothing
+  cuDNN's fp8: the CPU and TPU (and the tests) run the emulation, so the two must agree. So is fp8 without smoothing K and V (`smooth=False`), error and time: what smoothing
   buys and costs.
   """
   import jax
@@ -1041,6 +1041,62 @@ def phase_fp8_matmul(reps: int = 5) -> list[dict]:
       row["fp8_speedup"] = row["bf16_ms"] / row["fp8_ms"]
       print("FP8_MATMUL", row, flush=True)
       out.append(row)
+  return out
+
+
+def phase_fp8_gemm_forms(reps: int = 5) -> list[dict]:
+  """Which way of writing an fp8 GEMM XLA turns into cuBLASLt's fp8 GEMM: LLaDA-8B's fused
+  q|k|v at a 32K refresh ([33024, 4096] x [4096, 12288], bf16) in each form, with the custom
+  calls of its compiled HLO (`__cublas$lt$matmul$f8` is the fp8 GEMM), its time (quantisation
+  included) and its error on the first 256 rows against float32. "direct_bf16_out" is
+  `matmul.fp8_matmul` itself."""
+  import jax
+  import jax.numpy as jnp
+  from focus_jax.kernels import fp8
+  from focus_jax.kernels import matmul as mm
+  rows, k, n = (256, 64, 32) if SMOKE else (TARGET_CTX + GEN, 4096, 12288)
+  dot = (((1,), (0,)), ((), ()))
+  quantised = lambda a: fp8.quantize(a, power_of_two=True)[:2]
+
+  def converted_and_scaled(x, w, barrier):  # XLA's documented pattern
+    (x8, dx), (w8, dw) = quantised(x), quantised(w)
+    if barrier:  # (without it XLA drops the e4m3 round trip: a plain bf16 product)
+      x8, w8 = jax.lax.optimization_barrier((x8, w8))
+    return (x8.astype(x.dtype) * dx.astype(x.dtype)) @ (w8.astype(x.dtype) * dw.astype(x.dtype))
+
+  def direct_f32_out(x, w):
+    (x8, dx), (w8, dw) = quantised(x), quantised(w)
+    return (jax.lax.dot_general(x8, w8, dot, preferred_element_type=jnp.float32)
+            * (dx * dw)).astype(x.dtype)
+
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (rows, k), jnp.float32).astype(jnp.bfloat16)
+  w = (0.02 * jax.random.normal(kw, (k, n), jnp.float32)).astype(jnp.bfloat16)
+  ref = x[:256].astype(jnp.float32) @ w.astype(jnp.float32)
+  x8, w8 = quantised(x)[0], quantised(w)[0]
+  forms = [("bf16", lambda x, w: x @ w, (x, w)),
+           ("converted_and_scaled", lambda x, w: converted_and_scaled(x, w, True), (x, w)),
+           ("converted_and_scaled_no_barrier", lambda x, w: converted_and_scaled(x, w, False),
+            (x, w)),
+           ("direct_f32_out", direct_f32_out, (x, w)),
+           ("direct_bf16_out", mm.fp8_matmul, (x, w)),
+           # the fp8 GEMM alone, on operands quantised beforehand (no error: not x @ w)
+           ("prequantised_gemm", lambda a, b: jax.lax.dot_general(
+               a, b, dot, preferred_element_type=jnp.bfloat16), (x8, w8))]
+  out = []
+  for name, fn, args in forms:
+    jitted = jax.jit(fn)
+    hlo = jitted.lower(*args).compile().as_text()
+    calls = sorted({line.split('custom_call_target="')[1].split('"')[0]
+                    for line in hlo.splitlines() if 'custom_call_target="' in line})
+    y = jitted(*args)
+    err = None if name == "prequantised_gemm" else float(
+        jnp.linalg.norm(y[:256].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    t, _ = timeit(jitted, args, reps=reps)
+    row = dict(form=name, rows=rows, k=k, n=n, ms=t * 1e3,
+               tflops=2.0 * rows * k * n / t / 1e12, rel_err=err, custom_calls=calls)
+    print("FP8_GEMM_FORM", row, flush=True)
+    out.append(row)
   return out
 
 
@@ -1460,6 +1516,8 @@ def main() -> None:
       res["fp8_dense"] = phase_fp8_dense(da)
     elif ph == "fp8_matmul":
       res["fp8_matmul"] = phase_fp8_matmul()
+    elif ph == "fp8_gemm_forms":
+      res["fp8_gemm_forms"] = phase_fp8_gemm_forms()
     elif ph == "mgpu_sparse":
       res["mgpu_sparse"] = phase_mgpu_sparse(sa, a.block_size, path, res,
                                              parts=a.mgpu_parts, layouts=a.mgpu_layouts)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from focus_jax.kernels.fp8 import FP8, FP8_MAX, scale_for
+from focus_jax.kernels.fp8 import FP8, FP8_MAX, quantize
 
 # A finite large negative: a fully masked row (a pad query) stays finite instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -144,31 +144,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
 
-def quantize_fp8(x: jax.Array, valid: jax.Array | None = None,
-                 center: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """x [B, T, H, D] -> ((x - mean) * scale in e4m3, 1 / scale, mean [B, 1, H, D] float32).
-
-  `center`: mean is x's mean over the valid positions of each sequence, per head and channel
-  (else 0). scale = FP8_MAX / max|x - mean| (per tensor, float32). With `valid` [B, T], invalid
-  positions become 0 and set neither the mean nor the scale (a pad row must not cost the real
-  ones precision, nor overflow e4m3 into NaN). One pass of reductions: per channel,
-  max|x - mean| is max(hi - mean, mean - lo), so the largest, smallest and the sum are read
-  together, then a second pass writes the e4m3 array."""
-  x = x.astype(jnp.float32)
-  w = None if valid is None else valid[:, :, None, None]
-  hi = jnp.max(x if w is None else jnp.where(w, x, -jnp.inf), axis=1, keepdims=True)
-  lo = jnp.min(x if w is None else jnp.where(w, x, jnp.inf), axis=1, keepdims=True)
-  mean = jnp.zeros_like(hi)
-  if center:
-    count = x.shape[1] if w is None else jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1)
-    mean = jnp.sum(x if w is None else jnp.where(w, x, 0), axis=1, keepdims=True) / count
-  scale = scale_for(jnp.maximum(jnp.max(hi - mean), jnp.max(mean - lo)))
-  x8 = (x - mean) * scale
-  if w is not None:
-    x8 = jnp.where(w, x8, 0)
-  return x8.astype(FP8), 1.0 / scale, mean
-
-
 def _widened(x8: jax.Array) -> jax.Array:
   """An e4m3 array back in float32, for the emulation, behind an optimisation barrier: with
   excess precision allowed (XLA's GPU default) XLA drops a float32 -> e4m3 -> float32 round
@@ -200,8 +175,8 @@ def fp8_operands(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array 
   if not smooth and key_valid is not None:
     raise ValueError("unsmoothed fp8 attention cannot neutralise pad keys: pass smooth=True")
   (q8, dq, _), (k8, dk, _), (v8, dv, v_mean) = (
-      quantize_fp8(q, query_valid), quantize_fp8(k, key_valid, center=smooth),
-      quantize_fp8(v, key_valid, center=smooth))
+      quantize(q, query_valid), quantize(k, key_valid, center=smooth),
+      quantize(v, key_valid, center=smooth))
   return Fp8Operands(q8, k8, v8, dq, dk, dv, v_mean)
 
 

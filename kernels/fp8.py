@@ -27,7 +27,26 @@ def scale_for(amax: jax.Array, power_of_two: bool = False) -> jax.Array:
   return scale
 
 
-def quantize(x: jax.Array, power_of_two: bool = False) -> tuple[jax.Array, jax.Array]:
-  """(x * scale in e4m3, 1 / scale) with one scale for the whole tensor (`scale_for`)."""
-  scale = scale_for(jnp.max(jnp.abs(x)), power_of_two)
-  return (x.astype(jnp.float32) * scale).astype(FP8), 1.0 / scale
+def quantize(x: jax.Array, valid: jax.Array | None = None, center: bool = False,
+             power_of_two: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x [B, T, ...] -> ((x - mean) * scale in e4m3, 1 / scale, mean [B, 1, ...] float32), one
+  scale for the whole tensor (`scale_for` of max |x - mean|).
+
+  `center`: mean is x's mean over the valid positions of axis 1 (a sequence), per remaining
+  index (else 0). With `valid` [B, T], invalid positions become 0 and set neither the mean nor
+  the scale (a pad row must not cost the real ones precision, nor overflow e4m3 into NaN). One
+  pass of reductions: per index, max |x - mean| is max(hi - mean, mean - lo), so the largest,
+  smallest and the sum are read together, then a second pass writes the e4m3 array."""
+  x = x.astype(jnp.float32)
+  w = None if valid is None else valid.reshape(valid.shape + (1,) * (x.ndim - 2))
+  hi = jnp.max(x if w is None else jnp.where(w, x, -jnp.inf), axis=1, keepdims=True)
+  lo = jnp.min(x if w is None else jnp.where(w, x, jnp.inf), axis=1, keepdims=True)
+  mean = jnp.zeros_like(hi)
+  if center:
+    count = x.shape[1] if w is None else jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1)
+    mean = jnp.sum(x if w is None else jnp.where(w, x, 0), axis=1, keepdims=True) / count
+  scale = scale_for(jnp.maximum(jnp.max(hi - mean), jnp.max(mean - lo)), power_of_two)
+  x8 = (x - mean) * scale
+  if w is not None:
+    x8 = jnp.where(w, x8, 0)
+  return x8.astype(FP8), 1.0 / scale, mean

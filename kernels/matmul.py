@@ -255,7 +255,8 @@ def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """
   if x.shape[-1] != w.shape[0]:
     raise ValueError(f"x's last axis {x.shape[-1]} does not match w's rows {w.shape[0]}")
-  (x8, dx), (w8, dw) = fp8.quantize(x, power_of_two=True), fp8.quantize(w, power_of_two=True)
+  (x8, dx, _), (w8, dw, _) = (fp8.quantize(x, power_of_two=True),
+                              fp8.quantize(w, power_of_two=True))
   out = jax.lax.dot_general(x8, w8, (((x.ndim - 1,), (0,)), ((), ())),
                             preferred_element_type=x.dtype)
   return out * (dx * dw).astype(x.dtype)
