@@ -1005,6 +1005,20 @@ def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
   return rows
 
 
+def _gemm_operands(rows: int, k: int, n: int, seed: int):
+  """x [rows, k] ~ N(0, 1) and w [k, n] ~ N(0, 0.02) in bfloat16, and err(y): the relative L2
+  error of y's first 256 rows against their float32 product."""
+  import jax
+  import jax.numpy as jnp
+  kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+  x = jax.random.normal(kx, (rows, k), jnp.float32).astype(jnp.bfloat16)
+  w = (0.02 * jax.random.normal(kw, (k, n), jnp.float32)).astype(jnp.bfloat16)
+  ref = jnp.dot(x[:256].astype(jnp.float32), w.astype(jnp.float32),
+                precision=jax.lax.Precision.HIGHEST)
+  err = lambda y: float(jnp.linalg.norm(y[:256].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+  return x, w, err
+
+
 def phase_fp8_matmul(reps: int = 5) -> list[dict]:
   """A 32K refresh's projections (33024 rows, LLaDA-8B's and Dream-7B's weights) in bfloat16
   (XLA: cuBLAS) and in fp8 (`matmul.fp8_matmul`: cuBLASLt's fp8 GEMM on Hopper, the operands'
@@ -1023,15 +1037,9 @@ def phase_fp8_matmul(reps: int = 5) -> list[dict]:
   out = []
   for layout, gemms in shapes.items():
     for name, (k, n) in gemms.items():
-      kx, kw = jax.random.split(jax.random.PRNGKey(2))
-      x = jax.random.normal(kx, (rows, k), jnp.float32).astype(jnp.bfloat16)
-      w = (0.02 * jax.random.normal(kw, (k, n), jnp.float32)).astype(jnp.bfloat16)
+      x, w, err = _gemm_operands(rows, k, n, seed=2)
       bf16 = jax.jit(lambda x, w: x @ w)
       fp8 = jax.jit(mm.fp8_matmul)
-      ref = jnp.dot(x[:256].astype(jnp.float32), w.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
-      err = lambda y: float(jnp.linalg.norm(y[:256].astype(jnp.float32) - ref)
-                            / jnp.linalg.norm(ref))
       row = dict(layout=layout, gemm=name, rows=rows, k=k, n=n, bf16_err=err(bf16(x, w)),
                  fp8_err=err(fp8(x, w)))
       flops = 2.0 * rows * k * n
@@ -1069,10 +1077,7 @@ def phase_fp8_gemm_forms(reps: int = 5) -> list[dict]:
     return (jax.lax.dot_general(x8, w8, dot, preferred_element_type=jnp.float32)
             * (dx * dw)).astype(x.dtype)
 
-  kx, kw = jax.random.split(jax.random.PRNGKey(0))
-  x = jax.random.normal(kx, (rows, k), jnp.float32).astype(jnp.bfloat16)
-  w = (0.02 * jax.random.normal(kw, (k, n), jnp.float32)).astype(jnp.bfloat16)
-  ref = x[:256].astype(jnp.float32) @ w.astype(jnp.float32)
+  x, w, err_of = _gemm_operands(rows, k, n, seed=0)
   x8, w8 = quantised(x)[0], quantised(w)[0]
   forms = [("bf16", lambda x, w: x @ w, (x, w)),
            ("converted_and_scaled", lambda x, w: converted_and_scaled(x, w, True), (x, w)),
@@ -1090,8 +1095,7 @@ def phase_fp8_gemm_forms(reps: int = 5) -> list[dict]:
     calls = sorted({line.split('custom_call_target="')[1].split('"')[0]
                     for line in hlo.splitlines() if 'custom_call_target="' in line})
     y = jitted(*args)
-    err = None if name == "prequantised_gemm" else float(
-        jnp.linalg.norm(y[:256].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    err = None if name == "prequantised_gemm" else err_of(y)
     t, _ = timeit(jitted, args, reps=reps)
     row = dict(form=name, rows=rows, k=k, n=n, ms=t * 1e3,
                tflops=2.0 * rows * k * n / t / 1e12, rel_err=err, custom_calls=calls)
