@@ -48,6 +48,10 @@ flags.DEFINE_list("merge", [], "Instead of decoding: merge these result JSONs (e
 # and alpha, and a 64-token prompt block.
 FOCUS = {"l_dense": 2, "diagnostics": True}
 LOCAL_PROMPT_WINDOW = 256  # the refresh's local prompt window on the demo model's 1K-8K prompts
+# The refresh's selected prompt blocks on the demo model's 1K-8K prompts: 128-query chunks and
+# 32-key blocks are the 32K defaults (1024, 128) scaled by a quarter, as 8K is 32K's quarter.
+SELECTED_PROMPT = {"refresh_prompt_chunk": 128, "refresh_prompt_block": 32,
+                   "refresh_prompt_globals": 64}
 
 
 def variants() -> dict[str, tuple[str, dict[str, Any]]]:
@@ -66,6 +70,11 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
     # refresh (1/4 of a 1K prompt, 1/32 of 8K: the 2048 of a 32K run is 1/16).
     economy["local_prompt"] = {"refresh_prompt_window": LOCAL_PROMPT_WINDOW,
                                "refresh_prompt_globals": 64}
+  if "prompt_keep" in fields:
+    # Prompt queries see a quarter (an eighth) of the prompt's blocks, chosen per query chunk
+    # and kv head, and the response.
+    economy["selected_prompt"] = {**SELECTED_PROMPT, "refresh_prompt_keep": 0.25}
+    economy["selected_prompt/8"] = {**SELECTED_PROMPT, "refresh_prompt_keep": 0.125}
   if "fp8_attention" in fields:
     # The refresh's attention in fp8: cuDNN's fp8 kernel on a GPU, its XLA emulation elsewhere.
     # Each prompt here has 16 pads (1.5% of a 1K row), which fp8 attention neutralises.

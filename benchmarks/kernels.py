@@ -933,6 +933,56 @@ def mgpu_sweep_configs(layout: str, base: dict, hkv: int, rows: int, n_items: in
   return out
 
 
+def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
+  """The refresh's attention at 32K with selected prompt blocks (`kernels.selected_attention`)
+  against dense attention (cuDNN on a GPU), per layout and (chunk, keep): time, the share of
+  the dense score FLOPs it computes, and its time over dense x that share (the gather's and
+  the selection's overhead). A small case checks the batched call against the XLA path."""
+  import jax
+  import jax.numpy as jnp
+  from focus_jax.kernels import selected_attention as sel
+  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  ctx, block, n_global = (512, 16, 16) if SMOKE else (TARGET_CTX, 128, 64)
+  settings = ([(64, 0.25)] if SMOKE else
+              [(1024, 0.25), (1024, 0.125), (512, 0.25), (2048, 0.25), (1024, 0.5)])
+  rows = []
+  for layout, lay in LAYOUTS.items():
+    s_len = ctx + GEN
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    shape = lambda h: (1, s_len, h, lay["d"])
+    q, k, v = (jax.random.normal(kk, shape(h), jnp.bfloat16)
+               for kk, h in zip(keys, (lay["hq"], lay["hkv"], lay["hkv"])))
+    dense = jax.jit(lambda q, k, v: da.attention(q, k, v, implementation=impl))
+    t_dense, _ = timeit(dense, (q, k, v), reps=reps)
+    rows.append(dict(layout=layout, context=ctx, impl=impl, variant="dense", ms=t_dense * 1e3))
+    print("SELECTED", rows[-1], flush=True)
+    for chunk, keep in settings:
+      n_keep = sel.kept_blocks(ctx, chunk, block, keep, n_global)
+      share = (ctx * (n_keep * block + s_len - ctx // block * block) + GEN * s_len) / s_len ** 2
+      fn = jax.jit(lambda q, k, v, chunk=chunk, keep=keep: sel.selected_prefix_attention(
+          q, k, v, prefix=ctx, chunk=chunk, block=block, keep=keep, n_global=n_global,
+          implementation=impl))
+      t, first = timeit(fn, (q, k, v), reps=reps)
+      rows.append(dict(layout=layout, context=ctx, impl=impl, variant="selected", chunk=chunk,
+                       keep=keep, block=block, kept_blocks=n_keep, flop_share=share,
+                       ms=t * 1e3, compile_s=first, speedup=t_dense / t,
+                       over_ideal=t / (t_dense * share)))
+      print("SELECTED", rows[-1], flush=True)
+    # The batched call (kv heads folded into the batch) against the XLA path, left pads too.
+    small = 1024 if not SMOKE else 256
+    qs, ks, vs = (x[:, :small + GEN] for x in (q, k, v))
+    pads = (jnp.arange(small + GEN) >= 40)[None]
+    call = lambda impl_: jax.jit(lambda q, k, v, kv: sel.selected_prefix_attention(
+        q, k, v, prefix=small, chunk=128 if not SMOKE else 64, block=block, keep=0.25,
+        n_global=n_global, key_valid=kv, query_valid=kv, implementation=impl_))
+    got, want = (call(i)(qs, ks, vs, pads).astype(jnp.float32)[:, 40:] for i in (impl, "xla"))
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    rows.append(dict(layout=layout, context=small, impl=impl, variant="check", max_rel_err=err,
+                     ok=err < 2e-2))
+    print("SELECTED", rows[-1], flush=True)
+  return rows
+
+
 def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
   """The refresh's dense attention at 32K (and LLaDA's at 8K) in bfloat16 and in fp8.
 
@@ -1379,6 +1429,14 @@ def summary(res: dict) -> None:
     err = f"max_rel {r['max_rel_err']:.1e}" if "max_rel_err" in r else r.get("error", "")[:60]
     print(f"focus_call {r['layout']:8} {r['impl']:10} {c:22} {r.get('us', float('nan')):7.1f} us "
           f"{'ok' if r['ok'] else 'FAIL'} {err}")
+  for r in res.get("selected_prompt", []):
+    if r["variant"] == "check":
+      print(f"selected {r['layout']:8} check {'ok' if r['ok'] else 'FAIL'} {r['max_rel_err']:.1e}")
+    elif r["variant"] == "dense":
+      print(f"selected {r['layout']:8} dense {r['ms']:8.2f} ms")
+    else:
+      print(f"selected {r['layout']:8} chunk {r['chunk']:5} keep {r['keep']:5} {r['ms']:8.2f} ms "
+            f"x{r['speedup']:.2f} (share {r['flop_share']:.2f}, {r['over_ideal']:.2f} x ideal)")
   for r in res.get("matmul", []):
     us, tb = r["us"], r["tb_s"]
     line = " ".join(f"{nm} {us[nm]:.1f} us {tb[nm]:.2f} TB/s" for nm in
@@ -1518,6 +1576,8 @@ def main() -> None:
       res["mgpu_dense"] = phase_mgpu_dense()
     elif ph == "fp8_dense":
       res["fp8_dense"] = phase_fp8_dense(da)
+    elif ph == "selected_prompt":
+      res["selected_prompt"] = phase_selected_prompt(da)
     elif ph == "fp8_matmul":
       res["fp8_matmul"] = phase_fp8_matmul()
     elif ph == "fp8_gemm_forms":

@@ -31,7 +31,9 @@ def decoding_knobs() -> ml_collections.ConfigDict:
     unset = value is None or f.name == "dense_tail"
     focus[f.name] = placeholder(int) if unset else value
   economy = {"refresh_every_blocks": 1, "reuse_prompt_kv": False, "refresh_prompt_window": 0,
-             "refresh_prompt_globals": 64, "refresh_fp8_attention": False,
+             "refresh_prompt_globals": 64, "refresh_prompt_keep": 0.0,
+             "refresh_prompt_chunk": 1024, "refresh_prompt_block": 128,
+             "refresh_fp8_attention": False,
              "refresh_fp8_matmul": False}
   focus.update(economy)
   cache = {"refresh_every_step": False, **economy}

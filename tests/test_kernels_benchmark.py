@@ -12,7 +12,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("check", "live", "relevance", "waves", "focus_call", "fp8_dense", "fp8_matmul",
-          "fp8_gemm_forms")
+          "fp8_gemm_forms", "selected_prompt")
 
 
 def test_smoke_phases_run_and_write_their_results(tmp_path):
@@ -53,6 +53,13 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   for name, row in forms.items():
     if name not in ("bf16", "prequantised_gemm"):
       assert 0.005 < row["rel_err"] < 0.08, row
+  # Selected prompt blocks: every layout timed dense and selected, and its batched call right.
+  sel = res["selected_prompt"]
+  assert {(row["layout"], row["variant"]) for row in sel} == {
+      (lay, v) for lay in ("llada8b", "dream7b") for v in ("dense", "selected", "check")}, sel
+  assert all(row["ok"] for row in sel if row["variant"] == "check"), sel
+  assert all(0 < row["flop_share"] < 1 and math.isfinite(row["ms"]) for row in sel
+             if row["variant"] == "selected"), sel
   # Key channels offset in every token: smoothing takes them out; unsmoothed fp8 pays for them.
   for row in res["fp8_dense"]:
     if row["common_channels"]:

@@ -13,21 +13,7 @@ import jax.numpy as jnp
 
 from focus_jax.kernels import local_attention as la
 
-
-def masked_attention(q, k, v, mask, key_valid=None):
-  """float64 softmax attention under an explicit [S, S] (and [B, S] key) mask."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, s, hq, d = q.shape
-  g = hq // k.shape[2]
-  out = np.zeros(q.shape)
-  for bi in range(b):
-    for h in range(hq):
-      sc = q[bi, :, h] @ k[bi, :, h // g].T / np.sqrt(d)
-      m = mask if key_valid is None else mask & np.asarray(key_valid)[bi][None, :]
-      sc = np.where(m, sc, -np.inf)
-      p = np.exp(sc - sc.max(axis=1, keepdims=True))
-      out[bi, :, h] = (p / p.sum(axis=1, keepdims=True)) @ v[bi, :, h // g]
-  return out
+from attention_reference import masked_attention
 
 
 @pytest.mark.parametrize("s,prefix,window,n_global", [

@@ -19,7 +19,8 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
   """The denoiser of a decoding mode; `options` are that mode's knobs (Focus: FocusConfig's
   fields plus attention_impl; caches: attention_impl, refresh_every_step; both: the refresh
   economy `refresh_every_blocks`, `reuse_prompt_kv`, `refresh_prompt_window`,
-  `refresh_prompt_globals`, `refresh_fp8_attention` and `refresh_fp8_matmul`, see
+  `refresh_prompt_globals`, `refresh_prompt_keep`, `refresh_prompt_chunk`,
+  `refresh_prompt_block`, `refresh_fp8_attention` and `refresh_fp8_matmul`, see
   `RefreshPolicy`)."""
   options = dict(options)
   if mode == "vanilla":
@@ -29,6 +30,9 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
                           reuse_prompt_kv=options.pop("reuse_prompt_kv", False),
                           prompt_window=options.pop("refresh_prompt_window", 0),
                           prompt_globals=options.pop("refresh_prompt_globals", 64),
+                          prompt_keep=options.pop("refresh_prompt_keep", 0.0),
+                          prompt_chunk=options.pop("refresh_prompt_chunk", 1024),
+                          prompt_block=options.pop("refresh_prompt_block", 128),
                           fp8_attention=options.pop("refresh_fp8_attention", False),
                           fp8_matmul=options.pop("refresh_fp8_matmul", False))
   if mode == "prefix_cache":

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from focus_jax.decoding.base import Canvas
-from focus_jax.kernels import dense_attention, local_attention
+from focus_jax.kernels import dense_attention, local_attention, selected_attention
 from focus_jax.kernels.sparse_attention import block_sparse_attention
 from focus_jax.models import family
 from focus_jax.models.attention import rows_of
@@ -59,6 +59,13 @@ class RefreshPolicy:
     (kernels.local_attention); response queries attend to everything. At 32K with W = 2048 the
     refresh's attention does 7% of the dense FLOPs. Prompts shorter than about
     prompt_globals + 1.5 W refresh densely.
+  - prompt_keep = f in (0, 1): inside every full refresh, each chunk of `prompt_chunk` prompt
+    queries attends only to a fraction f of the prompt's blocks of `prompt_block` keys: the
+    blocks of the first `prompt_globals` tokens, its own and neighbouring blocks, and the rest
+    chosen per kv head by Quest's bound over the chunk's queries (kernels.selected_attention),
+    plus the response region; response queries attend to everything. Unlike the local window
+    it keeps a prompt query's far lookups. 0 (the default): dense. Prompts too short to save
+    anything refresh densely.
   - fp8_attention: every full refresh's attention runs in float8 e4m3 with per-tensor scales
     (`kernels.dense_attention`, cuDNN's fp8 flash attention on a GPU). The refresh is
     compute-bound and attention is over half of it at 32K; the GEMMs stay bfloat16, and so does
@@ -75,6 +82,9 @@ class RefreshPolicy:
   reuse_prompt_kv: bool = False
   prompt_window: int = 0
   prompt_globals: int = 64
+  prompt_keep: float = 0.0
+  prompt_chunk: int = 1024
+  prompt_block: int = 128
   fp8_attention: bool = False
   fp8_matmul: bool = False
 
@@ -86,9 +96,18 @@ class RefreshPolicy:
                        f"{self.prompt_window}")
     if self.prompt_globals < 0:
       raise ValueError(f"refresh prompt_globals must be >= 0, got {self.prompt_globals}")
-    if self.fp8_attention and self.prompt_window:
-      raise ValueError("refresh fp8_attention applies to the dense refresh; the local prompt "
-                       "window (prompt_window > 0) has no fp8 kernel: choose one of the two")
+    if not 0.0 <= self.prompt_keep <= 1.0:
+      raise ValueError("refresh prompt_keep must be 0 (dense) or a fraction of the prompt's key "
+                       f"blocks in (0, 1], got {self.prompt_keep}")
+    if self.prompt_chunk < 1 or self.prompt_block < 1:
+      raise ValueError("refresh prompt_chunk and prompt_block must be >= 1, got "
+                       f"{self.prompt_chunk} and {self.prompt_block}")
+    sparse = [name for name, on in (("prompt_window", self.prompt_window),
+                                    ("prompt_keep", self.prompt_keep),
+                                    ("fp8_attention", self.fp8_attention)) if on]
+    if len(sparse) > 1:
+      raise ValueError(f"refresh {' and '.join(sparse)} each replace the refresh's dense "
+                       "attention (the sparse prompt attention has no fp8 kernel): choose one")
 
 
 FULL_REFRESH, RESPONSE_REFRESH, CACHED_STEP = 0, 1, 2
@@ -173,23 +192,30 @@ class RefreshAttention:
   key_valid: jax.Array | None
   query_valid: jax.Array | None
   implementation: str = "auto"
-  prompt_length: int = 0  # with prompt_window > 0: the prompt rows attend locally
-  prompt_window: int = 0
-  prompt_globals: int = 0
-  fp8: bool = False
+  prompt_length: int = 0  # the prompt rows, which a sparse policy treats apart
+  policy: RefreshPolicy = RefreshPolicy()
 
   def __call__(self, layer, q, k, v, layer_state, carry, query_rows=None):
     del layer
     k_cache, v_cache = layer_state
-    if self.prompt_window and query_rows is None:  # (a last layer of window rows: dense)
+    policy = self.policy
+    masks = dict(key_valid=self.key_valid, query_valid=self.query_valid,
+                 implementation=self.implementation)
+    # (A last layer that computes only the window's rows stays dense.)
+    if policy.prompt_window and query_rows is None:
       out = local_attention.local_prefix_attention(
-          q, k, v, prefix=self.prompt_length, window=self.prompt_window,
-          n_global=self.prompt_globals, key_valid=self.key_valid, query_valid=self.query_valid,
-          implementation=self.implementation)
+          q, k, v, prefix=self.prompt_length, window=policy.prompt_window,
+          n_global=policy.prompt_globals, **masks)
+    elif policy.prompt_keep and query_rows is None:
+      out = selected_attention.selected_prefix_attention(
+          q, k, v, prefix=self.prompt_length, chunk=policy.prompt_chunk,
+          block=policy.prompt_block, keep=policy.prompt_keep, n_global=policy.prompt_globals,
+          **masks)
     else:
       out = dense_attention.attention(q, k, v, key_valid=self.key_valid,
                                       query_valid=rows_of(self.query_valid, query_rows),
-                                      implementation=self.implementation, fp8=self.fp8)
+                                      implementation=self.implementation,
+                                      fp8=policy.fp8_attention)
     zero = (0, 0, 0, 0)
     return out, (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), zero),
                  jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), zero)), carry
@@ -204,7 +230,7 @@ def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_
       config, canvas.attention_mask, canvas.tokens.shape)
   policy = policy or RefreshPolicy()
   attention = RefreshAttention(key_valid, query_valid, attention_impl, canvas.prompt_length,
-                               policy.prompt_window, policy.prompt_globals, policy.fp8_attention)
+                               policy)
   forward = config.replace(fp8_matmul=True) if policy.fp8_matmul else config
   hidden, kv, _ = Transformer(forward).apply(
       {"params": params}, canvas.tokens, positions, attention, tuple(zip(cache.k, cache.v)),

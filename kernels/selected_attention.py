@@ -1,0 +1,228 @@
+"""Dense attention whose first `prefix` query rows see only selected blocks of the prefix's keys.
+
+    rows j <  prefix, in chunks of C rows: `keep` of the prefix's blocks of `block` keys
+               + the prefix's last partial block + every key from `prefix` on (the tail)
+    rows j >= prefix: every key
+
+Each (sequence, chunk, kv head) keeps the same number of blocks. Always kept: the blocks holding
+the first `n_global` keys (attention sinks) and the blocks holding the chunk's own rows, with one
+block either side. The other kept blocks are the chunk's best by Quest's bound on q . k over a
+block, q+ . kmax + q- . kmin (kmax / kmin: the block's channel-wise max / min key), taken
+relative to each row's best block and maximised over the chunk's rows and the kv head's query
+heads: a block that is some row's best ranks first, whatever that row's scale. The kept blocks
+and the tail are gathered into one key sequence per (sequence, kv head, chunk); the chunks go
+through one batched dense attention call (cuDNN on a GPU, splash on a TPU, XLA elsewhere, as
+`dense_attention.attention` picks) with kv heads folded into the batch, so keys may differ per
+head without a per-head mask. Chunks go in groups (`lax.map`) so the gathered keys and the
+bounds stay under `max_group_bytes` (a 128K prompt would otherwise gather tens of GB).
+
+Why: a diffusion LLM's cache refresh is compute-bound attention over the whole canvas, ~99% of
+it the prompt's rows (focus_jax.decoding.cache.RefreshPolicy.prompt_keep). A local window
+(`local_attention`) cuts that work but loses lookups whose key lies far from the query; choosing
+blocks per query chunk keeps them. The gather costs one write and one read of the kept K/V per
+chunk, so larger chunks amortise it (at C = 1024, a 32K prompt and keep 0.25 it is ~4 GB a
+layer). Kernels know nothing of models: the prefix is any leading run of query rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from focus_jax.kernels import dense_attention
+
+# Score of an unusable block or row (finite: differences stay finite) and of a forced block.
+_EXCLUDED = -1e30
+_FORCED = 1e30
+DEFAULT_GROUP_BYTES = 8 << 30
+
+
+def check_selected(prefix: int, seq_len: int, chunk: int, block: int, keep: float,
+                   n_global: int) -> str | None:
+  """None when block selection applies to these lengths, else why the call stays dense."""
+  if chunk < 1 or block < 1:
+    return f"chunk {chunk} and block {block} must be >= 1"
+  if not 0.0 < keep <= 1.0:
+    return f"keep {keep} must lie in (0, 1]"
+  if n_global < 0:
+    return f"n_global {n_global} must be >= 0"
+  if not 0 < prefix <= seq_len:
+    return f"prefix {prefix} must lie in (0, {seq_len}]"
+  n_blocks = prefix // block
+  if kept_blocks(prefix, chunk, block, keep, n_global) >= n_blocks:
+    return (f"a chunk would keep all {n_blocks} blocks of {block} prompt keys (keep {keep}, "
+            f"chunk {chunk}, n_global {n_global}): selection would save nothing")
+  return None
+
+
+def forced_blocks(prefix: int, chunk: int, block: int, n_global: int) -> np.ndarray:
+  """[n_chunks, n_blocks] bool (static): the blocks every chunk keeps, its sinks and its own
+  rows' blocks with one neighbour either side."""
+  n_blocks, n_chunks = prefix // block, -(-prefix // chunk)
+  forced = np.zeros((n_chunks, n_blocks), bool)
+  forced[:, :-(-n_global // block)] = True
+  for c in range(n_chunks):
+    lo = c * chunk // block - 1
+    hi = -(-min((c + 1) * chunk, prefix) // block) + 1
+    forced[c, max(lo, 0):max(min(hi, n_blocks), 0)] = True
+  return forced
+
+
+def kept_blocks(prefix: int, chunk: int, block: int, keep: float, n_global: int) -> int:
+  """Blocks each chunk keeps: `keep` of the prefix's blocks, at least the forced ones."""
+  n_blocks = prefix // block
+  if n_blocks == 0:
+    return 0
+  forced = int(forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max())
+  return min(n_blocks, max(math.ceil(keep * n_blocks), forced))
+
+
+def block_bounds(k: jax.Array, n_blocks: int, block: int,
+                 key_valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """([B, n_blocks, Hkv, 2D] the blocks' [kmax | kmin] over valid keys, [B, n_blocks] whether a
+  block holds any valid key)."""
+  b, _, hkv, d = k.shape
+  kb = k[:, :n_blocks * block].reshape(b, n_blocks, block, hkv, d)
+  if key_valid is None:
+    return jnp.concatenate([kb.max(axis=2), kb.min(axis=2)], axis=-1), jnp.ones((b, n_blocks),
+                                                                                 bool)
+  ok = key_valid[:, :n_blocks * block].reshape(b, n_blocks, block)
+  lowest, highest = jnp.finfo(k.dtype).min, jnp.finfo(k.dtype).max
+  kmax = jnp.where(ok[..., None, None], kb, lowest).max(axis=2)
+  kmin = jnp.where(ok[..., None, None], kb, highest).min(axis=2)
+  any_ok = ok.any(axis=2)
+  bounds = jnp.where(any_ok[:, :, None, None], jnp.concatenate([kmax, kmin], axis=-1), 0)
+  return bounds.astype(k.dtype), any_ok
+
+
+def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, bounds: jax.Array,
+                  blocks_ok: jax.Array, forced: jax.Array, n_keep: int) -> jax.Array:
+  """Kept block ids [B, n, Hkv, n_keep] of n chunks: q_rows [B, n, C, Hkv, G, D], rows_ok
+  [B, n, C], bounds / blocks_ok from `block_bounds`, forced [n, n_blocks] (module docstring)."""
+  signed = jnp.concatenate([jnp.maximum(q_rows, 0), jnp.minimum(q_rows, 0)], axis=-1)
+  bound = jnp.einsum("bcrhgx,bnhx->bchrgn", signed, bounds, preferred_element_type=jnp.float32)
+  bound = jnp.where(blocks_ok[:, None, None, None, None, :], bound, _EXCLUDED)
+  relative = bound - jnp.max(bound, axis=-1, keepdims=True)
+  relative = jnp.where(rows_ok[:, :, None, :, None, None], relative, _EXCLUDED)
+  score = jnp.max(relative, axis=(3, 4))  # [B, n, Hkv, n_blocks]
+  score = jnp.where(forced[None, :, None, :], _FORCED, score)
+  return jax.lax.top_k(score, n_keep)[1].astype(jnp.int32)
+
+
+def key_mask(ids: np.ndarray, prefix: int, chunk: int, block: int, seq_len: int) -> np.ndarray:
+  """[B, Hkv, S, S] bool: the keys each query row of each kv head sees, given the kept block ids
+  [B, n_chunks, Hkv, n_keep] (the definition; for tests and diagnostics)."""
+  ids = np.asarray(ids)
+  b, n_chunks, hkv, _ = ids.shape
+  tail_start = prefix // block * block
+  mask = np.zeros((b, hkv, seq_len, seq_len), bool)
+  mask[:, :, prefix:] = True
+  mask[:, :, :prefix, tail_start:] = True
+  for bi in range(b):
+    for h in range(hkv):
+      for c in range(n_chunks):
+        rows = slice(c * chunk, min((c + 1) * chunk, prefix))
+        for blk in ids[bi, c, h]:
+          mask[bi, h, rows, blk * block:(blk + 1) * block] = True
+  return mask
+
+
+def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix: int,
+                              chunk: int, block: int, keep: float, n_global: int,
+                              key_valid: jax.Array | None = None,
+                              query_valid: jax.Array | None = None,
+                              implementation: str = "auto",
+                              max_group_bytes: int = DEFAULT_GROUP_BYTES,
+                              return_ids: bool = False):
+  """q [B, S, Hq, D] (row j is position j), k/v [B, S, Hkv, D] -> [B, S, Hq, D] (and, with
+  `return_ids`, the kept block ids [B, n_chunks, Hkv, n_keep], None when it stays dense).
+
+  `key_valid` / `query_valid` [B, S] as for `dense_attention.attention`. When the lengths do not
+  suit block selection (`check_selected`), this is plain dense attention.
+  """
+  chex.assert_rank([q, k, v], 4)
+  chex.assert_equal_shape([k, v])
+  b, s, hq, d = q.shape
+  chex.assert_shape(k, (b, s, None, d))
+  hkv = k.shape[2]
+  g = hq // hkv
+  attend = lambda qq, kk, vv, kv_ok, q_ok: dense_attention.attention(
+      qq, kk, vv, key_valid=kv_ok, query_valid=q_ok, implementation=implementation)
+  if check_selected(prefix, s, chunk, block, keep, n_global) is not None:
+    out = attend(q, k, v, key_valid, query_valid)
+    return (out, None) if return_ids else out
+  n_blocks, n_keep = prefix // block, kept_blocks(prefix, chunk, block, keep, n_global)
+  tail_start = n_blocks * block
+  n_tail = s - tail_start
+  n_chunks = -(-prefix // chunk)
+  n_keys = n_keep * block + n_tail
+  per_chunk = (b * hkv * n_keys * d * 2 * k.dtype.itemsize  # gathered K and V
+               + b * chunk * hq * n_blocks * 4 * 2)  # the bounds and their relative scores
+  per_group = max(1, min(n_chunks, max_group_bytes // per_chunk))
+  n_groups = -(-n_chunks // per_group)
+  rows_pad = n_groups * per_group * chunk
+
+  bounds, blocks_ok = block_bounds(k, n_blocks, block, key_valid)
+  forced = np.zeros((n_groups * per_group, n_blocks), bool)
+  forced[:n_chunks] = forced_blocks(prefix, chunk, block, n_global)
+  rows_ok = jnp.arange(rows_pad) < prefix
+  rows_ok = jnp.broadcast_to(rows_ok, (b, rows_pad))
+  if query_valid is not None:
+    rows_ok = rows_ok & jnp.pad(query_valid[:, :prefix], ((0, 0), (0, rows_pad - prefix)))
+  # Head-major blocks, so one gathered row is a whole block of one kv head: [B, Hkv, n, bs*D].
+  head_major = lambda x: jnp.moveaxis(x, 2, 1)  # [B, L, Hkv, D] -> [B, Hkv, L, D]
+  k_blocks, v_blocks = (head_major(x[:, :tail_start]).reshape(b, hkv, n_blocks, block * d)
+                        for x in (k, v))
+  k_tail, v_tail = (head_major(x[:, tail_start:]) for x in (k, v))  # [B, Hkv, n_tail, D]
+  ok_blocks = None if key_valid is None else key_valid[:, :tail_start].reshape(b, n_blocks, block)
+
+  def group(operands):
+    """One group of n chunks: select, gather, attend -> ([B, n * C, Hq, D], ids)."""
+    q_rows, ok_rows, forced_rows = operands  # [B, n*C, Hq, D], [B, n*C], [n, n_blocks]
+    n = forced_rows.shape[0]
+    q_rows = q_rows.reshape(b, n, chunk, hkv, g, d)
+    ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), bounds, blocks_ok, forced_rows,
+                        n_keep)
+    flat_ids = jnp.moveaxis(ids, 2, 1).reshape(b, hkv, n * n_keep, 1)
+
+    def keys(blocks, tail):  # -> [B * Hkv * n, n_keys, 1, D]
+      picked = jnp.take_along_axis(blocks, flat_ids, axis=2).reshape(b, hkv, n, n_keep * block,
+                                                                      d)
+      tail = jnp.broadcast_to(tail[:, :, None], (b, hkv, n, n_tail, d))
+      return jnp.concatenate([picked, tail], axis=3).reshape(b * hkv * n, n_keys, 1, d)
+
+    kv_ok = None
+    if key_valid is not None:
+      picked = jnp.take_along_axis(jnp.broadcast_to(ok_blocks[:, None], (b, hkv, n_blocks, block)),
+                                   flat_ids, axis=2).reshape(b, hkv, n, n_keep * block)
+      tail_ok = jnp.broadcast_to(key_valid[:, None, None, tail_start:], (b, hkv, n, n_tail))
+      kv_ok = jnp.concatenate([picked, tail_ok], axis=3).reshape(b * hkv * n, n_keys)
+    # Rows padding the last chunk are zeros (finite, dropped after) and need no mask.
+    q_ok = None
+    if query_valid is not None:
+      q_ok = jnp.broadcast_to(ok_rows.reshape(b, 1, n, chunk), (b, hkv, n, chunk))
+      q_ok = q_ok.reshape(b * hkv * n, chunk)
+    q_heads = jnp.moveaxis(q_rows, 3, 1).reshape(b * hkv * n, chunk, g, d)
+    out = attend(q_heads, keys(k_blocks, k_tail), keys(v_blocks, v_tail), kv_ok, q_ok)
+    out = jnp.moveaxis(out.reshape(b, hkv, n, chunk, g, d), 1, 3)
+    return out.reshape(b, n * chunk, hq, d), ids
+
+  q_prefix = jnp.pad(q[:, :prefix], ((0, 0), (0, rows_pad - prefix), (0, 0), (0, 0)))
+  forced = jnp.asarray(forced)
+  if n_groups == 1:
+    local, ids = group((q_prefix, rows_ok, forced))
+  else:
+    split = lambda x: jnp.moveaxis(x.reshape(b, n_groups, -1, *x.shape[2:]), 1, 0)
+    local, ids = jax.lax.map(group, (split(q_prefix), split(rows_ok),
+                                     forced.reshape(n_groups, per_group, n_blocks)))
+    local = jnp.moveaxis(local, 0, 1).reshape(b, rows_pad, hq, d)
+    ids = jnp.moveaxis(ids, 0, 1).reshape(b, n_groups * per_group, hkv, n_keep)
+  out = local[:, :prefix]
+  if prefix < s:
+    tail_ok = None if query_valid is None else query_valid[:, prefix:]
+    out = jnp.concatenate([out, attend(q[:, prefix:], k, v, key_valid, tail_ok)], axis=1)
+  return (out, ids[:, :n_chunks]) if return_ids else out
