@@ -37,7 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from focus_jax.kernels.fp8 import FP8, FP8_MAX, quantize
+from focus_jax.kernels.fp8 import FP8, FP8_MAX, check_gpu_supports_fp8, quantize
 
 # A finite large negative: a fully masked row (a pad query) stays finite instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -260,6 +260,7 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array
   if implementation == "splash":
     raise ValueError("fp8 attention has no splash kernel: use attention_impl 'auto' or 'xla'")
   if impl == "cudnn":
+    check_gpu_supports_fp8("fp8 attention (refresh_fp8_attention)")
     return cudnn_fp8_attention(q, k, v, key_valid, query_valid)
   return xla_fp8_attention(q, k, v, key_valid, query_valid)  # also "auto" on a TPU
 

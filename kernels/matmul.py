@@ -255,6 +255,7 @@ def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """
   if x.shape[-1] != w.shape[0]:
     raise ValueError(f"x's last axis {x.shape[-1]} does not match w's rows {w.shape[0]}")
+  fp8.check_gpu_supports_fp8("fp8 projections (refresh_fp8_matmul)")
   (x8, dx, _), (w8, dw, _) = (fp8.quantize(x, power_of_two=True),
                               fp8.quantize(w, power_of_two=True))
   out = jax.lax.dot_general(x8, w8, (((x.ndim - 1,), (0,)), ((), ())),

@@ -211,3 +211,25 @@ def test_fp8_emulation_keeps_its_roundings_from_the_compiler():
   q, k, v, _ = _qkv(10, t=16, s=16, d=16)
   jaxpr = str(jax.make_jaxpr(da.xla_fp8_attention)(q, k, v))
   assert jaxpr.count("optimization_barrier") == 5, jaxpr
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_refused_early(monkeypatch):
+  """Ampere (Colab's A100) has no e4m3 tensor cores: both fp8 refresh options say so by name
+  at trace time instead of failing inside cuDNN / cuBLASLt; Ada and Hopper pass."""
+  import types
+
+  from focus_jax.kernels import fp8, matmul
+
+  def device(capability):
+    return [types.SimpleNamespace(platform="gpu", compute_capability=capability,
+                                  device_kind="NVIDIA A100-SXM4-40GB")]
+
+  monkeypatch.setattr(jax, "devices", lambda *a: device("8.0"))
+  with pytest.raises(ValueError, match="refresh_fp8_attention.*8.0"):
+    fp8.check_gpu_supports_fp8("fp8 attention (refresh_fp8_attention)")
+  x = jnp.ones((4, 8), jnp.bfloat16)
+  with pytest.raises(ValueError, match="refresh_fp8_matmul"):
+    matmul.fp8_matmul(x, jnp.ones((8, 4), jnp.bfloat16))
+  for ok in ("8.9", "9.0"):
+    monkeypatch.setattr(jax, "devices", lambda *a, c=ok: device(c))
+    fp8.check_gpu_supports_fp8("fp8 attention")
