@@ -22,6 +22,10 @@ it the prompt's rows (focus_jax.decoding.cache.RefreshPolicy.prompt_keep). A loc
 blocks per query chunk keeps them. The gather costs one write and one read of the kept K/V per
 chunk, so larger chunks amortise it (at C = 1024, a 32K prompt and keep 0.25 it is ~4 GB a
 layer). Kernels know nothing of models: the prefix is any leading run of query rows.
+
+Measured (H200, jax 0.11.2, 2026-12-06, `benchmarks/kernels.py --phases selected_prompt`): one
+32K layer, chunk 1024, keep 0.25: LLaDA-8B 11.96 ms against cuDNN's dense 29.62 (2.48x; 26% of
+the score FLOPs, so 1.54x the ideal share), Dream-7B 9.34 against 25.64 ms (2.75x).
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ from focus_jax.kernels import dense_attention
 # Score of an unusable block or row (finite: differences stay finite) and of a forced block.
 _EXCLUDED = -1e30
 _FORCED = 1e30
-DEFAULT_GROUP_BYTES = 8 << 30
+# Chunks per group are bounded by this many bytes of gathered K/V and bounds. Splitting costs
+# time (H200, LLaDA-8B 32K, chunk 512: 23.1 ms in two groups, 21.5 with the groups unrolled,
+# 14.8 in one; benchmarks/results/kernels_h200_selected_groups.json; cause not found), so it
+# is kept for what would not fit: every setting measured at 32K is one group.
+DEFAULT_GROUP_BYTES = 16 << 30
 
 
 def check_selected(prefix: int, seq_len: int, chunk: int, block: int, keep: float,
@@ -53,9 +61,16 @@ def check_selected(prefix: int, seq_len: int, chunk: int, block: int, keep: floa
   if not 0 < prefix <= seq_len:
     return f"prefix {prefix} must lie in (0, {seq_len}]"
   n_blocks = prefix // block
-  if kept_blocks(prefix, chunk, block, keep, n_global) >= n_blocks:
+  n_keep = kept_blocks(prefix, chunk, block, keep, n_global)
+  if n_keep >= n_blocks:
     return (f"a chunk would keep all {n_blocks} blocks of {block} prompt keys (keep {keep}, "
             f"chunk {chunk}, n_global {n_global}): selection would save nothing")
+  if n_keep <= forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max():
+    # (Measured on the demo model: a budget that only holds the forced blocks loses its lookups
+    # as the local window does, 58% against 96% at 1K.)
+    return (f"the {n_keep} blocks a chunk keeps (keep {keep} of {n_blocks}) are all forced "
+            "(sinks, its own and neighbouring blocks): a local window without chosen blocks "
+            "loses far lookups, so this prompt is refreshed densely")
   return None
 
 
