@@ -7,7 +7,10 @@ and set --config.synthetic_prompt_length=0 with real prompts for text.
 Hopper): 18.85 against 16.56 tokens/s on an H100, 0 points lost on the demo model at 1K-8K
 (README, 2026-12-06). Pad keys are neutralised, not masked: a batch whose rows are more than
 1/32 pads is refused. --config.decoding.focus.refresh_fp8_matmul=True adds the refreshes'
-projections in fp8 (README).
+projections in fp8: 23.05 tokens/s on an H200 (16.81 exact). Or
+--config.decoding.focus.refresh_prompt_keep=0.25: each 1024-query chunk of the prompt attends to
+a quarter of the prompt's 128-key blocks in the refreshes, 23.59 tokens/s on an H200 (README,
+2026-12-06, with its accuracy cost on the demo model).
 """
 
 from focus_jax.run_config import default_config

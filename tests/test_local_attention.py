@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from focus_jax.kernels import local_attention as la
 
-from attention_reference import masked_attention
+from attention_reference import TinyRefresh, dense_everywhere, masked_attention
 
 
 @pytest.mark.parametrize("s,prefix,window,n_global", [
@@ -53,41 +53,25 @@ def test_short_prefix_stays_dense_and_windows_stay_inside():
   q, k, v = (jnp.asarray(rng.standard_normal((1, 120, 2, 16)), jnp.float32) for _ in range(3))
   got = la.local_prefix_attention(q, k, v, prefix=100, window=64, n_global=8,
                                   implementation="xla")
-  np.testing.assert_allclose(np.asarray(got), masked_attention(q, k, v, np.ones((120, 120),
-                                                                                bool)),
-                             atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(got), dense_everywhere(q, k, v), atol=2e-5, rtol=2e-5)
 
 
 def test_refresh_with_a_local_prompt_window():
   """The option through a real refresh: a window too large for the prompt falls back to the
   dense refresh exactly; a small one changes the deeper prompt K/V (layer 0's depend on the
   tokens alone); the knobs reach both cached modes, and bad ones are refused."""
-  from focus_jax import presets
   from focus_jax.decoding import cache as kv
   from focus_jax.decoding import make_denoiser
-  from focus_jax.sampling import loop
 
-  cfg = presets.preset("tiny")
-  params = presets.random_params(cfg, 0)
-  prompt = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size - 2, (1, 192)),
-                       jnp.int32)
-  canvas = loop.make_canvas(prompt, None, 32, 16, cfg.mask_token_id)
-  cache = kv.KVCache.empty(cfg, 1, canvas.length)
-  start = jnp.int32(canvas.prompt_length)
-  dense_logits, dense_cache = kv.refresh(cfg, params, canvas, cache, start, 16)
+  case = TinyRefresh(192)
   wide = kv.RefreshPolicy(prompt_window=128, prompt_globals=64)
-  logits, same = kv.refresh(cfg, params, canvas, cache, start, 16, policy=wide)
-  assert la.check_local(192, canvas.length, 128, 64) is not None  # too short: stays dense
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(dense_logits), atol=1e-5)
+  logits, _ = case.refresh(wide)
+  assert la.check_local(192, case.canvas.length, 128, 64) is not None  # too short: stays dense
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(case.dense_logits), atol=1e-5)
   local = kv.RefreshPolicy(prompt_window=32, prompt_globals=8)
-  logits, local_cache = kv.refresh(cfg, params, canvas, cache, start, 16, policy=local)
-  assert logits.shape == dense_logits.shape and bool(jnp.all(jnp.isfinite(logits)))
-  # Layer 0's K/V depend only on the tokens; deeper prompt K/V see a local context only.
-  np.testing.assert_allclose(np.asarray(local_cache.k[0]), np.asarray(dense_cache.k[0]),
-                             atol=1e-6)
-  assert float(jnp.max(jnp.abs(local_cache.k[-1][:, :192] - dense_cache.k[-1][:, :192]))) > 1e-3
+  case.check_sparse(*case.refresh(local))  # deeper prompt K/V see a local context only
   for mode in ("dual_cache", "focus"):
-    d = make_denoiser(cfg, mode, refresh_prompt_window=32, refresh_prompt_globals=8)
+    d = make_denoiser(case.config, mode, refresh_prompt_window=32, refresh_prompt_globals=8)
     assert d.refresh.prompt_window == 32
   with pytest.raises(ValueError, match="prompt_window"):
     kv.RefreshPolicy(prompt_window=33)

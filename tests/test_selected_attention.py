@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from focus_jax.kernels import selected_attention as sel
 
-from attention_reference import masked_attention
+from attention_reference import TinyRefresh, dense_everywhere, masked_attention
 
 
 def inputs(seed, b, s, hq, hkv, d=16):
@@ -99,40 +99,25 @@ def test_lengths_that_save_nothing_stay_dense():
   q, k, v = inputs(1, 1, 100, 2, 2)
   got = sel.selected_prefix_attention(q, k, v, prefix=80, chunk=64, block=16, keep=0.25,
                                       n_global=8, implementation="xla")
-  np.testing.assert_allclose(np.asarray(got), masked_attention(q, k, v, np.ones((100, 100),
-                                                                                bool)),
-                             atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(got), dense_everywhere(q, k, v), atol=2e-5, rtol=2e-5)
 
 
 def test_refresh_with_selected_prompt_blocks():
   """The option through a real refresh: keep 1 is the dense refresh exactly; a small keep
   changes the deeper prompt K/V (layer 0's depend on the tokens alone); the knobs reach both
   cached modes, and bad ones are refused."""
-  from focus_jax import presets
   from focus_jax.decoding import cache as kv
   from focus_jax.decoding import make_denoiser
-  from focus_jax.sampling import loop
 
-  cfg = presets.preset("tiny")
-  params = presets.random_params(cfg, 0)
-  prompt = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size - 2, (1, 256)),
-                       jnp.int32)
-  canvas = loop.make_canvas(prompt, None, 32, 16, cfg.mask_token_id)
-  cache = kv.KVCache.empty(cfg, 1, canvas.length)
-  start = jnp.int32(canvas.prompt_length)
-  dense_logits, dense_cache = kv.refresh(cfg, params, canvas, cache, start, 16)
+  case = TinyRefresh(256)
   everything = kv.RefreshPolicy(prompt_keep=1.0, prompt_chunk=32, prompt_block=16)
-  logits, _ = kv.refresh(cfg, params, canvas, cache, start, 16, policy=everything)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(dense_logits), atol=1e-5)
+  logits, _ = case.refresh(everything)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(case.dense_logits), atol=1e-5)
   sparse = kv.RefreshPolicy(prompt_keep=0.5, prompt_chunk=32, prompt_block=16,
                             prompt_globals=16)  # 8 of 16 blocks, 5 forced
-  logits, sparse_cache = kv.refresh(cfg, params, canvas, cache, start, 16, policy=sparse)
-  assert logits.shape == dense_logits.shape and bool(jnp.all(jnp.isfinite(logits)))
-  np.testing.assert_allclose(np.asarray(sparse_cache.k[0]), np.asarray(dense_cache.k[0]),
-                             atol=1e-6)
-  assert float(jnp.max(jnp.abs(sparse_cache.k[-1][:, :256] - dense_cache.k[-1][:, :256]))) > 1e-3
+  case.check_sparse(*case.refresh(sparse))
   for mode in ("dual_cache", "focus"):
-    d = make_denoiser(cfg, mode, refresh_prompt_keep=0.25, refresh_prompt_chunk=32,
+    d = make_denoiser(case.config, mode, refresh_prompt_keep=0.25, refresh_prompt_chunk=32,
                       refresh_prompt_block=16)
     assert (d.refresh.prompt_keep, d.refresh.prompt_chunk, d.refresh.prompt_block) == (
         0.25, 32, 16)
