@@ -58,7 +58,8 @@ def _splash_fits(q: jax.Array, k: jax.Array) -> bool:
           and q.shape[1] >= SPLASH_BLOCK)
 
 
-def _resolve(implementation: str, q: jax.Array, k: jax.Array | None = None) -> str:
+def resolve(implementation: str, q: jax.Array, k: jax.Array | None = None) -> str:
+  """The implementation "auto" picks for these inputs (others are returned as given)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
@@ -256,7 +257,7 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array
   """Attention in fp8 (module docstring). "auto": cuDNN on a GPU for 16-bit inputs, else the XLA
   emulation, which is slower than bfloat16 attention (it exists for tests and accuracy studies;
   a TPU has no fp8 kernel here); "cudnn": cuDNN; "xla": the emulation; "splash" is refused."""
-  impl = _resolve(implementation, q, k)  # (rejects unknown names)
+  impl = resolve(implementation, q, k)  # (rejects unknown names)
   if implementation == "splash":
     raise ValueError("fp8 attention has no splash kernel: use attention_impl 'auto' or 'xla'")
   if impl == "cudnn":
@@ -270,7 +271,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | N
               fp8: bool = False) -> jax.Array:
   if fp8:
     return fp8_attention(q, k, v, key_valid, query_valid, implementation)
-  impl = _resolve(implementation, q, k)
+  impl = resolve(implementation, q, k)
   if impl == "cudnn":
     return cudnn_attention(q, k, v, key_valid, query_valid)
   if impl == "splash":

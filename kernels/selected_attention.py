@@ -7,14 +7,18 @@
 Each (sequence, chunk, kv head) keeps the same number of blocks. Always kept: the blocks holding
 the first `n_global` keys (attention sinks) and the blocks holding the chunk's own rows, with one
 block either side. The other kept blocks are the chunk's best by Quest's bound on q . k over a
-block, q+ . kmax + q- . kmin (kmax / kmin: the block's channel-wise max / min key), taken
-relative to each row's best block and maximised over the chunk's rows and the kv head's query
-heads: a block that is some row's best ranks first, whatever that row's scale. The kept blocks
-and the tail are gathered into one key sequence per (sequence, kv head, chunk); the chunks go
-through one batched dense attention call (cuDNN on a GPU, splash on a TPU, XLA elsewhere, as
-`dense_attention.attention` picks) with kv heads folded into the batch, so keys may differ per
-head without a per-head mask. Chunks go in groups (`lax.map`) so the gathered keys and the
-bounds stay under `max_group_bytes` (a 128K prompt would otherwise gather tens of GB).
+block, q+ . kmax + q- . kmin (kmax / kmin: the block's channel-wise max / min key): each row
+softmaxes its bounds over the blocks (as logits), and a block scores the largest share any row
+of the chunk and any query head of the kv head gives it. A block that stands out for a single
+row (a question token's needle) ranks above blocks that many rows rate only as well as the
+rest; rows that are pads (invalid queries, or invalid keys when no query mask is given) do not
+vote. The kept blocks and the tail are gathered into one key sequence per (sequence, kv head,
+chunk); the chunks go through one batched dense attention call (cuDNN on a GPU, splash on a
+TPU, XLA elsewhere, as `dense_attention.attention` picks) with kv heads folded into the batch,
+so keys may differ per head. Unpadded, that call needs no mask; with pad keys it takes a
+per-(head, chunk) key mask, which cuDNN turns into a 16-bit bias (about 0.5 GB a chunk for
+LLaDA-8B at 32K). Chunks go in balanced groups (`lax.map`) so the gathered keys, bounds and
+masks stay under `max_group_bytes` (a 128K prompt would otherwise gather tens of GB).
 
 Why: a diffusion LLM's cache refresh is compute-bound attention over the whole canvas, ~99% of
 it the prompt's rows (focus_jax.decoding.cache.RefreshPolicy.prompt_keep). A local window
@@ -42,16 +46,18 @@ from focus_jax.kernels import dense_attention
 # Score of an unusable block or row (finite: differences stay finite) and of a forced block.
 _EXCLUDED = -1e30
 _FORCED = 1e30
-# Chunks per group are bounded by this many bytes of gathered K/V and bounds. Splitting costs
-# time (H200, LLaDA-8B 32K, chunk 512: 23.1 ms in two groups, 21.5 with the groups unrolled,
-# 14.8 in one; benchmarks/results/kernels_h200_selected_groups.json; cause not found), so it
-# is kept for what would not fit: every setting measured at 32K is one group.
-DEFAULT_GROUP_BYTES = 16 << 30
+# Chunks per group are bounded by this many bytes of gathered K/V, bounds and masks. (Groups
+# were once padded to whole groups of chunks, 64 chunks as 2 x 49: 1.5x the work, measured as
+# 23.1 against 14.8 ms on an H200, `kernels_h200_selected_groups.json`; now balanced.)
+DEFAULT_GROUP_BYTES = 8 << 30
+_SAVES_NOTHING = "selection would not pay here, so the call stays dense"
 
 
 def check_selected(prefix: int, seq_len: int, chunk: int, block: int, keep: float,
                    n_global: int) -> str | None:
-  """None when block selection applies to these lengths, else why the call stays dense."""
+  """None when block selection applies, else why not: invalid arguments (the call raises), or
+  lengths where selection would save nothing or keep no chosen block (prefixed by
+  _SAVES_NOTHING; the call stays dense)."""
   if chunk < 1 or block < 1:
     return f"chunk {chunk} and block {block} must be >= 1"
   if not 0.0 < keep <= 1.0:
@@ -63,14 +69,14 @@ def check_selected(prefix: int, seq_len: int, chunk: int, block: int, keep: floa
   n_blocks = prefix // block
   n_keep = kept_blocks(prefix, chunk, block, keep, n_global)
   if n_keep >= n_blocks:
-    return (f"a chunk would keep all {n_blocks} blocks of {block} prompt keys (keep {keep}, "
-            f"chunk {chunk}, n_global {n_global}): selection would save nothing")
+    return (f"{_SAVES_NOTHING}: a chunk would keep all {n_blocks} blocks of {block} prompt keys "
+            f"(keep {keep}, chunk {chunk}, n_global {n_global})")
   if n_keep <= forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max():
     # (Measured on the demo model: a budget that only holds the forced blocks loses its lookups
     # as the local window does, 58% against 96% at 1K.)
-    return (f"the {n_keep} blocks a chunk keeps (keep {keep} of {n_blocks}) are all forced "
-            "(sinks, its own and neighbouring blocks): a local window without chosen blocks "
-            "loses far lookups, so this prompt is refreshed densely")
+    return (f"{_SAVES_NOTHING}: the {n_keep} blocks a chunk keeps (keep {keep} of {n_blocks}) "
+            "are all forced (sinks, its own and neighbouring blocks), and a local window "
+            "without chosen blocks loses far lookups")
   return None
 
 
@@ -121,9 +127,12 @@ def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, bounds: jax.Array,
   signed = jnp.concatenate([jnp.maximum(q_rows, 0), jnp.minimum(q_rows, 0)], axis=-1)
   bound = jnp.einsum("bcrhgx,bnhx->bchrgn", signed, bounds, preferred_element_type=jnp.float32)
   bound = jnp.where(blocks_ok[:, None, None, None, None, :], bound, _EXCLUDED)
-  relative = bound - jnp.max(bound, axis=-1, keepdims=True)
-  relative = jnp.where(rows_ok[:, :, None, :, None, None], relative, _EXCLUDED)
-  score = jnp.max(relative, axis=(3, 4))  # [B, n, Hkv, n_blocks]
+  # Each row's share of the bounds under a softmax (log space): a block that stands out for one
+  # row scores near 0 (log 1), a row whose bounds are flat gives each block about -log(n).
+  logits = bound * (q_rows.shape[-1] ** -0.5)
+  share = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  share = jnp.where(rows_ok[:, :, None, :, None, None], share, _EXCLUDED)
+  score = jnp.max(share, axis=(3, 4))  # [B, n, Hkv, n_blocks]
   score = jnp.where(forced[None, :, None, :], _FORCED, score)
   return jax.lax.top_k(score, n_keep)[1].astype(jnp.int32)
 
@@ -167,7 +176,12 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   g = hq // hkv
   attend = lambda qq, kk, vv, kv_ok, q_ok: dense_attention.attention(
       qq, kk, vv, key_valid=kv_ok, query_valid=q_ok, implementation=implementation)
-  if check_selected(prefix, s, chunk, block, keep, n_global) is not None:
+  if hq % hkv:
+    raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
+  reason = check_selected(prefix, s, chunk, block, keep, n_global)
+  if reason is not None and not reason.startswith(_SAVES_NOTHING):
+    raise ValueError(f"selected_prefix_attention: {reason}")
+  if reason is not None:
     out = attend(q, k, v, key_valid, query_valid)
     return (out, None) if return_ids else out
   n_blocks, n_keep = prefix // block, kept_blocks(prefix, chunk, block, keep, n_global)
@@ -176,9 +190,13 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   n_chunks = -(-prefix // chunk)
   n_keys = n_keep * block + n_tail
   per_chunk = (b * hkv * n_keys * d * 2 * k.dtype.itemsize  # gathered K and V
-               + b * chunk * hq * n_blocks * 4 * 2)  # the bounds and their relative scores
-  per_group = max(1, min(n_chunks, max_group_bytes // per_chunk))
-  n_groups = -(-n_chunks // per_group)
+               + b * chunk * hq * n_blocks * 4 * 2)  # the bounds and their shares
+  if key_valid is not None:  # cuDNN takes the per-head pad mask as a 16-bit bias
+    per_chunk += b * hkv * chunk * n_keys * 2
+  if dense_attention.resolve(implementation, q, k) == "xla":  # float32 scores and probabilities
+    per_chunk += b * hq * chunk * n_keys * 4 * 2
+  n_groups = -(-n_chunks // max(1, min(n_chunks, max_group_bytes // per_chunk)))
+  per_group = -(-n_chunks // n_groups)  # (balanced: padding stays under one chunk a group)
   rows_pad = n_groups * per_group * chunk
 
   bounds, blocks_ok = block_bounds(k, n_blocks, block, key_valid)
@@ -186,8 +204,9 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   forced[:n_chunks] = forced_blocks(prefix, chunk, block, n_global)
   rows_ok = jnp.arange(rows_pad) < prefix
   rows_ok = jnp.broadcast_to(rows_ok, (b, rows_pad))
-  if query_valid is not None:
-    rows_ok = rows_ok & jnp.pad(query_valid[:, :prefix], ((0, 0), (0, rows_pad - prefix)))
+  voters = query_valid if query_valid is not None else key_valid  # pads do not vote
+  if voters is not None:
+    rows_ok = rows_ok & jnp.pad(voters[:, :prefix], ((0, 0), (0, rows_pad - prefix)))
   # Head-major blocks, so one gathered row is a whole block of one kv head: [B, Hkv, n, bs*D].
   head_major = lambda x: jnp.moveaxis(x, 2, 1)  # [B, L, Hkv, D] -> [B, Hkv, L, D]
   k_blocks, v_blocks = (head_major(x[:, :tail_start]).reshape(b, hkv, n_blocks, block * d)
@@ -218,7 +237,7 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
       kv_ok = jnp.concatenate([picked, tail_ok], axis=3).reshape(b * hkv * n, n_keys)
     # Rows padding the last chunk are zeros (finite, dropped after) and need no mask.
     q_ok = None
-    if query_valid is not None:
+    if query_valid is not None:  # (then ok_rows is query_valid on the prefix)
       q_ok = jnp.broadcast_to(ok_rows.reshape(b, 1, n, chunk), (b, hkv, n, chunk))
       q_ok = q_ok.reshape(b * hkv * n, chunk)
     q_heads = jnp.moveaxis(q_rows, 3, 1).reshape(b * hkv * n, chunk, g, d)

@@ -52,16 +52,16 @@ def test_auto_by_backend(monkeypatch):
   q, k, _, _ = _qkv(2)
   qb = q.astype(jnp.bfloat16)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert da._resolve("auto", qb, k) == "cudnn"
-  assert da._resolve("auto", q, k) == "xla"  # float32 stays on XLA
+  assert da.resolve("auto", qb, k) == "cudnn"
+  assert da.resolve("auto", q, k) == "xla"  # float32 stays on XLA
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert da._resolve("auto", qb, k) == "splash"
-  assert da._resolve("auto", qb[:, :32], k) == "xla"  # few queries: no splash
-  assert da._resolve("auto", qb, k[:, :200]) == "xla"  # lengths not multiples of 128
+  assert da.resolve("auto", qb, k) == "splash"
+  assert da.resolve("auto", qb[:, :32], k) == "xla"  # few queries: no splash
+  assert da.resolve("auto", qb, k[:, :200]) == "xla"  # lengths not multiples of 128
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert da._resolve("auto", qb, k) == "xla"
+  assert da.resolve("auto", qb, k) == "xla"
   for impl in ("xla", "cudnn", "splash"):
-    assert da._resolve(impl, qb, k) == impl  # an explicit choice overrides the backend
+    assert da.resolve(impl, qb, k) == impl  # an explicit choice overrides the backend
 
 
 def test_unknown_implementation():

@@ -69,24 +69,58 @@ def test_kept_blocks_are_distinct_and_hold_the_forced_ones():
         assert want <= set(ids[bi, c, h])
 
 
-def test_a_far_key_one_query_needs_is_kept():
-  """One query of a chunk matches a key far outside the window and sinks: its block is kept
-  (for that kv head only), where a mean over the chunk's queries would bury it."""
-  s, prefix, chunk, block, d = 1024, 1024, 128, 32, 16
+def test_a_block_one_row_needs_outranks_a_block_many_rows_like():
+  """One free slot a chunk. Every row likes a decoy block a little; one asking row needs a far
+  needle block a lot. The asker's chunk keeps the needle (the largest share any row gives),
+  the other chunks the decoy; a mean over rows, or the best block's bound alone (every row's
+  best ties, and the decoy sits earlier), would keep the decoy everywhere."""
+  s, chunk, block, d = 1024, 128, 32, 16
   rng = np.random.default_rng(3)
-  q = rng.standard_normal((1, s, 2, d)).astype(np.float32) * 0.1
-  k = rng.standard_normal((1, s, 2, d)).astype(np.float32) * 0.1
-  v = rng.standard_normal((1, s, 2, d)).astype(np.float32)
-  needle, asker = 150, 900  # block 4; the asking row sits in chunk 7 (blocks 28-31)
-  direction = rng.standard_normal(d).astype(np.float32)
-  k[0, needle, 1] = 3 * direction
-  q[0, asker, 1] = 3 * direction
-  out, ids = sel.selected_prefix_attention(
-      *(jnp.asarray(x) for x in (q, k, v)), prefix=prefix, chunk=chunk, block=block, keep=0.25,
+  e0, e1 = np.eye(d, dtype=np.float32)[:2]
+  q = 0.01 * rng.standard_normal((1, s, 1, d)).astype(np.float32) + e1
+  k = 0.01 * rng.standard_normal((1, s, 1, d)).astype(np.float32)
+  v = rng.standard_normal((1, s, 1, d)).astype(np.float32)
+  decoy, needle, asker = 3, 400, 700  # decoy: block 3; needle: block 12; asker: chunk 5
+  k[0, decoy * block:(decoy + 1) * block, 0] += e1
+  k[0, needle, 0] = 2 * e0
+  q[0, asker, 0] = 5 * e0
+  _, ids = sel.selected_prefix_attention(
+      *(jnp.asarray(x) for x in (q, k, v)), prefix=s, chunk=chunk, block=block, keep=0.25,
       n_global=32, implementation="xla", return_ids=True)
-  assert needle // block in set(np.asarray(ids)[0, asker // chunk, 1])
-  dense = masked_attention(q, k, v, np.ones((s, s), bool))
-  np.testing.assert_allclose(np.asarray(out)[0, asker, 1], dense[0, asker, 1], atol=0.05)
+  ids = np.asarray(ids)[0, :, 0]
+  assert ids.shape[-1] == 8  # 7 forced: sinks, 4 own blocks, 2 neighbours
+  assert needle // block in ids[asker // chunk] and decoy not in ids[asker // chunk]
+  for c in (4, 6):  # other chunks with 7 forced blocks, neither of these two
+    assert decoy in ids[c] and needle // block not in ids[c]
+
+
+def test_pad_blocks_are_never_chosen_and_pad_rows_do_not_vote():
+  """Left pads: a block of pads is never kept unless forced, whether pads are marked on the
+  queries or (LLaDA) only on the keys; pad queries that would ask for a far block do not get
+  it kept."""
+  s, prefix, chunk, block = 520, 512, 64, 16
+  q, k, v = inputs(5, 2, s, 4, 2)
+  q, k = np.array(q), np.array(k)
+  q[:, :, :, 0] = 0  # channel 0: only the pads' queries use it, and hard ...
+  q[1, :40, :, 0] = 50
+  k[1, 25 * block:26 * block, :, 0] = 40  # ... to ask for block 25, far from chunk 0
+  key_valid = jnp.asarray(np.arange(s)[None, :] >= np.array([[0], [40]]))
+  for query_valid in (key_valid, None):
+    _, ids = sel.selected_prefix_attention(
+        jnp.asarray(q), jnp.asarray(k), v, prefix=prefix, chunk=chunk, block=block, keep=0.4,
+        n_global=0, key_valid=key_valid, query_valid=query_valid, implementation="xla",
+        return_ids=True)
+    forced = sel.forced_blocks(prefix, chunk, block, 0)
+    ids = np.asarray(ids)
+    for c in range(ids.shape[1]):
+      for h in range(2):
+        chosen = set(ids[1, c, h]) - set(np.flatnonzero(forced[c]))
+        assert not chosen & {0, 1}, (c, h, ids[1, c, h])  # blocks 0-1 are all pads
+    # Chunk 0 holds the pad rows: were they voting, block 25 would be its first pick (ids come
+    # ranked, the forced ones first).
+    for h in range(2):
+      first_pick = [i for i in ids[1, 0, h] if not forced[0, i]][0]
+      assert first_pick != 25, ids[1, 0, h]
 
 
 def test_lengths_that_save_nothing_stay_dense():
@@ -129,3 +163,20 @@ def test_refresh_with_selected_prompt_blocks():
     kv.RefreshPolicy(prompt_keep=0.25, prompt_window=64)
   with pytest.raises(ValueError, match="choose one"):
     kv.RefreshPolicy(prompt_keep=0.25, fp8_attention=True)
+
+
+def test_groups_keep_the_same_blocks_and_bad_arguments_are_refused():
+  q, k, v = inputs(7, 2, 300, 4, 2)
+  call = functools.partial(sel.selected_prefix_attention, q, k, v, prefix=260, chunk=32,
+                           block=16, keep=0.5, n_global=8, implementation="xla",
+                           return_ids=True)
+  (whole, ids), (split, split_ids) = call(), call(max_group_bytes=1)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(split_ids))
+  np.testing.assert_allclose(np.asarray(whole), np.asarray(split), atol=1e-6)
+  for bad, match in ((dict(keep=0.0), "keep"), (dict(chunk=0), "chunk"),
+                     (dict(n_global=-1), "n_global"), (dict(prefix=301), "prefix")):
+    with pytest.raises(ValueError, match=match):
+      call(**bad)
+  with pytest.raises(ValueError, match="not a multiple"):
+    sel.selected_prefix_attention(q[:, :, :3], k, v, prefix=260, chunk=32, block=16, keep=0.5,
+                                  n_global=8)
