@@ -969,11 +969,13 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
                        over_ideal=t / (t_dense * share)))
       print("SELECTED", rows[-1], flush=True)
     # The batched call (kv heads folded into the batch) against the XLA path, left pads too.
-    small = 1024 if not SMOKE else 256
+    small, check_chunk = (256, 64) if SMOKE else (2048, 128)
+    # (blocks chosen by score besides the forced ones, else the call would be dense)
+    assert sel.check_selected(small, small + GEN, check_chunk, block, 0.5, n_global) is None
     qs, ks, vs = (x[:, :small + GEN] for x in (q, k, v))
     pads = (jnp.arange(small + GEN) >= 40)[None]
     call = lambda impl_: jax.jit(lambda q, k, v, kv: sel.selected_prefix_attention(
-        q, k, v, prefix=small, chunk=128 if not SMOKE else 64, block=block, keep=0.25,
+        q, k, v, prefix=small, chunk=check_chunk, block=block, keep=0.5,
         n_global=n_global, key_valid=kv, query_valid=kv, implementation=impl_))
     got, want = (call(i)(qs, ks, vs, pads).astype(jnp.float32)[:, 40:] for i in (impl, "xla"))
     err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))

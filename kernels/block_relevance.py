@@ -60,14 +60,47 @@ def check_inputs(qg, row_weight, representatives, block_valid, bound: bool) -> N
   chex.assert_shape(block_valid, (b, representatives.shape[2]))
 
 
-def block_relevance_xla(qg, row_weight, representatives, block_valid, *, bound: bool,
-                        scale: float) -> jax.Array:
-  """The definition, in XLA: [B, Hkv, R, D] rows -> [B, Hkv, NB] float32."""
+def block_representatives(keys: jax.Array, valid: jax.Array, kind: str):
+  """keys [B, NB, bs, Hkv, D] in blocks, valid [B, NB, bs] -> (representatives [B, Hkv, NB, D
+  or 2D] in keys' dtype, block_valid [B, NB]).
+
+  kind "mean": the block's mean key; "max": its channel-wise max; "bound": Quest's box, stored
+  as [centre, radius] of the channel-wise [min, max] (2D channels), so that
+  q . centre + |q| . radius = sum_d max(q_d min_d, q_d max_d) >= max_j q . k_j: a block holding
+  one strongly matching key scores at least that key's logit (the mean dilutes it by the block
+  size). Only valid keys count; a block with no valid key is invalid. Head-major, so a
+  relevance is a batched GEMM over (batch, kv head) with no transpose."""
+  dtype = keys.dtype
+  keys = keys.astype(jnp.float32)
+  count = jnp.sum(valid, axis=2)
+  if kind == "mean":
+    rep = jnp.sum(jnp.where(valid[..., None, None], keys, 0.0), axis=2)
+    rep = rep / jnp.maximum(count, 1)[..., None, None]
+  else:
+    hi = jnp.max(jnp.where(valid[..., None, None], keys, -jnp.inf), axis=2)
+    hi = jnp.where(count[..., None, None] > 0, hi, 0.0)
+    rep = hi
+    if kind == "bound":
+      lo = jnp.min(jnp.where(valid[..., None, None], keys, jnp.inf), axis=2)
+      lo = jnp.where(count[..., None, None] > 0, lo, 0.0)
+      rep = jnp.concatenate([(hi + lo) / 2, (hi - lo) / 2], axis=-1)
+  return jnp.swapaxes(rep, 1, 2).astype(dtype), count > 0
+
+
+def bound_logits(qg, representatives, block_valid, *, bound: bool, scale: float) -> jax.Array:
+  """qg [B, Hkv, R, D] rows -> their scaled scores [B, Hkv, R, NB] float32 against the blocks'
+  representatives (Quest's upper bound with `bound`), -inf at invalid blocks."""
   if bound:  # q . centre + |q| . radius as one product over 2D channels: one GEMM, not two
     qg = jnp.concatenate([qg, jnp.abs(qg)], axis=-1)
   logits = jnp.einsum("bhrd,bhnd->bhrn", qg, representatives, preferred_element_type=jnp.float32)
+  return jnp.where(block_valid[:, None, None, :], logits * scale, -jnp.inf)
+
+
+def block_relevance_xla(qg, row_weight, representatives, block_valid, *, bound: bool,
+                        scale: float) -> jax.Array:
+  """The definition, in XLA: [B, Hkv, R, D] rows -> [B, Hkv, NB] float32."""
+  logits = bound_logits(qg, representatives, block_valid, bound=bound, scale=scale)
   valid = block_valid[:, None, None, :]
-  logits = jnp.where(valid, logits * scale, -jnp.inf)
   probs = jnp.where(valid, jax.nn.softmax(logits, axis=-1), 0.0)  # rows of all -inf: 0, not nan
   return jnp.einsum("bhrn,br->bhn", probs, row_weight.astype(jnp.float32))
 

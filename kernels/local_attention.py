@@ -105,7 +105,19 @@ def local_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix: 
   q_rows_ok = None if query_valid is None else per_chunk_rows(query_valid)
   kv_ok = None if key_valid is None else per_chunk_keys(key_valid)
   local = attend(per_chunk_rows(q), per_chunk_keys(k), per_chunk_keys(v), kv_ok, q_rows_ok)
-  local = local.reshape(b, n_chunks * chunk, hq, d)[:, :prefix]
+  return with_dense_tail(local.reshape(b, n_chunks * chunk, hq, d)[:, :prefix], q, k, v,
+                         key_valid, query_valid, implementation)
+
+
+def with_dense_tail(prefix_out: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+                    key_valid: jax.Array | None, query_valid: jax.Array | None,
+                    implementation: str) -> jax.Array:
+  """The prefix rows' output [B, P, Hq, D] followed by the rows after it, which attend to every
+  key (densely; none when the prefix is the whole sequence): [B, S, Hq, D]."""
+  prefix = prefix_out.shape[1]
+  if prefix == q.shape[1]:
+    return prefix_out
   tail_ok = None if query_valid is None else query_valid[:, prefix:]
-  tail = attend(q[:, prefix:], k, v, key_valid, tail_ok)
-  return jnp.concatenate([local, tail], axis=1)
+  tail = dense_attention.attention(q[:, prefix:], k, v, key_valid=key_valid,
+                                   query_valid=tail_ok, implementation=implementation)
+  return jnp.concatenate([prefix_out, tail], axis=1)

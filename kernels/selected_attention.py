@@ -7,9 +7,10 @@
 Each (sequence, chunk, kv head) keeps the same number of blocks. Always kept: the blocks holding
 the first `n_global` keys (attention sinks) and the blocks holding the chunk's own rows, with one
 block either side. The other kept blocks are the chunk's best by Quest's bound on q . k over a
-block, q+ . kmax + q- . kmin (kmax / kmin: the block's channel-wise max / min key): each row
-softmaxes its bounds over the blocks (as logits), and a block scores the largest share any row
-of the chunk and any query head of the kv head gives it. A block that stands out for a single
+block (`block_relevance.bound_logits` over the box of `block_representatives`, as Focus's
+sparse layers score their blocks): each row softmaxes its bounds over the blocks (as logits),
+and a block scores the largest share any row of the chunk and any query head of the kv head
+gives it. A block that stands out for a single
 row (a question token's needle) ranks above blocks that many rows rate only as well as the
 rest; rows that are pads (invalid queries, or invalid keys when no query mask is given) do not
 vote. The kept blocks and the tail are gathered into one key sequence per (sequence, kv head,
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_jax.kernels import dense_attention
+from focus_jax.kernels import block_relevance, dense_attention, local_attention
 
 # Score of an unusable block or row (finite: differences stay finite) and of a forced block.
 _EXCLUDED = -1e30
@@ -102,37 +103,21 @@ def kept_blocks(prefix: int, chunk: int, block: int, keep: float, n_global: int)
   return min(n_blocks, max(math.ceil(keep * n_blocks), forced))
 
 
-def block_bounds(k: jax.Array, n_blocks: int, block: int,
-                 key_valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """([B, n_blocks, Hkv, 2D] the blocks' [kmax | kmin] over valid keys, [B, n_blocks] whether a
-  block holds any valid key)."""
-  b, _, hkv, d = k.shape
-  kb = k[:, :n_blocks * block].reshape(b, n_blocks, block, hkv, d)
-  if key_valid is None:
-    return jnp.concatenate([kb.max(axis=2), kb.min(axis=2)], axis=-1), jnp.ones((b, n_blocks),
-                                                                                 bool)
-  ok = key_valid[:, :n_blocks * block].reshape(b, n_blocks, block)
-  lowest, highest = jnp.finfo(k.dtype).min, jnp.finfo(k.dtype).max
-  kmax = jnp.where(ok[..., None, None], kb, lowest).max(axis=2)
-  kmin = jnp.where(ok[..., None, None], kb, highest).min(axis=2)
-  any_ok = ok.any(axis=2)
-  bounds = jnp.where(any_ok[:, :, None, None], jnp.concatenate([kmax, kmin], axis=-1), 0)
-  return bounds.astype(k.dtype), any_ok
-
-
-def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, bounds: jax.Array,
+def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, representatives: jax.Array,
                   blocks_ok: jax.Array, forced: jax.Array, n_keep: int) -> jax.Array:
   """Kept block ids [B, n, Hkv, n_keep] of n chunks: q_rows [B, n, C, Hkv, G, D], rows_ok
-  [B, n, C], bounds / blocks_ok from `block_bounds`, forced [n, n_blocks] (module docstring)."""
-  signed = jnp.concatenate([jnp.maximum(q_rows, 0), jnp.minimum(q_rows, 0)], axis=-1)
-  bound = jnp.einsum("bcrhgx,bnhx->bchrgn", signed, bounds, preferred_element_type=jnp.float32)
-  bound = jnp.where(blocks_ok[:, None, None, None, None, :], bound, _EXCLUDED)
+  [B, n, C], representatives / blocks_ok of `block_relevance.block_representatives` ("bound"),
+  forced [n, n_blocks] (module docstring)."""
+  b, n, c, hkv, g, d = q_rows.shape
+  qg = jnp.moveaxis(q_rows, 3, 1).reshape(b, hkv, n * c * g, d)
+  logits = block_relevance.bound_logits(qg, representatives, blocks_ok, bound=True,
+                                        scale=d ** -0.5)
   # Each row's share of the bounds under a softmax (log space): a block that stands out for one
   # row scores near 0 (log 1), a row whose bounds are flat gives each block about -log(n).
-  logits = bound * (q_rows.shape[-1] ** -0.5)
   share = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-  share = jnp.where(rows_ok[:, :, None, :, None, None], share, _EXCLUDED)
-  score = jnp.max(share, axis=(3, 4))  # [B, n, Hkv, n_blocks]
+  share = jnp.where(blocks_ok[:, None, None, :], share, _EXCLUDED).reshape(b, hkv, n, c, g, -1)
+  share = jnp.where(rows_ok[:, None, :, :, None, None], share, _EXCLUDED)
+  score = jnp.moveaxis(jnp.max(share, axis=(3, 4)), 1, 2)  # [B, n, Hkv, n_blocks]
   score = jnp.where(forced[None, :, None, :], _FORCED, score)
   return jax.lax.top_k(score, n_keep)[1].astype(jnp.int32)
 
@@ -199,7 +184,10 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   per_group = -(-n_chunks // n_groups)  # (balanced: padding stays under one chunk a group)
   rows_pad = n_groups * per_group * chunk
 
-  bounds, blocks_ok = block_bounds(k, n_blocks, block, key_valid)
+  ok_blocks = (jnp.ones((b, n_blocks, block), bool) if key_valid is None
+               else key_valid[:, :tail_start].reshape(b, n_blocks, block))
+  representatives, blocks_ok = block_relevance.block_representatives(
+      k[:, :tail_start].reshape(b, n_blocks, block, hkv, d), ok_blocks, "bound")
   forced = np.zeros((n_groups * per_group, n_blocks), bool)
   forced[:n_chunks] = forced_blocks(prefix, chunk, block, n_global)
   rows_ok = jnp.arange(rows_pad) < prefix
@@ -207,41 +195,42 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   voters = query_valid if query_valid is not None else key_valid  # pads do not vote
   if voters is not None:
     rows_ok = rows_ok & jnp.pad(voters[:, :prefix], ((0, 0), (0, rows_pad - prefix)))
-  # Head-major blocks, so one gathered row is a whole block of one kv head: [B, Hkv, n, bs*D].
+  # Head-major, so one gathered row is a whole block of one kv head: [B, Hkv, n, bs, D].
   head_major = lambda x: jnp.moveaxis(x, 2, 1)  # [B, L, Hkv, D] -> [B, Hkv, L, D]
-  k_blocks, v_blocks = (head_major(x[:, :tail_start]).reshape(b, hkv, n_blocks, block * d)
+  k_blocks, v_blocks = (head_major(x[:, :tail_start]).reshape(b, hkv, n_blocks, block, d)
                         for x in (k, v))
   k_tail, v_tail = (head_major(x[:, tail_start:]) for x in (k, v))  # [B, Hkv, n_tail, D]
-  ok_blocks = None if key_valid is None else key_valid[:, :tail_start].reshape(b, n_blocks, block)
 
   def group(operands):
     """One group of n chunks: select, gather, attend -> ([B, n * C, Hq, D], ids)."""
     q_rows, ok_rows, forced_rows = operands  # [B, n*C, Hq, D], [B, n*C], [n, n_blocks]
     n = forced_rows.shape[0]
     q_rows = q_rows.reshape(b, n, chunk, hkv, g, d)
-    ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), bounds, blocks_ok, forced_rows,
-                        n_keep)
+    ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), representatives, blocks_ok,
+                        forced_rows, n_keep)
     flat_ids = jnp.moveaxis(ids, 2, 1).reshape(b, hkv, n * n_keep, 1)
 
-    def keys(blocks, tail):  # -> [B * Hkv * n, n_keys, 1, D]
-      picked = jnp.take_along_axis(blocks, flat_ids, axis=2).reshape(b, hkv, n, n_keep * block,
-                                                                      d)
-      tail = jnp.broadcast_to(tail[:, :, None], (b, hkv, n, n_tail, d))
-      return jnp.concatenate([picked, tail], axis=3).reshape(b * hkv * n, n_keys, 1, d)
+    def per_chunk_keys(blocks, tail):
+      """[B, Hkv, n_blocks, block, *x] blocks and [B, Hkv, n_tail, *x] tail -> each (batch,
+      kv head, chunk)'s kept blocks then the tail: [B * Hkv * n, n_keys, *x]."""
+      x = blocks.shape[4:]
+      flat = blocks.reshape(b, hkv, n_blocks, -1)  # one gathered row is a whole block
+      picked = jnp.take_along_axis(flat, flat_ids, axis=2).reshape(b, hkv, n, n_keep * block, *x)
+      tail = jnp.broadcast_to(tail[:, :, None], (b, hkv, n, n_tail, *x))
+      return jnp.concatenate([picked, tail], axis=3).reshape(b * hkv * n, n_keys, *x)
 
     kv_ok = None
     if key_valid is not None:
-      picked = jnp.take_along_axis(jnp.broadcast_to(ok_blocks[:, None], (b, hkv, n_blocks, block)),
-                                   flat_ids, axis=2).reshape(b, hkv, n, n_keep * block)
-      tail_ok = jnp.broadcast_to(key_valid[:, None, None, tail_start:], (b, hkv, n, n_tail))
-      kv_ok = jnp.concatenate([picked, tail_ok], axis=3).reshape(b * hkv * n, n_keys)
+      kv_ok = per_chunk_keys(jnp.broadcast_to(ok_blocks[:, None], (b, hkv, n_blocks, block)),
+                             jnp.broadcast_to(key_valid[:, None, tail_start:], (b, hkv, n_tail)))
     # Rows padding the last chunk are zeros (finite, dropped after) and need no mask.
     q_ok = None
     if query_valid is not None:  # (then ok_rows is query_valid on the prefix)
       q_ok = jnp.broadcast_to(ok_rows.reshape(b, 1, n, chunk), (b, hkv, n, chunk))
       q_ok = q_ok.reshape(b * hkv * n, chunk)
     q_heads = jnp.moveaxis(q_rows, 3, 1).reshape(b * hkv * n, chunk, g, d)
-    out = attend(q_heads, keys(k_blocks, k_tail), keys(v_blocks, v_tail), kv_ok, q_ok)
+    out = attend(q_heads, per_chunk_keys(k_blocks, k_tail)[:, :, None],
+                 per_chunk_keys(v_blocks, v_tail)[:, :, None], kv_ok, q_ok)
     out = jnp.moveaxis(out.reshape(b, hkv, n, chunk, g, d), 1, 3)
     return out.reshape(b, n * chunk, hq, d), ids
 
@@ -255,8 +244,6 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
                                      forced.reshape(n_groups, per_group, n_blocks)))
     local = jnp.moveaxis(local, 0, 1).reshape(b, rows_pad, hq, d)
     ids = jnp.moveaxis(ids, 0, 1).reshape(b, n_groups * per_group, hkv, n_keep)
-  out = local[:, :prefix]
-  if prefix < s:
-    tail_ok = None if query_valid is None else query_valid[:, prefix:]
-    out = jnp.concatenate([out, attend(q[:, prefix:], k, v, key_valid, tail_ok)], axis=1)
+  out = local_attention.with_dense_tail(local[:, :prefix], q, k, v, key_valid, query_valid,
+                                       implementation)
   return (out, ids[:, :n_chunks]) if return_ids else out

@@ -23,19 +23,14 @@ def num_prompt_blocks(prompt_length: int, block_size: int) -> int:
 
 def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length: int,
                         block_size: int, kind: str):
-  """k [B, L, Hkv, D] -> (representatives [B, Hkv, NB, D or 2D], block_valid [B, NB]).
+  """k [B, L, Hkv, D] -> (representatives [B, Hkv, NB, D or 2D], block_valid [B, NB]): the
+  prompt's blocks of `block_size` keys as `block_relevance.block_representatives` of `kind`
+  ("mean", "max" or "bound"), computed once per refresh. Only valid prompt keys count (left
+  padding and the response region are excluded).
 
   Head-major, so that every sparse layer's relevance is a batched GEMM over (batch, kv head)
   with no transpose: at batch 8 XLA otherwise transposed them in every sparse layer (0.26 ms of
-  LLaDA-8B's 8K Focus step on an H200, `profile_step_h200_8k_batch8_cached_r3.json`). They are
-  computed once per refresh.
-
-  kind "mean": the block's mean key; "max": its channel-wise max; "bound": Quest's box, stored
-  as [centre, radius] of the channel-wise [min, max] (2D channels), so that
-  q . centre + |q| . radius = sum_d max(q_d min_d, q_d max_d) >= max_j q . k_j: a block holding
-  one strongly matching key scores at least that key's logit (the mean dilutes it by the block
-  size). Only valid prompt keys count (left padding and the response region are excluded); a
-  block with no valid key is invalid.
+  LLaDA-8B's 8K Focus step on an H200, `profile_step_h200_8k_batch8_cached_r3.json`).
   """
   b, length, hkv, d = k.shape
   nb = num_prompt_blocks(prompt_length, block_size)
@@ -50,21 +45,8 @@ def representative_keys(k: jax.Array, key_valid: jax.Array | None, prompt_length
     if span > length:
       kv_valid = jnp.pad(kv_valid, ((0, 0), (0, span - length)))
     valid = valid & kv_valid
-  keys = keys.reshape(b, nb, block_size, hkv, d).astype(jnp.float32)
-  valid = valid.reshape(b, nb, block_size)
-  count = jnp.sum(valid, axis=2)
-  if kind == "mean":
-    rep = jnp.sum(jnp.where(valid[..., None, None], keys, 0.0), axis=2)
-    rep = rep / jnp.maximum(count, 1)[..., None, None]
-  else:
-    hi = jnp.max(jnp.where(valid[..., None, None], keys, -jnp.inf), axis=2)
-    hi = jnp.where(count[..., None, None] > 0, hi, 0.0)
-    rep = hi
-    if kind == "bound":
-      lo = jnp.min(jnp.where(valid[..., None, None], keys, jnp.inf), axis=2)
-      lo = jnp.where(count[..., None, None] > 0, lo, 0.0)
-      rep = jnp.concatenate([(hi + lo) / 2, (hi - lo) / 2], axis=-1)
-  return jnp.swapaxes(rep, 1, 2).astype(k.dtype), count > 0
+  return relevance_kernel.block_representatives(keys.reshape(b, nb, block_size, hkv, d),
+                                                valid.reshape(b, nb, block_size), kind)
 
 
 def focus_weights(focus: jax.Array) -> tuple[jax.Array, jax.Array]:
