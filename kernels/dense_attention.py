@@ -10,6 +10,10 @@
   heads (K/V are never repeated in memory).
 
 `implementation` is "auto", "xla", "cudnn" or "splash"; "auto" picks by backend, dtype and shape.
+
+`paged_attention` is the same attention over keys held in a pool of pages, each row of the batch
+with its own table of pages (cuDNN's paged flash attention on a GPU reads them in place; other
+backends gather them first): for callers whose rows read different subsets of one pool.
 Rows whose keys are all masked are unspecified except on the XLA path (uniform over the keys).
 
 `fp8=True` runs the attention in float8 e4m3 with per-tensor scales (a refresh-economy option:
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -264,6 +269,45 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array
     check_gpu_supports_fp8("fp8 attention (refresh_fp8_attention)")
     return cudnn_fp8_attention(q, k, v, key_valid, query_valid)
   return xla_fp8_attention(q, k, v, key_valid, query_valid)  # also "auto" on a TPU
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                    page_table: jax.Array, kv_length: int,
+                    implementation: str = "auto") -> jax.Array:
+  """Dense attention over keys held in a pool of pages, read in place where the backend can.
+
+  q [B, T, Hq, D]; k_pages / v_pages [P, page, Hkv, D], a pool of P pages; page_table [B, n]
+  int32 page ids: row b's keys are its n pages in order, the first `kv_length` of them (a static
+  int; the rest of the last page is ignored). -> [B, T, Hq, D].
+
+  Why: a caller whose rows attend to different subsets of one pool (selected prompt blocks, per
+  query chunk and kv head) would otherwise copy each subset out, gigabytes a layer at 32K. On a
+  GPU this is cuDNN's paged flash attention, which follows the table in place (through JAX's
+  private cuDNN module: its public `paged_attention` insists that the pool holds exactly B * n
+  pages, which a shared pool does not); elsewhere the pages are gathered and go through
+  `attention` (XLA, or splash on a TPU).
+  """
+  b, t, hq, d = q.shape
+  n_pages, page, hkv = k_pages.shape[:3]
+  chex.assert_shape(k_pages, (n_pages, page, hkv, d))
+  chex.assert_equal_shape([k_pages, v_pages])
+  chex.assert_shape(page_table, (b, None))
+  if not 0 < kv_length <= page_table.shape[1] * page:
+    raise ValueError(f"kv_length {kv_length} must lie in (0, {page_table.shape[1] * page}] "
+                     f"({page_table.shape[1]} pages of {page} keys)")
+  impl = resolve(implementation, q, k_pages)
+  if impl != "cudnn":
+    gather = lambda pool: pool[page_table].reshape(b, -1, hkv, d)[:, :kv_length]
+    return attention(q, gather(k_pages), gather(v_pages), implementation=impl)
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # see the docstring
+  table = page_table.astype(jnp.int32)[:, None, :, None]  # cuDNN's [B, 1, n, 1]
+  unused = jnp.zeros(0, q.dtype)
+  q_length = jnp.full((b,), t, jnp.int32)
+  k_length = jnp.full((b,), kv_length, jnp.int32)
+  return cudnn_fa._dot_product_attention(  # pylint: disable=protected-access
+      q, k_pages, v_pages, unused, q_length, k_length, unused, unused, table, table,
+      float(d) ** -0.5, 42, 0.0, (False, False), cudnn_fa.MaskType.PADDING,
+      cudnn_fa.AttentionLayout.BTNH.value, None, cudnn_fa.check_cudnn_version(), False)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,

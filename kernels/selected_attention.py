@@ -13,24 +13,28 @@ and a block scores the largest share any row of the chunk and any query head of 
 gives it. A block that stands out for a single
 row (a question token's needle) ranks above blocks that many rows rate only as well as the
 rest; rows that are pads (invalid queries, or invalid keys when no query mask is given) do not
-vote. The kept blocks and the tail are gathered into one key sequence per (sequence, kv head,
-chunk); the chunks go through one batched dense attention call (cuDNN on a GPU, splash on a
-TPU, XLA elsewhere, as `dense_attention.attention` picks) with kv heads folded into the batch,
-so keys may differ per head. Unpadded, that call needs no mask; with pad keys it takes a
-per-(head, chunk) key mask, which cuDNN turns into a 16-bit bias (about 0.5 GB a chunk for
-LLaDA-8B at 32K). Chunks go in balanced groups (`lax.map`) so the gathered keys, bounds and
-masks stay under `max_group_bytes` (a 128K prompt would otherwise gather tens of GB).
+vote. The chunks go through one batched dense attention call with kv heads folded into the
+batch, so keys may differ per head. Unpadded, each (sequence, kv head, chunk) reads its kept
+blocks and the tail as pages of one pool, the K/V laid out head-major once
+(`dense_attention.paged_attention`: cuDNN's paged flash attention reads them in place on a GPU;
+other backends gather them). With pad keys they are gathered into one key sequence per
+(sequence, kv head, chunk) with a per-(head, chunk) key mask, which cuDNN turns into a 16-bit
+bias (about 0.5 GB a chunk for LLaDA-8B at 32K). Chunks go in balanced groups (`lax.map`) so
+the bounds, and the gathered keys and masks where there are any, stay under `max_group_bytes`
+(a 128K prompt would otherwise gather tens of GB).
 
 Why: a diffusion LLM's cache refresh is compute-bound attention over the whole canvas, ~99% of
 it the prompt's rows (focus_jax.decoding.cache.RefreshPolicy.prompt_keep). A local window
 (`local_attention`) cuts that work but loses lookups whose key lies far from the query; choosing
-blocks per query chunk keeps them. The gather costs one write and one read of the kept K/V per
-chunk, so larger chunks amortise it (at C = 1024, a 32K prompt and keep 0.25 it is ~4 GB a
-layer). Kernels know nothing of models: the prefix is any leading run of query rows.
+blocks per query chunk keeps them. A gather would cost one write and one read of the kept K/V
+per chunk (at C = 1024, a 32K prompt and keep 0.25, ~4 GB a layer); the pages cost one
+head-major copy of K and V. Kernels know nothing of models: the prefix is any leading run of
+query rows.
 
-Measured (H200, jax 0.11.2, 2026-12-06, `benchmarks/kernels.py --phases selected_prompt`): one
-32K layer, chunk 1024, keep 0.25: LLaDA-8B 11.96 ms against cuDNN's dense 29.62 (2.48x; 26% of
-the score FLOPs, so 1.54x the ideal share), Dream-7B 9.34 against 25.64 ms (2.75x).
+Measured (H100, jax 0.11.2, 2026-12-07, `benchmarks/kernels.py --phases selected_prompt`): one
+32K layer, chunk 1024, keep 0.25: LLaDA-8B 10.48 ms against cuDNN's dense 28.17 (2.69x; 26% of
+the score FLOPs, so 1.42x the ideal share; 12.38 ms with the gather it replaced), Dream-7B
+8.89 against 24.51 ms (2.76x; 8.75 with the gather).
 """
 
 from __future__ import annotations
@@ -174,8 +178,13 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   n_tail = s - tail_start
   n_chunks = -(-prefix // chunk)
   n_keys = n_keep * block + n_tail
-  per_chunk = (b * hkv * n_keys * d * 2 * k.dtype.itemsize  # gathered K and V
-               + b * chunk * hq * n_blocks * 4 * 2)  # the bounds and their shares
+  # Unpadded, the chunks read their kept blocks as pages of one pool (read in place by cuDNN);
+  # with pad keys they gather them with their per-head mask.
+  paged = key_valid is None and query_valid is None
+  in_place = paged and dense_attention.resolve(implementation, q, k) == "cudnn"
+  per_chunk = b * chunk * hq * n_blocks * 4 * 2  # the bounds and their shares
+  if not in_place:  # gathered K and V
+    per_chunk += b * hkv * n_keys * d * 2 * k.dtype.itemsize
   if key_valid is not None:  # cuDNN takes the per-head pad mask as a 16-bit bias
     per_chunk += b * hkv * chunk * n_keys * 2
   if dense_attention.resolve(implementation, q, k) == "xla":  # float32 scores and probabilities
@@ -195,19 +204,23 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   voters = query_valid if query_valid is not None else key_valid  # pads do not vote
   if voters is not None:
     rows_ok = rows_ok & jnp.pad(voters[:, :prefix], ((0, 0), (0, rows_pad - prefix)))
-  # Head-major, so one gathered row is a whole block of one kv head: [B, Hkv, n, bs, D].
+  # Head-major, so one gathered row (one page) is a whole block of one kv head.
   head_major = lambda x: jnp.moveaxis(x, 2, 1)  # [B, L, Hkv, D] -> [B, Hkv, L, D]
-  k_blocks, v_blocks = (head_major(x[:, :tail_start]).reshape(b, hkv, n_blocks, block, d)
-                        for x in (k, v))
-  k_tail, v_tail = (head_major(x[:, tail_start:]) for x in (k, v))  # [B, Hkv, n_tail, D]
+  if paged:  # the pool: every (sequence, kv head)'s blocks then its tail, padded to whole pages
+    n_pages = n_blocks + -(-n_tail // block)
+    to_pages = lambda x: head_major(jnp.pad(x, ((0, 0), (0, n_pages * block - s), (0, 0),
+                                                (0, 0)))).reshape(b * hkv * n_pages, block, 1, d)
+    k_pool, v_pool = to_pages(k), to_pages(v)
+    first_page = (jnp.arange(b * hkv, dtype=jnp.int32) * n_pages).reshape(b, 1, hkv, 1)
+    tail_pages = jnp.arange(n_blocks, n_pages, dtype=jnp.int32)
+  else:
+    k_blocks, v_blocks = (head_major(x[:, :tail_start]).reshape(b, hkv, n_blocks, block, d)
+                          for x in (k, v))
+    k_tail, v_tail = (head_major(x[:, tail_start:]) for x in (k, v))  # [B, Hkv, n_tail, D]
 
-  def group(operands):
-    """One group of n chunks: select, gather, attend -> ([B, n * C, Hq, D], ids)."""
-    q_rows, ok_rows, forced_rows = operands  # [B, n*C, Hq, D], [B, n*C], [n, n_blocks]
-    n = forced_rows.shape[0]
-    q_rows = q_rows.reshape(b, n, chunk, hkv, g, d)
-    ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), representatives, blocks_ok,
-                        forced_rows, n_keep)
+  def gathered_attention(q_heads, ids, ok_rows, n):
+    """Attention over each chunk's kept blocks and the tail gathered into one key sequence per
+    (sequence, kv head, chunk), with the per-head pad mask: [B * Hkv * n, C, G, D]."""
     flat_ids = jnp.moveaxis(ids, 2, 1).reshape(b, hkv, n * n_keep, 1)
 
     def per_chunk_keys(blocks, tail):
@@ -228,9 +241,25 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
     if query_valid is not None:  # (then ok_rows is query_valid on the prefix)
       q_ok = jnp.broadcast_to(ok_rows.reshape(b, 1, n, chunk), (b, hkv, n, chunk))
       q_ok = q_ok.reshape(b * hkv * n, chunk)
+    return attend(q_heads, per_chunk_keys(k_blocks, k_tail)[:, :, None],
+                  per_chunk_keys(v_blocks, v_tail)[:, :, None], kv_ok, q_ok)
+
+  def group(operands):
+    """One group of n chunks: select, attend -> ([B, n * C, Hq, D], ids)."""
+    q_rows, ok_rows, forced_rows = operands  # [B, n*C, Hq, D], [B, n*C], [n, n_blocks]
+    n = forced_rows.shape[0]
+    q_rows = q_rows.reshape(b, n, chunk, hkv, g, d)
+    ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), representatives, blocks_ok,
+                        forced_rows, n_keep)
     q_heads = jnp.moveaxis(q_rows, 3, 1).reshape(b * hkv * n, chunk, g, d)
-    out = attend(q_heads, per_chunk_keys(k_blocks, k_tail)[:, :, None],
-                 per_chunk_keys(v_blocks, v_tail)[:, :, None], kv_ok, q_ok)
+    if paged:  # page table: the chunk's kept blocks, then the tail's pages
+      table = jnp.concatenate([ids, jnp.broadcast_to(tail_pages, (b, n, hkv, len(tail_pages)))],
+                              axis=-1) + first_page
+      out = dense_attention.paged_attention(
+          q_heads, k_pool, v_pool, jnp.moveaxis(table, 2, 1).reshape(b * hkv * n, -1), n_keys,
+          implementation)
+    else:
+      out = gathered_attention(q_heads, ids, ok_rows, n)
     out = jnp.moveaxis(out.reshape(b, hkv, n, chunk, g, d), 1, 3)
     return out.reshape(b, n * chunk, hq, d), ids
 

@@ -233,3 +233,21 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_refused_early(monkeypatch):
   for ok in ("8.9", "9.0"):
     monkeypatch.setattr(jax, "devices", lambda *a, c=ok: device(c))
     fp8.check_gpu_supports_fp8("fp8 attention")
+
+
+def test_paged_attention_reads_its_pages_in_table_order():
+  """Each row attends to its own pages of one pool, in table order (duplicates allowed), up to
+  kv_length keys: the last page's remainder is not attended."""
+  rng = np.random.default_rng(7)
+  pages, page, hkv, d, b, t, hq = 9, 8, 2, 32, 3, 5, 4
+  k_pool, v_pool = (jnp.asarray(rng.standard_normal((pages, page, hkv, d)), jnp.float32)
+                    for _ in range(2))
+  q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+  table = jnp.asarray([[4, 0, 8], [1, 1, 2], [8, 7, 3]], jnp.int32)
+  kv_length = 2 * page + 3
+  out = da.paged_attention(q, k_pool, v_pool, table, kv_length, implementation="xla")
+  keys = lambda pool: np.asarray(pool)[np.asarray(table)].reshape(b, -1, hkv, d)[:, :kv_length]
+  want = _naive(q, keys(k_pool), keys(v_pool), np.ones((b, kv_length), bool))
+  np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="kv_length 25 must lie in"):
+    da.paged_attention(q, k_pool, v_pool, table, 3 * page + 1, implementation="xla")

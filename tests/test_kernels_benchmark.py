@@ -57,7 +57,9 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   sel = res["selected_prompt"]
   assert {(row["layout"], row["variant"]) for row in sel} == {
       (lay, v) for lay in ("llada8b", "dream7b") for v in ("dense", "selected", "check")}, sel
-  assert all(row["ok"] for row in sel if row["variant"] == "check"), sel
+  checks = [row for row in sel if row["variant"] == "check"]
+  assert sorted(row["pads"] for row in checks) == [0, 0, 40, 40] and all(
+      row["ok"] for row in checks), sel  # pages read in place, and gathered with a pad mask
   assert all(0 < row["flop_share"] < 1 and math.isfinite(row["ms"]) for row in sel
              if row["variant"] == "selected"), sel
   # Key channels offset in every token: smoothing takes them out; unsmoothed fp8 pays for them.
