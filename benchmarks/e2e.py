@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from focus_jax import memory, presets, step_timing
-from focus_jax.decoding import make_denoiser
+from focus_jax.decoding import holds_fp8_weights, make_denoiser
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning
 from focus_jax.models import param_map
@@ -183,7 +183,8 @@ def main(argv):
                           **sampler)
       try:
         row["memory_estimate_gib"] = memory.check_fits(
-            cfg, batch, context + FLAGS.gen, mode).total / memory.GIB
+            cfg, batch, context + FLAGS.gen, mode,
+            fp8_weights=holds_fp8_weights(denoiser)).total / memory.GIB
         if mode == "vanilla":
           step = step_timing.jitted_step(denoiser, canvas)
           row["step_s"], _ = step_timing.median_step_seconds(

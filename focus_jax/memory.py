@@ -23,19 +23,23 @@ class MemoryEstimate:
   params: int
   kv_cache: int
   activations: int
+  fp8_weights: int = 0  # the refresh's e4m3 copies of the projections (refresh_fp8_matmul)
 
   @property
   def total(self) -> int:
-    return self.params + self.kv_cache + self.activations
+    return self.params + self.kv_cache + self.activations + self.fp8_weights
 
   def describe(self) -> str:
+    fp8 = f", fp8 weights {self.fp8_weights / GIB:.1f}" if self.fp8_weights else ""
     return (f"{self.total / GIB:.1f} GiB (parameters {self.params / GIB:.1f}, KV cache "
-            f"{self.kv_cache / GIB:.1f}, refresh activations {self.activations / GIB:.1f})")
+            f"{self.kv_cache / GIB:.1f}, refresh activations {self.activations / GIB:.1f}{fp8})")
 
 
 def estimate(config: ModelConfig, batch: int, length: int, mode: str,
-             devices: int = 1) -> MemoryEstimate:
-  """Bytes per device for a canvas of `length` tokens; params and cache split over `devices`."""
+             devices: int = 1, fp8_weights: bool = False) -> MemoryEstimate:
+  """Bytes per device for a canvas of `length` tokens; params and cache split over `devices`.
+  `fp8_weights`: the generation holds an e4m3 copy of every block's projections (1 byte each,
+  `RefreshPolicy.fp8_matmul`)."""
   width = jnp.dtype(config.jnp_dtype).itemsize
   params = config.num_params() * width // devices
   cache = 0
@@ -44,7 +48,12 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str,
     cache //= devices
   q = config.n_heads * config.head_dim
   per_token = (6 * config.d_model + 3 * q + 3 * config.mlp_hidden) * width
-  return MemoryEstimate(params, cache, batch * length * per_token)
+  fp8 = 0
+  if fp8_weights:
+    kv = config.n_kv_heads * config.head_dim
+    per_layer = config.d_model * (2 * q + 2 * kv + 3 * config.mlp_hidden)
+    fp8 = config.n_layers * per_layer // devices
+  return MemoryEstimate(params, cache, batch * length * per_token, fp8)
 
 
 def device_limit(device=None) -> int | None:
@@ -55,9 +64,9 @@ def device_limit(device=None) -> int | None:
 
 
 def check_fits(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
-               limit: int | None = None) -> MemoryEstimate:
+               limit: int | None = None, fp8_weights: bool = False) -> MemoryEstimate:
   """Raises MemoryError, naming the sizes and the fixes, when the estimate exceeds the limit."""
-  est = estimate(config, batch, length, mode, devices)
+  est = estimate(config, batch, length, mode, devices, fp8_weights)
   limit = device_limit() if limit is None else limit
   if limit is not None and est.total > limit:
     raise MemoryError(

@@ -105,6 +105,7 @@ def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5,
   entry_repeats = entry_repeats or max(3, repeats // 2)
   b = canvas.tokens.shape[0]
   step = jitted_step(denoiser, canvas)
+  params = jax.jit(denoiser.prepare_params)(params)  # once, as a generation makes them
   state = denoiser.init_state(params, canvas)
   ctx = entry_context(canvas, b)
   out = {}

@@ -240,6 +240,33 @@ def _over_rows(x, weights, implementation: str, tiling: MatmulTiling, xla_fn, pa
   return out.reshape(*x.shape[:-1], w.shape[1])
 
 
+def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """w [K, N] -> (w8t [N, K] e4m3, descale float32 scalar): w = w8t.T * descale, one
+  power-of-two scale (`kernels.fp8`).
+
+  Transposed because cuBLASLt's fp8 GEMM reads both operands K-contiguous: handed w8 [K, N], XLA
+  transposes it (in bfloat16, before the quantisation), and inside the denoising loop it hoisted
+  those loop-invariant copies of every layer's weights out of the loop: 45 GiB more at a 32K
+  LLaDA-8B refresh, which no longer fit an H100 (2026-12-07). Callers that multiply by the
+  same weights many times quantise them once with this (`models.transformer.fp8_weights`)."""
+  w8, descale, _ = fp8.quantize(w, power_of_two=True)
+  return w8.T, descale
+
+
+def fp8_matmul_quantized(x: jax.Array, w8t: jax.Array, w_descale: jax.Array) -> jax.Array:
+  """x [..., K] @ w [K, N] in float8 e4m3, w given as `quantize_weight(w)`: x takes one
+  power-of-two scale, the dot takes the e4m3 arrays themselves (K-contiguous both), the product
+  comes out in x's dtype, then the scales."""
+  if x.shape[-1] != w8t.shape[1]:
+    raise ValueError(f"x's last axis {x.shape[-1]} does not match the weight's {w8t.shape[1]} "
+                     f"rows (w8t is [N, K] = {w8t.shape})")
+  fp8.check_gpu_supports_fp8("fp8 projections (refresh_fp8_matmul)")
+  x8, dx, _ = fp8.quantize(x, power_of_two=True)
+  out = jax.lax.dot_general(x8, w8t, (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=x.dtype)
+  return out * (dx * w_descale).astype(x.dtype)
+
+
 def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., K] @ w [K, N] in float8 e4m3: one power-of-two scale per operand (`kernels.fp8`),
   the product of the e4m3 operands in x's dtype, then the scales. For refresh-sized calls
@@ -255,9 +282,4 @@ def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """
   if x.shape[-1] != w.shape[0]:
     raise ValueError(f"x's last axis {x.shape[-1]} does not match w's rows {w.shape[0]}")
-  fp8.check_gpu_supports_fp8("fp8 projections (refresh_fp8_matmul)")
-  (x8, dx, _), (w8, dw, _) = (fp8.quantize(x, power_of_two=True),
-                              fp8.quantize(w, power_of_two=True))
-  out = jax.lax.dot_general(x8, w8, (((x.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=x.dtype)
-  return out * (dx * dw).astype(x.dtype)
+  return fp8_matmul_quantized(x, *quantize_weight(w))

@@ -113,16 +113,6 @@ def _streamed_dot_general(lhs, rhs, dimension_numbers, precision=None):
   return matmul.matmul(lhs, rhs, implementation="pallas_gpu", interpret=_interpret())
 
 
-def _fp8_dot_general(lhs, rhs, dimension_numbers, precision=None):
-  """nn.Dense's contraction in float8 (`ModelConfig.fp8_matmul`)."""
-  (contract_lhs, contract_rhs), batch = dimension_numbers
-  if not (tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,)
-          and not batch[0] and rhs.ndim == 2):
-    raise ValueError(f"fp8_matmul takes x[..., K] @ w[K, N], got {dimension_numbers}")
-  del precision  # (e4m3 operands, float32 accumulation)
-  return matmul.fp8_matmul(lhs, rhs)
-
-
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
   """cos/sin [B, T, head_dim] in float32 for rotate-half RoPE (cat(freqs, freqs) layout)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -167,10 +157,10 @@ def _precision(dtype) -> jax.lax.Precision | None:
 def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
            bias_axis: str | None = None, fp8_allowed: bool = True):
   dtype = cfg.jnp_dtype
-  dot_general = None
   if cfg.fp8_matmul and fp8_allowed:
-    dot_general = _fp8_dot_general
-  elif _resolved(cfg.matmul_impl) == "pallas_gpu":
+    return Fp8Dense(features, axes, cfg, bias_axis, name=name)
+  dot_general = None
+  if _resolved(cfg.matmul_impl) == "pallas_gpu":
     dot_general = _streamed_dot_general
   return nn.Dense(
       features, use_bias=bias_axis is not None, dtype=dtype, param_dtype=dtype, name=name,
@@ -193,6 +183,51 @@ class _Kernel(nn.Module):
     dt = self.config.jnp_dtype
     return self.param("kernel", nn.with_logical_partitioning(_init, self.axes),
                       (in_features, self.features), dt)
+
+
+# The variable collection of the projections' weights in e4m3 (`fp8_weights`).
+FP8_WEIGHTS = "fp8_weights"
+
+
+class Fp8Dense(nn.Module):
+  """nn.Dense's projection (same "kernel" [in, features] and "bias" parameters) multiplied in
+  float8 e4m3 (`ModelConfig.fp8_matmul`). The weight comes from the FP8_WEIGHTS collection when
+  the caller made it (`fp8_weights`, once per generation), else it is quantised here, per call."""
+  features: int
+  axes: tuple[str, str]
+  config: ModelConfig
+  bias_axis: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.config.jnp_dtype
+    kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes),
+                        (x.shape[-1], self.features), dt)
+    if self.has_variable(FP8_WEIGHTS, "kernel"):
+      out = matmul.fp8_matmul_quantized(x, self.get_variable(FP8_WEIGHTS, "kernel"),
+                                        self.get_variable(FP8_WEIGHTS, "descale"))
+    else:
+      out = matmul.fp8_matmul(x, kernel)
+    if self.bias_axis is not None:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.bias_axis,)),
+                        (self.features,), dt)
+      out = out + bias.astype(out.dtype)
+    return out
+
+
+def fp8_weights(params) -> dict:
+  """The FP8_WEIGHTS collection for `params`: every block's projection weight [K, N] as e4m3
+  [N, K] and its descale (`matmul.quantize_weight`), at the projection's module path; the lm
+  head and the embedding stay out (they never run in fp8). Pass it beside "params" to a
+  `fp8_matmul` model: a generation makes it once, before its denoising loop (1 byte a weight:
+  7 GB for LLaDA-8B), instead of each refresh quantising every weight again."""
+  def walk(tree):
+    if "kernel" in tree and not isinstance(tree["kernel"], dict):
+      w8t, descale = matmul.quantize_weight(tree["kernel"])
+      return {"kernel": w8t, "descale": descale}
+    return {name: walk(sub) for name, sub in tree.items() if isinstance(sub, dict)}
+  return {name: walk(sub) for name, sub in params.items() if name.startswith("layers_")}
 
 
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -251,17 +286,21 @@ class Block(nn.Module):
     x = x + _dense(cfg.d_model, ("heads", "embed"), cfg, "o_proj")(out)
 
     h = _materialised_norm(RMSNorm(cfg.rms_eps, dt, name="mlp_norm")(x))
-    w_gate = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="gate_proj")(cfg.d_model)
-    w_up = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="up_proj")(cfg.d_model)
-    streamed = _resolved(cfg.matmul_impl) in ("pallas_gpu", "pallas_gpu_mlp")
-    if cfg.fp8_matmul:
-      act = nn.silu(matmul.fp8_matmul(h, w_gate)) * matmul.fp8_matmul(h, w_up)
-    elif streamed and _streams(h, w_gate.shape):  # both weights in one pass, silu fused
-      act = matmul.swiglu(h, w_gate, w_up, implementation="pallas_gpu", interpret=_interpret())
-    else:
-      act = nn.silu(_dot(h, w_gate)) * _dot(h, w_up)
-    x = x + _dense(cfg.d_model, ("mlp", "embed"), cfg, "down_proj")(act)
+    x = x + _dense(cfg.d_model, ("mlp", "embed"), cfg, "down_proj")(_swiglu(cfg, h))
     return x, layer_state, carry
+
+
+def _swiglu(cfg: ModelConfig, h: jax.Array) -> jax.Array:
+  """silu(h @ w_gate) * (h @ w_up), in fp8, streamed (both weights in one pass) or by XLA."""
+  if cfg.fp8_matmul:
+    return (nn.silu(_dense(cfg.mlp_hidden, ("embed", "mlp"), cfg, "gate_proj")(h))
+            * _dense(cfg.mlp_hidden, ("embed", "mlp"), cfg, "up_proj")(h))
+  w_gate = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="gate_proj")(cfg.d_model)
+  w_up = _Kernel(cfg.mlp_hidden, ("embed", "mlp"), cfg, name="up_proj")(cfg.d_model)
+  streamed = _resolved(cfg.matmul_impl) in ("pallas_gpu", "pallas_gpu_mlp")
+  if streamed and _streams(h, w_gate.shape):
+    return matmul.swiglu(h, w_gate, w_up, implementation="pallas_gpu", interpret=_interpret())
+  return nn.silu(_dot(h, w_gate)) * _dot(h, w_up)
 
 
 class Transformer(nn.Module):

@@ -309,6 +309,26 @@ def test_fp8_refresh_matmul(model):
   assert int(state.num_steps) == GEN and (out != exact_tokens).any()
 
 
+def test_fp8_weights_are_made_once_before_the_loop(model):
+  """With fp8 projections the denoiser adds the e4m3 weights to the params before its loop, and
+  a refresh that reads them equals one that quantises every weight itself (same scales, same
+  e4m3 values); other policies leave the params alone."""
+  cfg, params = model
+  policy = kv.RefreshPolicy(fp8_matmul=True)
+  denoiser = make_denoiser(cfg, "dual_cache", refresh_fp8_matmul=True)
+  prepared = denoiser.prepare_params(params)
+  weights = prepared[kv.REFRESH_FP8_WEIGHTS]
+  assert set(weights) == {f"layers_{i}" for i in range(cfg.n_layers)}
+  w8t = weights["layers_0"]["down_proj"]["kernel"]
+  assert w8t.dtype == jnp.float8_e4m3fn and w8t.shape == (cfg.d_model, cfg.mlp_hidden)
+  assert make_denoiser(cfg, "focus").prepare_params(params) is params
+  tokens, mask = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  cache = kv.KVCache.empty(cfg, 2, canvas.length)
+  run = lambda p: kv.refresh(cfg, p, canvas, cache, jnp.int32(PROMPT), BLOCK, "xla", policy)[0]
+  np.testing.assert_array_equal(np.asarray(run(prepared)), np.asarray(run(params)))
+
+
 def test_refresh_economy_rejects_bad_cadence():
   with pytest.raises(ValueError, match="every_blocks"):
     make_denoiser(tiny("llada"), "dual_cache", refresh_every_blocks=0)

@@ -279,6 +279,13 @@ def test_fp8_matmul_hands_the_dot_its_e4m3_operands():
   assert [str(v.aval.dtype) for v in dot.invars] == ["float8_e4m3fn"] * 2, dot
   assert dot.params["preferred_element_type"] == jnp.bfloat16, dot.params
   assert jaxpr.eqns[-1].primitive.name == "mul", jaxpr
+  # The weight comes transposed, [N, K]: both operands K-contiguous, as cuBLASLt's fp8 GEMM
+  # reads them (handed [K, N], XLA transposes it in bfloat16 first).
+  assert dot.params["dimension_numbers"][0] == ((1,), (1,)), dot.params
+  w8t, descale = mm.quantize_weight(w)
+  assert w8t.shape == (8, 32) and w8t.dtype == jnp.float8_e4m3fn
+  np.testing.assert_array_equal(np.asarray(mm.fp8_matmul_quantized(x, w8t, descale)),
+                                np.asarray(mm.fp8_matmul(x, w)))
 
 
 def test_fp8_matmul_model_flag_leaves_the_lm_head_alone():

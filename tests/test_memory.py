@@ -18,6 +18,10 @@ def test_estimate_counts_params_cache_and_activations():
   assert memory.estimate(cfg, 2, 33024, "focus", devices=2).kv_cache == est.kv_cache
   # Measured peak on an H100 at this size: 34.3 GiB.
   assert 34 * memory.GIB < est.total < 38 * memory.GIB
+  # The refresh's e4m3 weights: one byte for each of the blocks' projection weights.
+  fp8 = memory.estimate(cfg, 1, 32768 + 256, "focus", fp8_weights=True)
+  assert fp8.fp8_weights == 32 * 4096 * (4 * 4096 + 3 * 12288) and "fp8 weights" in fp8.describe()
+  assert fp8.total == est.total + fp8.fp8_weights
 
 
 def test_check_fits_names_sizes_and_fixes():

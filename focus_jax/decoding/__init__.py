@@ -47,3 +47,10 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
       options.setdefault("dense_tail", DREAM_DENSE_TAIL)
     return FocusDenoiser(config, FocusConfig(**options), impl, refresh, cache_sharding)
   raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
+
+
+def holds_fp8_weights(denoiser: Denoiser) -> bool:
+  """Whether the denoiser's generation holds e4m3 copies of the projections (for the memory
+  estimate): a refresh policy with fp8_matmul."""
+  policy = getattr(denoiser, "refresh", None)
+  return bool(policy is not None and policy.fp8_matmul)

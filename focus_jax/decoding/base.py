@@ -51,6 +51,11 @@ class Denoiser(Protocol):
 
   config: ModelConfig
 
+  def prepare_params(self, params: Any) -> Any:
+    """The params as the denoising loop reads them, made once before it (e.g. the refresh's
+    e4m3 weights); the other methods take what this returns."""
+    ...
+
   def init_state(self, params: Any, canvas: Canvas) -> Any:
     """Initial denoiser state (e.g. an empty KV cache) for this canvas; a pytree."""
     ...

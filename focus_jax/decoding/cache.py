@@ -23,7 +23,7 @@ from focus_jax.kernels.sparse_attention import block_sparse_attention
 from focus_jax.models import family
 from focus_jax.models.attention import rows_of
 from focus_jax.models.config import ModelConfig
-from focus_jax.models.transformer import Transformer
+from focus_jax.models.transformer import FP8_WEIGHTS, Transformer, fp8_weights
 
 
 @flax.struct.dataclass
@@ -76,7 +76,9 @@ class RefreshPolicy:
   - fp8_matmul: every full refresh's projections (q, k, v, o and the MLP; not the lm head)
     multiply in float8 e4m3 with per-tensor scales (`ModelConfig.fp8_matmul`, cuBLASLt's fp8
     GEMM on a Hopper GPU). They are the other half of the refresh's time at 32K. Cached steps
-    stay bfloat16 (their GEMMs stream weights; fp8 would not speed them up).
+    stay bfloat16 (their GEMMs stream weights; fp8 would not speed them up). The e4m3 weights
+    are made once per generation, before the denoising loop (`prepare_params`): 1 byte a
+    weight (7 GB for LLaDA-8B) for the whole generation.
   """
 
   every_blocks: int = 1
@@ -222,6 +224,29 @@ class RefreshAttention:
                  jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), zero)), carry
 
 
+# The key under which `prepare_params` adds the refresh's e4m3 weights to the params mapping.
+REFRESH_FP8_WEIGHTS = "refresh_fp8_weights"
+
+
+def prepare_params(params, policy: RefreshPolicy):
+  """params as a denoising loop reads them, made once before it: with `policy.fp8_matmul` they
+  gain the projections' e4m3 weights (`models.transformer.fp8_weights`) under
+  REFRESH_FP8_WEIGHTS, which `refresh` hands the model. (Quantised inside the loop instead, the
+  weights are loop-invariant: XLA hoisted transposed bfloat16 and e4m3 copies of every layer's
+  weights out of it, a 32K LLaDA-8B generation no longer fit an H100, 2026-12-07.)"""
+  if not policy.fp8_matmul or REFRESH_FP8_WEIGHTS in params:
+    return params
+  return {**params, REFRESH_FP8_WEIGHTS: fp8_weights(params)}
+
+
+def _refresh_variables(params, policy: RefreshPolicy) -> dict:
+  """The model's variables for a refresh: the e4m3 weights beside the params when prepared."""
+  if not (policy.fp8_matmul and REFRESH_FP8_WEIGHTS in params):
+    return {"params": params}
+  rest = {name: tree for name, tree in params.items() if name != REFRESH_FP8_WEIGHTS}
+  return {"params": rest, FP8_WEIGHTS: params[REFRESH_FP8_WEIGHTS]}
+
+
 def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_start: jax.Array,
             window: int, attention_impl: str = "auto", policy: RefreshPolicy | None = None):
   """Full forward that rewrites every layer's K/V: (window logits [B, W, V], KVCache).
@@ -234,7 +259,7 @@ def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_
                                policy)
   forward = config.replace(fp8_matmul=True) if policy.fp8_matmul else config
   hidden, kv, _ = Transformer(forward).apply(
-      {"params": params}, canvas.tokens, positions, attention, tuple(zip(cache.k, cache.v)),
+      _refresh_variables(params, policy), canvas.tokens, positions, attention, tuple(zip(cache.k, cache.v)),
       output_rows=family.source_positions(config, window_start, window))
   logits = logits_at(config, params, hidden)
   return logits, KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))

@@ -33,6 +33,9 @@ class _CachedDenoiser:
   refresh: kv.RefreshPolicy = kv.RefreshPolicy()
   cache_sharding: Any = None  # a NamedSharding for [B, L, Hkv, D] (focus_jax.sharding)
 
+  def prepare_params(self, params):
+    return kv.prepare_params(params, self.refresh)
+
   def init_state(self, params, canvas: Canvas):
     del params
     return kv.KVCache.empty(self.config, canvas.tokens.shape[0], canvas.length,

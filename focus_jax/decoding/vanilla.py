@@ -15,6 +15,9 @@ class VanillaDenoiser:
   config: ModelConfig
   attention_impl: str = "auto"
 
+  def prepare_params(self, params):
+    return params
+
   def init_state(self, params, canvas: Canvas):
     del params, canvas
     return ()

@@ -87,6 +87,9 @@ class FocusDenoiser:
       block_valid = jnp.zeros((canvas.tokens.shape[0], nb), bool)
     return tuple(reps), block_valid
 
+  def prepare_params(self, params):
+    return kv.prepare_params(params, self.refresh)
+
   def init_state(self, params, canvas: Canvas) -> FocusState:
     del params
     b, w = canvas.tokens.shape[0], canvas.block_length

@@ -95,6 +95,7 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
   # reason the loop stops; it only guards against a rule that unmasks nothing.
   max_steps = num_blocks * max(rule.steps_per_block, w)
   use_cfg = cfg_scale > 0
+  params = denoiser.prepare_params(params)
 
   def model_canvas(tokens):
     c = canvas.replace(tokens=tokens)
