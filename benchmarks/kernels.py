@@ -1142,7 +1142,12 @@ def phase_fp8_gemm_forms(reps: int = 5) -> list[dict]:
            ("direct_bf16_out", mm.fp8_matmul, (x, w)),
            # the fp8 GEMM alone, on operands quantised beforehand (no error: not x @ w)
            ("prequantised_gemm", lambda a, b: jax.lax.dot_general(
-               a, b, dot, preferred_element_type=jnp.bfloat16), (x8, w8))]
+               a, b, dot, preferred_element_type=jnp.bfloat16), (x8, w8)),
+           # the same with the weight stored transposed, [N, K], as models.transformer's
+           # fp8_weights hold it: both operands K-contiguous, no transpose left to XLA
+           ("prequantised_transposed_gemm", lambda a, b: jax.lax.dot_general(
+               a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16),
+            (x8, jnp.asarray(w8.T)))]
   out = []
   for name, fn, args in forms:
     jitted = jax.jit(fn)
@@ -1150,7 +1155,7 @@ def phase_fp8_gemm_forms(reps: int = 5) -> list[dict]:
     calls = sorted({line.split('custom_call_target="')[1].split('"')[0]
                     for line in hlo.splitlines() if 'custom_call_target="' in line})
     y = jitted(*args)
-    err = None if name == "prequantised_gemm" else err_of(y)
+    err = None if name.startswith("prequantised") else err_of(y)
     t, _ = timeit(jitted, args, reps=reps)
     row = dict(form=name, rows=rows, k=k, n=n, ms=t * 1e3,
                tflops=2.0 * rows * k * n / t / 1e12, rel_err=err, custom_calls=calls)

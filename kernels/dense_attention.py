@@ -36,6 +36,7 @@ batches; callers keep the pad share small (`FP8_MAX_PAD_FRACTION`, checked by th
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import chex
@@ -296,18 +297,23 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     raise ValueError(f"kv_length {kv_length} must lie in (0, {page_table.shape[1] * page}] "
                      f"({page_table.shape[1]} pages of {page} keys)")
   impl = resolve(implementation, q, k_pages)
+  gather = lambda pool: pool[page_table].reshape(b, -1, hkv, d)[:, :kv_length]
   if impl != "cudnn":
-    gather = lambda pool: pool[page_table].reshape(b, -1, hkv, d)[:, :kv_length]
     return attention(q, gather(k_pages), gather(v_pages), implementation=impl)
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # see the docstring
   table = page_table.astype(jnp.int32)[:, None, :, None]  # cuDNN's [B, 1, n, 1]
   unused = jnp.zeros(0, q.dtype)
   q_length = jnp.full((b,), t, jnp.int32)
   k_length = jnp.full((b,), kv_length, jnp.int32)
-  return cudnn_fa._dot_product_attention(  # pylint: disable=protected-access
-      q, k_pages, v_pages, unused, q_length, k_length, unused, unused, table, table,
-      float(d) ** -0.5, 42, 0.0, (False, False), cudnn_fa.MaskType.PADDING,
-      cudnn_fa.AttentionLayout.BTNH.value, None, cudnn_fa.check_cudnn_version(), False)
+  try:  # (the primitive's signature as of jax 0.10-0.11)
+    return cudnn_fa._dot_product_attention(  # pylint: disable=protected-access
+        q, k_pages, v_pages, unused, q_length, k_length, unused, unused, table, table,
+        float(d) ** -0.5, 42, 0.0, (False, False), cudnn_fa.MaskType.PADDING,
+        cudnn_fa.AttentionLayout.BTNH.value, None, cudnn_fa.check_cudnn_version(), False)
+  except (AttributeError, TypeError) as e:  # a JAX whose private cuDNN module moved on
+    warnings.warn(f"cuDNN paged attention unavailable in jax {jax.__version__} ({e}); "
+                  "gathering the pages instead (slower, same result)")
+    return attention(q, gather(k_pages), gather(v_pages), implementation=impl)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,

@@ -74,9 +74,10 @@ class ModelConfig:
   # 310 TFLOP/s at batch 8). H200, 2026-12-04: LLaDA-8B 8K Focus step at batch 8 13.37 -> 12.93
   # ms; batch 1 and Dream-7B unchanged (5.98 / 5.99 ms; 5.69 / 5.65 ms), so it is opt-in.
   fused_qkv: bool = False
-  # Every projection multiplies in float8 e4m3 with per-tensor scales (`matmul.fp8_matmul`; the
-  # lm head stays in `dtype`). Decoding sets it for the forward of a refresh
-  # (`RefreshPolicy.fp8_matmul`), whose GEMMs are compute-bound.
+  # Every projection multiplies in float8 e4m3 with per-tensor scales (`transformer.Fp8Dense`; the
+  # lm head stays in `dtype`), its weights read from the FP8_WEIGHTS collection when the caller
+  # made them once (`transformer.fp8_weights`), else quantised per call. Decoding sets it for the
+  # forward of a refresh (`RefreshPolicy.fp8_matmul`), whose GEMMs are compute-bound.
   fp8_matmul: bool = False
 
   def __post_init__(self):

@@ -251,3 +251,24 @@ def test_paged_attention_reads_its_pages_in_table_order():
   np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="kv_length 25 must lie in"):
     da.paged_attention(q, k_pool, v_pool, table, 3 * page + 1, implementation="xla")
+
+
+def test_paged_attention_falls_back_to_a_gather_when_jax_moved_its_primitive(monkeypatch):
+  """cuDNN's paged primitive is private to JAX: if a JAX release changes it, the call warns and
+  gathers the pages (same result) instead of failing."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  rng = np.random.default_rng(8)
+  k_pool, v_pool = (jnp.asarray(rng.standard_normal((4, 8, 1, 16)), jnp.float32)
+                    for _ in range(2))
+  q = jnp.asarray(rng.standard_normal((2, 3, 2, 16)), jnp.float32)
+  table = jnp.asarray([[3, 1], [0, 0]], jnp.int32)
+  want = da.paged_attention(q, k_pool, v_pool, table, 12, implementation="xla")
+
+  def moved(*args, **kwargs):
+    raise TypeError("unexpected arguments")
+  monkeypatch.setattr(cudnn_fa, "_dot_product_attention", moved)
+  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 0)
+  monkeypatch.setattr(da, "cudnn_attention", da.xla_attention)  # (no cuDNN on this machine)
+  with pytest.warns(UserWarning, match="gathering the pages instead"):
+    got = da.paged_attention(q, k_pool, v_pool, table, 12, implementation="cudnn")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
