@@ -969,13 +969,15 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
                        over_ideal=t / (t_dense * share)))
       print("SELECTED", rows[-1], flush=True)
     # The batched call (kv heads folded into the batch) against the XLA path: unpadded (pages
-    # read in place) and with left pads (gathered keys, a per-head mask).
+    # read in place) and with left pads (gathered keys, a per-head mask). Two sequences (page
+    # offsets per sequence), and a tail that ends inside a page (the key count cuts it).
     small, check_chunk = (256, 64) if SMOKE else (2048, 128)
+    length = small + GEN + 37
     # (blocks chosen by score besides the forced ones, else the call would be dense)
-    assert sel.check_selected(small, small + GEN, check_chunk, block, 0.5, n_global) is None
-    qs, ks, vs = (x[:, :small + GEN] for x in (q, k, v))
+    assert sel.check_selected(small, length, check_chunk, block, 0.5, n_global) is None
+    qs, ks, vs = (jnp.concatenate([x[:, :length], x[:, -length:]]) for x in (q, k, v))
     for n_pads in (0, 40):
-      pads = (jnp.arange(small + GEN) >= n_pads)[None] if n_pads else None
+      pads = (jnp.arange(length) >= n_pads)[None].repeat(2, 0) if n_pads else None
       call = lambda impl_: jax.jit(lambda q, k, v, kv: sel.selected_prefix_attention(
           q, k, v, prefix=small, chunk=check_chunk, block=block, keep=0.5,
           n_global=n_global, key_valid=kv, query_valid=kv, implementation=impl_))

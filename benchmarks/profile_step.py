@@ -62,7 +62,7 @@ def main(argv):
     denoiser = make_denoiser(cfg, mode, **options)
     ctx = step_timing.entry_context(canvas, FLAGS.batch)
     step = step_timing.jitted_step(denoiser, canvas)
-    params = jax.jit(denoiser.prepare_params)(model.params)  # as a generation makes them
+    params = denoiser.prepare_params(model.params)  # as a generation makes them
     _, state = step(params, denoiser.init_state(params, canvas), ctx)
     traced = ctx.replace(block_entry=FLAGS.phase == "entry")
     _, state = jax.block_until_ready(step(params, state, traced))

@@ -36,6 +36,7 @@ batches; callers keep the pad share small (`FP8_MAX_PAD_FRACTION`, checked by th
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import NamedTuple
 
@@ -296,24 +297,46 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   if not 0 < kv_length <= page_table.shape[1] * page:
     raise ValueError(f"kv_length {kv_length} must lie in (0, {page_table.shape[1] * page}] "
                      f"({page_table.shape[1]} pages of {page} keys)")
-  impl = resolve(implementation, q, k_pages)
-  gather = lambda pool: pool[page_table].reshape(b, -1, hkv, d)[:, :kv_length]
-  if impl != "cudnn":
-    return attention(q, gather(k_pages), gather(v_pages), implementation=impl)
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # see the docstring
+  if not reads_pages_in_place(implementation, q, k_pages):
+    # (resolved on the gathered keys: their length, not the page's, decides splash or XLA)
+    gather = lambda pool: pool[page_table].reshape(b, -1, hkv, d)[:, :kv_length]
+    return attention(q, gather(k_pages), gather(v_pages), implementation=implementation)
+  cudnn_fa = _cudnn_module()
   table = page_table.astype(jnp.int32)[:, None, :, None]  # cuDNN's [B, 1, n, 1]
   unused = jnp.zeros(0, q.dtype)
   q_length = jnp.full((b,), t, jnp.int32)
   k_length = jnp.full((b,), kv_length, jnp.int32)
-  try:  # (the primitive's signature as of jax 0.10-0.11)
-    return cudnn_fa._dot_product_attention(  # pylint: disable=protected-access
-        q, k_pages, v_pages, unused, q_length, k_length, unused, unused, table, table,
-        float(d) ** -0.5, 42, 0.0, (False, False), cudnn_fa.MaskType.PADDING,
-        cudnn_fa.AttentionLayout.BTNH.value, None, cudnn_fa.check_cudnn_version(), False)
-  except (AttributeError, TypeError) as e:  # a JAX whose private cuDNN module moved on
-    warnings.warn(f"cuDNN paged attention unavailable in jax {jax.__version__} ({e}); "
-                  "gathering the pages instead (slower, same result)")
-    return attention(q, gather(k_pages), gather(v_pages), implementation=impl)
+  return cudnn_fa._dot_product_attention(  # pylint: disable=protected-access
+      q, k_pages, v_pages, unused, q_length, k_length, unused, unused, table, table,
+      float(d) ** -0.5, 42, 0.0, (False, False), cudnn_fa.MaskType.PADDING,
+      cudnn_fa.AttentionLayout.BTNH.value, None, cudnn_fa.check_cudnn_version(), False)
+
+
+def _cudnn_module():
+  from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=g-import-not-at-top
+  return fused_attention_stablehlo
+
+
+# The private cuDNN primitive `paged_attention` calls, as of jax 0.10-0.11: its argument names.
+_PAGED_PRIMITIVE_ARGS = ("query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets",
+                         "kv_offsets", "page_table_k", "page_table_v")
+
+
+def reads_pages_in_place(implementation: str, q: jax.Array, k_pages: jax.Array) -> bool:
+  """Whether `paged_attention` reads the pages in place here (cuDNN, and this JAX still has the
+  private primitive it calls), rather than gathering them; warns once when JAX moved it."""
+  if resolve(implementation, q, k_pages) != "cudnn":
+    return False
+  primitive = getattr(_cudnn_module(), "_dot_product_attention", None)
+  try:
+    names = tuple(inspect.signature(primitive).parameters)[:len(_PAGED_PRIMITIVE_ARGS)]
+  except (TypeError, ValueError):
+    names = ()
+  if names != _PAGED_PRIMITIVE_ARGS:
+    warnings.warn(f"cuDNN's paged attention primitive is not where jax {jax.__version__} used "
+                  "to keep it; gathering the pages instead (slower, same result)")
+    return False
+  return True
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,

@@ -181,11 +181,11 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   # Unpadded, the chunks read their kept blocks as pages of one pool (read in place by cuDNN);
   # with pad keys they gather them with their per-head mask.
   paged = key_valid is None and query_valid is None
-  in_place = paged and dense_attention.resolve(implementation, q, k) == "cudnn"
+  in_place = paged and dense_attention.reads_pages_in_place(implementation, q, k)
   per_chunk = b * chunk * hq * n_blocks * 4 * 2  # the bounds and their shares
   if not in_place:  # gathered K and V
     per_chunk += b * hkv * n_keys * d * 2 * k.dtype.itemsize
-  if key_valid is not None:  # cuDNN takes the per-head pad mask as a 16-bit bias
+  if not paged:  # cuDNN takes the per-head key or query mask as a 16-bit bias
     per_chunk += b * hkv * chunk * n_keys * 2
   if dense_attention.resolve(implementation, q, k) == "xla":  # float32 scores and probabilities
     per_chunk += b * hq * chunk * n_keys * 4 * 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -327,6 +328,42 @@ def test_fp8_weights_are_made_once_before_the_loop(model):
   cache = kv.KVCache.empty(cfg, 2, canvas.length)
   run = lambda p: kv.refresh(cfg, p, canvas, cache, jnp.int32(PROMPT), BLOCK, "xla", policy)[0]
   np.testing.assert_array_equal(np.asarray(run(prepared)), np.asarray(run(params)))
+  # ... and the refresh does read them: other e4m3 weights give other logits.
+  doubled = jax.tree.map(lambda x: x * 2 if x.ndim == 0 else x, weights)
+  assert not np.allclose(np.asarray(run({**params, kv.REFRESH_FP8_WEIGHTS: doubled})),
+                         np.asarray(run(params)))
+
+
+def _eqns(jaxpr, inside_loop=False):
+  """(equation, whether it runs inside a while loop) for every equation, nested ones too."""
+  for eqn in jaxpr.eqns:
+    yield eqn, inside_loop
+    loop = inside_loop or eqn.primitive.name == "while"
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _eqns(sub, loop)
+
+
+def test_fp8_weights_are_quantised_outside_the_denoising_loop(model):
+  """The structure that keeps XLA from hoisting weight copies out of the loop (the 45 GiB the
+  H100 could not hold, README): every projection weight becomes e4m3 once, before the loop;
+  inside it only activations are quantised."""
+  cfg, params = model
+  tokens, mask = prompts()
+  shapes = {leaf.shape for name, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if "layers_" in jax.tree_util.keystr(name) and leaf.ndim == 2}
+  jaxpr = jax.make_jaxpr(lambda p: generate_tokens(
+      p, tokens, mask, jax.random.key(0), config=cfg, rule=rule_for(cfg, None),
+      denoiser=make_denoiser(cfg, "dual_cache", refresh_fp8_matmul=True), gen_length=GEN,
+      block_length=BLOCK))(params).jaxpr
+  to_e4m3 = [(eqn, inside) for eqn, inside in _eqns(jaxpr)
+             if eqn.primitive.name == "convert_element_type"
+             and eqn.params["new_dtype"] == jnp.float8_e4m3fn]
+  weights = [inside for eqn, inside in to_e4m3 if eqn.invars[0].aval.shape in shapes]
+  assert len(weights) == 7 * cfg.n_layers and not any(weights), weights
+  assert any(inside for eqn, inside in to_e4m3), "activations are quantised in the loop"
 
 
 def test_refresh_economy_rejects_bad_cadence():

@@ -255,7 +255,7 @@ def test_paged_attention_reads_its_pages_in_table_order():
 
 def test_paged_attention_falls_back_to_a_gather_when_jax_moved_its_primitive(monkeypatch):
   """cuDNN's paged primitive is private to JAX: if a JAX release changes it, the call warns and
-  gathers the pages (same result) instead of failing."""
+  gathers the pages (same result) instead of failing, and callers budget for the gather."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
   rng = np.random.default_rng(8)
   k_pool, v_pool = (jnp.asarray(rng.standard_normal((4, 8, 1, 16)), jnp.float32)
@@ -263,12 +263,29 @@ def test_paged_attention_falls_back_to_a_gather_when_jax_moved_its_primitive(mon
   q = jnp.asarray(rng.standard_normal((2, 3, 2, 16)), jnp.float32)
   table = jnp.asarray([[3, 1], [0, 0]], jnp.int32)
   want = da.paged_attention(q, k_pool, v_pool, table, 12, implementation="xla")
+  assert not da.reads_pages_in_place("xla", q, k_pool)
+  assert da.reads_pages_in_place("cudnn", q, k_pool)  # this JAX has the primitive
 
-  def moved(*args, **kwargs):
-    raise TypeError("unexpected arguments")
+  def moved(query, key, value, page_tables):
+    raise AssertionError("not called")
   monkeypatch.setattr(cudnn_fa, "_dot_product_attention", moved)
-  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 0)
   monkeypatch.setattr(da, "cudnn_attention", da.xla_attention)  # (no cuDNN on this machine)
   with pytest.warns(UserWarning, match="gathering the pages instead"):
+    assert not da.reads_pages_in_place("cudnn", q, k_pool)
+  with pytest.warns(UserWarning, match="gathering the pages instead"):
     got = da.paged_attention(q, k_pool, v_pool, table, 12, implementation="cudnn")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_paged_attention_on_a_tpu_resolves_on_the_gathered_keys(monkeypatch):
+  """Pages of 128 keys look like splash's tiles, but the gathered keys (19 here) are not a
+  multiple of 128: "auto" must resolve on them (XLA), not on the page."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  rng = np.random.default_rng(9)
+  k_pool, v_pool = (jnp.asarray(rng.standard_normal((3, 128, 1, 16)), jnp.float32)
+                    for _ in range(2))
+  q = jnp.asarray(rng.standard_normal((1, 128, 1, 16)), jnp.float32)
+  table = jnp.asarray([[2, 0]], jnp.int32)
+  got = da.paged_attention(q, k_pool, v_pool, table, 147)
+  want = da.paged_attention(q, k_pool, v_pool, table, 147, implementation="xla")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)

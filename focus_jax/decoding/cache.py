@@ -236,7 +236,12 @@ def prepare_params(params, policy: RefreshPolicy):
   weights out of it, a 32K LLaDA-8B generation no longer fit an H100, 2026-12-07.)"""
   if not policy.fp8_matmul or REFRESH_FP8_WEIGHTS in params:
     return params
-  return {**params, REFRESH_FP8_WEIGHTS: fp8_weights(params)}
+  # (one compiled program when called eagerly, as the step timers do; inlined under a jit. A jit
+  # of the whole function would hand back a copy of every parameter as well.)
+  return {**params, REFRESH_FP8_WEIGHTS: _fp8_weights_jit(params)}
+
+
+_fp8_weights_jit = jax.jit(fp8_weights)
 
 
 def _refresh_variables(params, policy: RefreshPolicy) -> dict:
