@@ -7,7 +7,9 @@ the measured matmul rate, a cached step against the bytes it must read at the me
 bandwidth. Vanilla (a full forward every step) is timed per step and extrapolated: running 256
 full forwards at 32K would cost minutes of device time and measure nothing new. Peak memory
 is the process's running peak (JAX cannot reset it), so run the largest configuration of a
-context first when its peak matters.
+context first when its peak matters. `--compile_only` instead compiles each generation on
+abstract weights (nothing allocated, nothing run) and records XLA's own memory plan of it: a
+quick check of what a configuration will hold, e.g. after a change to the refresh.
 
     python benchmarks/e2e.py --model=llada_8b --contexts=8192,32768 --modes=dual_cache,focus
 """
@@ -58,6 +60,8 @@ flags.DEFINE_integer("generate_up_to", 1 << 30, "contexts up to this time the wh
                      "so; threshold decoding always generates (its step count is data-dependent)")
 flags.DEFINE_integer("entry_repeats", 3, "timed repeats of a block-entry step")
 flags.DEFINE_string("focus", "", "Focus knobs, e.g. alpha=0.5,l_dense=6")
+flags.DEFINE_bool("compile_only", False, "compile each generation on abstract weights and record "
+                  "XLA's memory plan (temporaries, arguments) instead of timing it")
 flags.DEFINE_string("out", "benchmarks/results/e2e.json", "JSON output (read by plot_e2e.py)")
 flags.DEFINE_float("matmul_tflops", 797.0, "measured bf16 matmul ceiling (H100/H200 alike)")
 flags.DEFINE_float("copy_tbps", 0.0, "measured copy bandwidth; 0: by GPU name (2.88 H100, 4.3 H200)")
@@ -129,6 +133,22 @@ def time_generation(params, prompt, prompt_mask, cfg, rule, denoiser, block: int
   return out
 
 
+def compiled_memory(params, prompt, prompt_mask, cfg, rule, denoiser, block: int) -> dict:
+  """XLA's memory plan of the whole generation, compiled and not run (`--compile_only`): the
+  temporaries it needs besides its arguments (the weights) and its outputs."""
+  t0 = time.perf_counter()
+  compiled = compile_generation(params, prompt, prompt_mask, jax.random.key(0), config=cfg,
+                                rule=rule, denoiser=denoiser, gen_length=FLAGS.gen,
+                                block_length=block)
+  out = {"compile_s": time.perf_counter() - t0}
+  plan = compiled.memory_analysis()
+  if plan is not None:  # (None where the backend keeps no plan)
+    out.update(xla_temp_gib=plan.temp_size_in_bytes / memory.GIB,
+               xla_argument_gib=plan.argument_size_in_bytes / memory.GIB,
+               xla_output_gib=plan.output_size_in_bytes / memory.GIB)
+  return out
+
+
 def save(results):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
@@ -143,8 +163,11 @@ def main(argv):
   copy_tbps = FLAGS.copy_tbps or (4.3 if "H200" in gpu else 2.88)
   focus_knobs = parse_knobs(FLAGS.focus)
   t0 = time.perf_counter()
-  params = presets.random_params(base_cfg, 0)
-  jax.block_until_ready(params)
+  if FLAGS.compile_only:  # shapes only: nothing is allocated
+    params = jax.eval_shape(lambda: presets.random_params(base_cfg, 0))
+  else:
+    params = presets.random_params(base_cfg, 0)
+    jax.block_until_ready(params)
   by_layout = {False: params}  # fused_qkv -> params in that layout (built from the same weights)
   print(f"{gpu}: {FLAGS.model} random params in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
@@ -160,7 +183,9 @@ def main(argv):
       cfg = base_cfg.replace(matmul_impl=options.pop("matmul", FLAGS.matmul_impl),
                              fused_qkv=bool(options.pop("fused_qkv", FLAGS.fused_qkv)))
       if cfg.fused_qkv not in by_layout:
-        by_layout[cfg.fused_qkv] = param_map.fuse_qkv(cfg, by_layout[False])
+        fuse = lambda p, cfg=cfg: param_map.fuse_qkv(cfg, p)
+        by_layout[cfg.fused_qkv] = (jax.eval_shape(fuse, by_layout[False]) if FLAGS.compile_only
+                                    else fuse(by_layout[False]))
       params = by_layout[cfg.fused_qkv]
       generate = context <= FLAGS.generate_up_to or bool(threshold)
       blocks = FLAGS.gen // block
@@ -185,6 +210,12 @@ def main(argv):
         row["memory_estimate_gib"] = memory.check_fits(
             cfg, batch, context + FLAGS.gen, mode,
             fp8_weights=holds_fp8_weights(denoiser)).total / memory.GIB
+        if FLAGS.compile_only:
+          row.update(compiled_memory(params, prompt, prompt_mask, cfg, rule, denoiser, block))
+          results.append(row)
+          print(json.dumps(row), flush=True)
+          save(results)
+          continue
         if mode == "vanilla":
           step = step_timing.jitted_step(denoiser, canvas)
           row["step_s"], _ = step_timing.median_step_seconds(
@@ -240,10 +271,18 @@ def main(argv):
       print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                         for k, v in row.items()}), flush=True)
       save(results)  # after every row: a run cut short keeps what it measured
-  print("\ncontext variant                       tok/s  compile_s  refresh_s  sparse_ms  floor_tok/s  peak_GiB")
+  if not FLAGS.compile_only:
+    print("\ncontext variant                       tok/s  compile_s  refresh_s  sparse_ms  "
+          "floor_tok/s  peak_GiB")
   for r in results:
     if "error" in r:
       print(f"{r['context']:7d} {r['variant']:<28} ERROR {r['error'][:80]}")
+      continue
+    if FLAGS.compile_only:
+      print(f"{r['context']:7d} {r['variant']:<28} compiled in {r['compile_s']:.1f} s: "
+            f"temporaries {r.get('xla_temp_gib', float('nan')):.2f} GiB, arguments "
+            f"{r.get('xla_argument_gib', float('nan')):.2f} GiB (estimate "
+            f"{r['memory_estimate_gib']:.1f} GiB in all)")
       continue
     print(f"{r['context']:7d} {r['variant']:<28} {r['tokens_per_s']:6.2f} "
           f"{r.get('compile_s', float('nan')):9.1f} {r.get('refresh_s', r.get('step_s')):10.3f} "

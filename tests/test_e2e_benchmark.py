@@ -53,3 +53,20 @@ def test_e2e_variants_and_plot(tmp_path):
   subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot_e2e.py"), str(out),
                   f"--out={png}"], check=True, cwd=ROOT, capture_output=True, timeout=300)
   assert png.stat().st_size > 10_000
+
+
+def test_e2e_compile_only_records_xla_memory_plans(tmp_path):
+  """--compile_only: each generation compiled on abstract weights (fused q|k|v layout too), its
+  XLA memory plan recorded, nothing timed; the fp8 projections' e4m3 weights are in the
+  estimate."""
+  out = tmp_path / "plans.json"
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "e2e.py"), "--model=tiny",
+         "--contexts=128", "--modes=focus,focus+refresh_fp8_matmul=1,dual_cache+fused_qkv=1",
+         "--gen=32", "--steps=32", "--block=16", "--compile_only", f"--out={out}"]
+  subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+  rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+  assert len(rows) == 3 and not [r for r in rows.values() if "error" in r]
+  for r in rows.values():
+    assert r["xla_temp_gib"] > 0 and r["xla_argument_gib"] > 0 and "tokens_per_s" not in r, r
+  assert (rows["focus+refresh_fp8_matmul=1"]["memory_estimate_gib"]
+          > rows["focus"]["memory_estimate_gib"])
