@@ -48,11 +48,7 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str,
     cache //= devices
   q = config.n_heads * config.head_dim
   per_token = (6 * config.d_model + 3 * q + 3 * config.mlp_hidden) * width
-  fp8 = 0
-  if fp8_weights:
-    kv = config.n_kv_heads * config.head_dim
-    per_layer = config.d_model * (2 * q + 2 * kv + 3 * config.mlp_hidden)
-    fp8 = config.n_layers * per_layer // devices
+  fp8 = config.projection_params() // devices if fp8_weights else 0  # 1 byte a weight
   return MemoryEstimate(params, cache, batch * length * per_token, fp8)
 
 

@@ -10,11 +10,11 @@
   heads (K/V are never repeated in memory).
 
 `implementation` is "auto", "xla", "cudnn" or "splash"; "auto" picks by backend, dtype and shape.
+Rows whose keys are all masked are unspecified except on the XLA path (uniform over the keys).
 
 `paged_attention` is the same attention over keys held in a pool of pages, each row of the batch
 with its own table of pages (cuDNN's paged flash attention on a GPU reads them in place; other
 backends gather them first): for callers whose rows read different subsets of one pool.
-Rows whose keys are all masked are unspecified except on the XLA path (uniform over the keys).
 
 `fp8=True` runs the attention in float8 e4m3 with per-tensor scales (a refresh-economy option:
 the refresh is compute-bound, and Hopper's fp8 tensor cores do twice the bf16 rate). Keys and
@@ -245,7 +245,7 @@ def cudnn_fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                         smooth: bool = True) -> jax.Array:
   """cuDNN's fp8 flash attention (Hopper) on `fp8_operands`, with the scales and the pad
   handling of `xla_fp8_attention`."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # no public fp8 entry point
+  cudnn_fa = _cudnn_module()  # no public fp8 entry point
   ops = fp8_operands(q, k, v, key_valid, query_valid, smooth)
   as_param = lambda x: jnp.asarray(x, jnp.float32).reshape(1, 1, 1, 1)
   params = {key: as_param(1.0) for key in cudnn_fa.fp8_params_keys}  # backward-only ones unused
@@ -313,6 +313,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 
 def _cudnn_module():
+  """JAX's private cuDNN module: its fp8 and paged attention have no public entry point."""
   from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=g-import-not-at-top
   return fused_attention_stablehlo
 

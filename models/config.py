@@ -102,14 +102,18 @@ class ModelConfig:
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
+  def projection_params(self) -> int:
+    """The blocks' projection weights (q, k, v, o, gate, up, down) over all layers: what runs
+    in fp8 under `fp8_matmul`."""
+    d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+    return self.n_layers * d * (2 * q + 2 * kv + 3 * self.mlp_hidden)
+
   def num_params(self) -> int:
     """Parameter count, for memory planning and FLOP floors."""
-    d, f, v = self.d_model, self.mlp_hidden, self.vocab_size
-    q = self.n_heads * self.head_dim
-    kv = self.n_kv_heads * self.head_dim
-    attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
-    per_layer = attn + 3 * d * f + 2 * d
-    return self.n_layers * per_layer + 2 * v * d + d
+    d, v = self.d_model, self.vocab_size
+    biases = self.n_heads * self.head_dim + 2 * self.n_kv_heads * self.head_dim
+    per_layer = (biases if self.qkv_bias else 0) + 2 * d  # (and two norms)
+    return self.projection_params() + self.n_layers * per_layer + 2 * v * d + d
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

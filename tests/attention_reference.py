@@ -44,7 +44,6 @@ class TinyRefresh:
   def __post_init__(self):
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from focus_jax import presets  # pylint: disable=g-import-not-at-top
-    from focus_jax.decoding import cache as kv  # pylint: disable=g-import-not-at-top
     from focus_jax.sampling import loop  # pylint: disable=g-import-not-at-top
     self.config = presets.preset("tiny")
     self.params = presets.random_params(self.config, 0)

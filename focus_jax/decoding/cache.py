@@ -264,8 +264,8 @@ def refresh(config: ModelConfig, params, canvas: Canvas, cache: KVCache, window_
                                policy)
   forward = config.replace(fp8_matmul=True) if policy.fp8_matmul else config
   hidden, kv, _ = Transformer(forward).apply(
-      _refresh_variables(params, policy), canvas.tokens, positions, attention, tuple(zip(cache.k, cache.v)),
-      output_rows=family.source_positions(config, window_start, window))
+      _refresh_variables(params, policy), canvas.tokens, positions, attention,
+      tuple(zip(cache.k, cache.v)), output_rows=family.source_positions(config, window_start, window))
   logits = logits_at(config, params, hidden)
   return logits, KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
 
