@@ -2,7 +2,9 @@
 
 Counted: parameters, the KV cache of the cached modes (every layer, every canvas position), and
 the refresh's working set (a full forward over the canvas: a few hidden-sized and MLP-sized
-activations of one layer at a time, since layers run one after the other). Measured on an H100
+activations of one layer at a time, since layers run one after the other), plus what a refresh
+policy adds: fp8 copies of the weights, or selected prompt blocks' head-major K/V and one group
+of chunks (`kernels.selected_attention.extra_bytes`). Measured on an H100
 (LLaDA-8B, 32K, Focus, 2026-11-23): peak 34.3 GiB; this estimate gives 35.6 GiB.
 """
 
@@ -13,6 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from focus_jax.decoding.cache import RefreshPolicy
+from focus_jax.kernels import selected_attention
 from focus_jax.models.config import ModelConfig
 
 GIB = 2**30
@@ -24,22 +28,28 @@ class MemoryEstimate:
   kv_cache: int
   activations: int
   fp8_weights: int = 0  # the refresh's e4m3 copies of the projections (refresh_fp8_matmul)
+  selected_prompt: int = 0  # a refresh's selected prompt blocks (refresh_prompt_keep)
 
   @property
   def total(self) -> int:
-    return self.params + self.kv_cache + self.activations + self.fp8_weights
+    return (self.params + self.kv_cache + self.activations + self.fp8_weights
+            + self.selected_prompt)
 
   def describe(self) -> str:
     fp8 = f", fp8 weights {self.fp8_weights / GIB:.1f}" if self.fp8_weights else ""
+    selected = (f", selected prompt blocks {self.selected_prompt / GIB:.1f}"
+                if self.selected_prompt else "")
     return (f"{self.total / GIB:.1f} GiB (parameters {self.params / GIB:.1f}, KV cache "
-            f"{self.kv_cache / GIB:.1f}, refresh activations {self.activations / GIB:.1f}{fp8})")
+            f"{self.kv_cache / GIB:.1f}, refresh activations {self.activations / GIB:.1f}{fp8}"
+            f"{selected})")
 
 
-def estimate(config: ModelConfig, batch: int, length: int, mode: str,
-             devices: int = 1, fp8_weights: bool = False) -> MemoryEstimate:
-  """Bytes per device for a canvas of `length` tokens; params and cache split over `devices`.
-  `fp8_weights`: the generation holds an e4m3 copy of every block's projections (1 byte each,
-  `RefreshPolicy.fp8_matmul`)."""
+def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
+             refresh: RefreshPolicy | None = None, prompt_length: int | None = None,
+             padded: bool = False) -> MemoryEstimate:
+  """Bytes per device for a canvas of `length` tokens (`prompt_length` of them the prompt, by
+  default all but 256); params and cache split over `devices`. `refresh`: the cached modes'
+  refresh policy; `padded`: the batch carries pad tokens (selected blocks are then gathered)."""
   width = jnp.dtype(config.jnp_dtype).itemsize
   params = config.num_params() * width // devices
   cache = 0
@@ -48,8 +58,16 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str,
     cache //= devices
   q = config.n_heads * config.head_dim
   per_token = (6 * config.d_model + 3 * q + 3 * config.mlp_hidden) * width
-  fp8 = config.projection_params() // devices if fp8_weights else 0  # 1 byte a weight
-  return MemoryEstimate(params, cache, batch * length * per_token, fp8)
+  refresh = refresh or RefreshPolicy()
+  fp8 = config.projection_params() // devices if refresh.fp8_matmul else 0  # 1 byte a weight
+  selected = 0
+  if refresh.prompt_keep and mode != "vanilla":
+    selected = selected_attention.extra_bytes(
+        batch, length, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype,
+        prefix=length - 256 if prompt_length is None else prompt_length,
+        chunk=refresh.prompt_chunk, block=refresh.prompt_block, keep=refresh.prompt_keep,
+        n_global=refresh.prompt_globals, padded=padded)
+  return MemoryEstimate(params, cache, batch * length * per_token, fp8, selected)
 
 
 def device_limit(device=None) -> int | None:
@@ -60,9 +78,10 @@ def device_limit(device=None) -> int | None:
 
 
 def check_fits(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
-               limit: int | None = None, fp8_weights: bool = False) -> MemoryEstimate:
+               limit: int | None = None, refresh: RefreshPolicy | None = None,
+               prompt_length: int | None = None, padded: bool = False) -> MemoryEstimate:
   """Raises MemoryError, naming the sizes and the fixes, when the estimate exceeds the limit."""
-  est = estimate(config, batch, length, mode, devices, fp8_weights)
+  est = estimate(config, batch, length, mode, devices, refresh, prompt_length, padded)
   limit = device_limit() if limit is None else limit
   if limit is not None and est.total > limit:
     raise MemoryError(

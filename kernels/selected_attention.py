@@ -39,6 +39,7 @@ the score FLOPs, so 1.42x the ideal share; 12.38 ms with the gather it replaced)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -144,6 +145,69 @@ def key_mask(ids: np.ndarray, prefix: int, chunk: int, block: int, seq_len: int)
   return mask
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The static shape of one `selected_prefix_attention` call, and the bytes it holds beyond
+  dense attention's (shared with `extra_bytes`, so the memory estimate counts what runs)."""
+  n_blocks: int  # whole blocks of the prefix
+  n_keep: int  # blocks each (sequence, chunk, kv head) keeps
+  n_tail: int  # keys from the last whole block on, which every chunk reads
+  n_chunks: int
+  n_keys: int  # keys a chunk attends to
+  paged: bool  # unpadded: the kept blocks are pages of one pool (else gathered, with a mask)
+  n_pages: int  # pages of one (sequence, kv head) in the pool: the blocks, then the tail's
+  n_groups: int  # chunk groups (lax.map), each under max_group_bytes
+  per_group: int  # chunks a group
+  layout_bytes: int  # K and V laid out head-major once, the prompt's padded queries and outputs
+  group_bytes: int  # one group's bounds, shares, gathered keys, masks and scores
+
+
+def _plan(q, k, *, prefix: int, chunk: int, block: int, keep: float, n_global: int,
+          padded: bool, implementation: str, max_group_bytes: int) -> _Plan:
+  """q [B, S, Hq, D], k [B, S, Hkv, D] (arrays or shape structs)."""
+  b, s, hq, d = q.shape
+  hkv, itemsize = k.shape[2], jnp.dtype(k.dtype).itemsize
+  in_place = not padded and dense_attention.reads_pages_in_place(implementation, q, k)
+  scores_in_memory = dense_attention.resolve(implementation, q, k) == "xla"
+  n_blocks, n_keep = prefix // block, kept_blocks(prefix, chunk, block, keep, n_global)
+  n_tail = s - n_blocks * block
+  n_chunks = -(-prefix // chunk)
+  n_keys = n_keep * block + n_tail
+  # Unpadded, the chunks read their kept blocks as pages of one pool (read in place by cuDNN);
+  # with pad keys they gather them with their per-head mask.
+  paged = not padded
+  per_chunk = b * chunk * hq * n_blocks * 4 * 2  # the bounds and their shares
+  if not in_place:  # gathered K and V
+    per_chunk += b * hkv * n_keys * d * 2 * itemsize
+  if not paged:  # cuDNN takes the per-head key or query mask as a 16-bit bias
+    per_chunk += b * hkv * chunk * n_keys * 2
+  if scores_in_memory:  # XLA's float32 scores and probabilities
+    per_chunk += b * hq * chunk * n_keys * 4 * 2
+  n_groups = -(-n_chunks // max(1, min(n_chunks, max_group_bytes // per_chunk)))
+  per_group = -(-n_chunks // n_groups)  # (balanced: padding stays under one chunk a group)
+  n_pages = n_blocks + -(-n_tail // block)
+  layout = 2 * b * hkv * (n_pages * block if paged else s) * d * itemsize
+  layout += 2 * b * n_groups * per_group * chunk * hq * d * itemsize
+  return _Plan(n_blocks, n_keep, n_tail, n_chunks, n_keys, paged, n_pages, n_groups, per_group,
+               layout, per_group * per_chunk)
+
+
+def extra_bytes(b: int, s: int, hq: int, hkv: int, d: int, dtype: jnp.dtype, *, prefix: int,
+                chunk: int, block: int, keep: float, n_global: int, padded: bool,
+                implementation: str = "auto",
+                max_group_bytes: int = DEFAULT_GROUP_BYTES) -> int:
+  """Device bytes a `selected_prefix_attention` call over q [b, s, hq, d], k/v [b, s, hkv, d]
+  holds beyond dense attention's (0 where it stays dense): the head-major K/V and one group of
+  chunks. `padded`: a key or query mask is given."""
+  if check_selected(prefix, s, chunk, block, keep, n_global) is not None:
+    return 0
+  q = jax.ShapeDtypeStruct((b, s, hq, d), dtype)
+  k = jax.ShapeDtypeStruct((b, s, hkv, d), dtype)
+  plan = _plan(q, k, prefix=prefix, chunk=chunk, block=block, keep=keep, n_global=n_global,
+               padded=padded, implementation=implementation, max_group_bytes=max_group_bytes)
+  return plan.layout_bytes + plan.group_bytes
+
+
 def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix: int,
                               chunk: int, block: int, keep: float, n_global: int,
                               key_valid: jax.Array | None = None,
@@ -173,24 +237,13 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   if reason is not None:
     out = attend(q, k, v, key_valid, query_valid)
     return (out, None) if return_ids else out
-  n_blocks, n_keep = prefix // block, kept_blocks(prefix, chunk, block, keep, n_global)
+  plan = _plan(q, k, prefix=prefix, chunk=chunk, block=block, keep=keep, n_global=n_global,
+               padded=key_valid is not None or query_valid is not None,
+               implementation=implementation, max_group_bytes=max_group_bytes)
+  n_blocks, n_keep, n_tail, n_chunks = plan.n_blocks, plan.n_keep, plan.n_tail, plan.n_chunks
+  n_keys, n_groups, per_group, paged = plan.n_keys, plan.n_groups, plan.per_group, plan.paged
+  n_pages = plan.n_pages
   tail_start = n_blocks * block
-  n_tail = s - tail_start
-  n_chunks = -(-prefix // chunk)
-  n_keys = n_keep * block + n_tail
-  # Unpadded, the chunks read their kept blocks as pages of one pool (read in place by cuDNN);
-  # with pad keys they gather them with their per-head mask.
-  paged = key_valid is None and query_valid is None
-  in_place = paged and dense_attention.reads_pages_in_place(implementation, q, k)
-  per_chunk = b * chunk * hq * n_blocks * 4 * 2  # the bounds and their shares
-  if not in_place:  # gathered K and V
-    per_chunk += b * hkv * n_keys * d * 2 * k.dtype.itemsize
-  if not paged:  # cuDNN takes the per-head key or query mask as a 16-bit bias
-    per_chunk += b * hkv * chunk * n_keys * 2
-  if dense_attention.resolve(implementation, q, k) == "xla":  # float32 scores and probabilities
-    per_chunk += b * hq * chunk * n_keys * 4 * 2
-  n_groups = -(-n_chunks // max(1, min(n_chunks, max_group_bytes // per_chunk)))
-  per_group = -(-n_chunks // n_groups)  # (balanced: padding stays under one chunk a group)
   rows_pad = n_groups * per_group * chunk
 
   ok_blocks = (jnp.ones((b, n_blocks, block), bool) if key_valid is None
@@ -207,7 +260,6 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   # Head-major, so one gathered row (one page) is a whole block of one kv head.
   head_major = lambda x: jnp.moveaxis(x, 2, 1)  # [B, L, Hkv, D] -> [B, Hkv, L, D]
   if paged:  # the pool: every (sequence, kv head)'s blocks then its tail, padded to whole pages
-    n_pages = n_blocks + -(-n_tail // block)
     to_pages = lambda x: head_major(jnp.pad(x, ((0, 0), (0, n_pages * block - s), (0, 0),
                                                 (0, 0)))).reshape(b * hkv * n_pages, block, 1, d)
     k_pool, v_pool = to_pages(k), to_pages(v)

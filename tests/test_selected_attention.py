@@ -180,3 +180,24 @@ def test_groups_keep_the_same_blocks_and_bad_arguments_are_refused():
   with pytest.raises(ValueError, match="not a multiple"):
     sel.selected_prefix_attention(q[:, :, :3], k, v, prefix=260, chunk=32, block=16, keep=0.5,
                                   n_global=8)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("group_bytes", [1 << 30, 16 << 20])
+def test_extra_bytes_follow_the_compiled_working_set(padded, group_bytes):
+  """The memory estimate's term (`extra_bytes`) against XLA's own plan of the call: one group of
+  chunks, K/V laid out head-major; what it leaves out is the dense rows' float32 scores."""
+  b, s, hq, hkv, d = 1, 8192 + 64, 8, 2, 64
+  kw = dict(prefix=8192, chunk=512, block=128, keep=0.25, n_global=64,
+            max_group_bytes=group_bytes, implementation="xla")
+  q = jax.ShapeDtypeStruct((b, s, hq, d), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16)
+  mask = (jax.ShapeDtypeStruct((b, s), bool),) if padded else ()
+  call = lambda q, k, v, *m: sel.selected_prefix_attention(
+      q, k, v, key_valid=m[0] if m else None, **kw)
+  temp = jax.jit(call).lower(q, k, k, *mask).compile().memory_analysis().temp_size_in_bytes
+  estimate = sel.extra_bytes(b, s, hq, hkv, d, jnp.bfloat16, padded=padded, **kw)
+  assert 0.7 * temp < estimate < 1.3 * temp, (estimate, temp)
+  # Lengths that save nothing stay dense and add nothing.
+  assert sel.extra_bytes(b, 300, hq, hkv, d, jnp.bfloat16, padded=padded,
+                         **dict(kw, prefix=256)) == 0

@@ -49,8 +49,7 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
   raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
 
 
-def holds_fp8_weights(denoiser: Denoiser) -> bool:
-  """Whether the denoiser's generation holds e4m3 copies of the projections (for the memory
-  estimate): a refresh policy with fp8_matmul."""
-  policy = getattr(denoiser, "refresh", None)
-  return bool(policy is not None and policy.fp8_matmul)
+def refresh_policy(denoiser: Denoiser) -> RefreshPolicy | None:
+  """The cached modes' refresh policy (None for vanilla), for the memory estimate: fp8 weights
+  and selected prompt blocks hold memory of their own."""
+  return getattr(denoiser, "refresh", None)
