@@ -1,6 +1,8 @@
 """Dense bidirectional attention, dispatched to the best implementation for the backend.
 
-- GPU: cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`.
+- GPU: cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`
+  (Ampere or newer: cuDNN's flash kernels need compute capability 8.0; older GPUs, a T4 for
+  example, take the XLA path under "auto").
 - TPU: splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), the MQA kernel
   vmapped over kv heads (GQA without repeated K/V), pad keys masked through segment ids. "auto"
   takes it when the query and key lengths are multiples of 128 and there are at least 128 queries
@@ -44,12 +46,15 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from focus_jax.kernels import devices
 from focus_jax.kernels.fp8 import FP8, FP8_MAX, check_gpu_supports_fp8, quantize
 
 # A finite large negative: a fully masked row (a pad query) stays finite instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# cuDNN's flash attention runs from Ampere on (JAX refuses older GPUs when it compiles).
+CUDNN_MIN_CAPABILITY = (8, 0)
 SPLASH_BLOCK = 128
 
 
@@ -74,7 +79,9 @@ def resolve(implementation: str, q: jax.Array, k: jax.Array | None = None) -> st
     return implementation
   backend = jax.default_backend()
   if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
+    capability = devices.cuda_capability()
+    if capability is None or capability >= CUDNN_MIN_CAPABILITY:  # (ROCm: JAX's own dispatch)
+      return "cudnn"
   if backend == "tpu" and k is not None and _splash_fits(q, k):
     return "splash"
   return "xla"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from focus_jax.kernels import devices
+
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
 # The first NVIDIA GPUs whose tensor cores multiply e4m3 (Ada is 8.9, Hopper 9.0).
@@ -22,15 +24,12 @@ def check_gpu_supports_fp8(what: str) -> None:
   tensor cores (Ampere, what Colab mostly offers): cuDNN and cuBLASLt would fail deep inside
   the compile. Other backends pass (the CPU and TPU run the emulation or upcast)."""
   device = jax.devices()[0]
-  capability = str(getattr(device, "compute_capability", "") or "")
-  if device.platform != "gpu" or "." not in capability:
-    return
-  major, minor = capability.split(".")[:2]
-  if (int(major), int(minor)) < FP8_MIN_CAPABILITY:
+  capability = devices.cuda_capability(device)
+  if capability is not None and capability < FP8_MIN_CAPABILITY:
     raise ValueError(
         f"{what} needs a GPU with fp8 tensor cores (compute capability >= "
         f"{'.'.join(map(str, FP8_MIN_CAPABILITY))}: Ada or Hopper); this {device.device_kind} is "
-        f"{capability}. Turn {what} off (the bfloat16 refresh is exact)")
+        f"{'.'.join(map(str, capability))}. Turn {what} off (the bfloat16 refresh is exact)")
 
 
 def scale_for(amax: jax.Array, power_of_two: bool = False) -> jax.Array:

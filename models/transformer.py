@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from focus_jax.kernels import matmul
+from focus_jax.kernels import devices, matmul
 from focus_jax.models.attention import Attention, check_qkv
 from focus_jax.models.config import ModelConfig
 
@@ -41,11 +41,7 @@ def _single_cuda_capability() -> tuple[int, int] | None:
   off a GPU, with several devices, or where the capability is not "major.minor" (ROCm: gfx*)."""
   if not _on_gpu() or jax.device_count() != 1:
     return None
-  try:
-    major, minor = str(getattr(jax.devices()[0], "compute_capability", "")).split(".")
-    return int(major), int(minor)
-  except ValueError:
-    return None
+  return devices.cuda_capability()
 
 
 def _resolved(implementation: str) -> str:

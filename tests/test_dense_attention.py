@@ -64,6 +64,20 @@ def test_auto_by_backend(monkeypatch):
     assert da.resolve(impl, qb, k) == impl  # an explicit choice overrides the backend
 
 
+def test_auto_skips_cudnn_on_gpus_older_than_ampere(monkeypatch):
+  """cuDNN's flash attention needs compute capability 8.0 (JAX refuses a T4 when it compiles):
+  "auto" takes XLA there, cuDNN from Ampere on."""
+  import types
+  q, k, _, _ = _qkv(2)
+  qb = q.astype(jnp.bfloat16)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for capability, expected in (("7.5", "xla"), ("8.0", "cudnn"), ("9.0", "cudnn")):
+    gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability,
+                                device_kind="NVIDIA GPU")
+    monkeypatch.setattr(jax, "devices", lambda *a, g=gpu: [g])
+    assert da.resolve("auto", qb, k) == expected, capability
+
+
 def test_unknown_implementation():
   q, k, v, _ = _qkv(3, t=8, s=16, d=16)
   with pytest.raises(ValueError, match="implementation"):

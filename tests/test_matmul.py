@@ -159,6 +159,8 @@ def test_auto_streams_the_swiglu_on_one_hopper_gpu(monkeypatch, capability, swig
 
 
 class _Device:
+  platform = "gpu"
+
   def __init__(self, capability):
     self.compute_capability = capability
 

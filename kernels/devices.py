@@ -1,0 +1,19 @@
+"""What the accelerator can run: kernels pick their implementations by it."""
+
+from __future__ import annotations
+
+import jax
+
+
+def cuda_capability(device: jax.Device | None = None) -> tuple[int, int] | None:
+  """(major, minor) CUDA compute capability of `device` (default: the first device) when it is an
+  NVIDIA GPU; None elsewhere, or where it is not "major.minor" (ROCm reports gfx names)."""
+  device = device or jax.devices()[0]
+  capability = str(getattr(device, "compute_capability", "") or "")
+  if device.platform != "gpu":
+    return None
+  try:
+    major, minor = capability.split(".")[:2]
+    return int(major), int(minor)
+  except ValueError:
+    return None
