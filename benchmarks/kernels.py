@@ -968,6 +968,15 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
                        ms=t * 1e3, compile_s=first, speedup=t_dense / t,
                        over_ideal=t / (t_dense * share)))
       print("SELECTED", rows[-1], flush=True)
+      if (chunk, keep) == settings[0]:  # a padded batch's row: gathered keys and a mask
+        pads = jnp.arange(s_len)[None] >= 64  # 64 left pads
+        fn = jax.jit(lambda q, k, v, kv, chunk=chunk, keep=keep: sel.selected_prefix_attention(
+            q, k, v, prefix=ctx, chunk=chunk, block=block, keep=keep, n_global=n_global,
+            key_valid=kv, implementation=impl))
+        t, first = timeit(fn, (q, k, v, pads), reps=reps)
+        rows.append(dict(rows[-1], variant="selected_padded", pads=64, ms=t * 1e3,
+                         compile_s=first, speedup=t_dense / t, over_ideal=t / (t_dense * share)))
+        print("SELECTED", rows[-1], flush=True)
     # The batched call (kv heads folded into the batch) against the XLA path: unpadded (pages
     # read in place) and with left pads (gathered keys, a per-head mask). Two sequences (page
     # offsets per sequence), and a tail that ends inside a page (the key count cuts it).

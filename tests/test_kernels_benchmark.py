@@ -57,12 +57,13 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   # Selected prompt blocks: every layout timed dense and selected, and its batched call right.
   sel = res["selected_prompt"]
   assert {(row["layout"], row["variant"]) for row in sel} == {
-      (lay, v) for lay in ("llada8b", "dream7b") for v in ("dense", "selected", "check")}, sel
+      (lay, v) for lay in ("llada8b", "dream7b")
+      for v in ("dense", "selected", "selected_padded", "check")}, sel
   checks = [row for row in sel if row["variant"] == "check"]
   assert sorted(row["pads"] for row in checks) == [0, 0, 40, 40] and all(
       row["ok"] for row in checks), sel  # pages read in place, and gathered with a pad mask
   assert all(0 < row["flop_share"] < 1 and math.isfinite(row["ms"]) for row in sel
-             if row["variant"] == "selected"), sel
+             if row["variant"] in ("selected", "selected_padded")), sel
   # Key channels offset in every token: smoothing takes them out; unsmoothed fp8 pays for them.
   for row in res["fp8_dense"]:
     if row["common_channels"]:
