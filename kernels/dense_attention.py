@@ -108,7 +108,10 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
-def cudnn_attention(q, k, v, key_valid=None, query_valid=None):
+def cudnn_attention(q, k, v, key_valid=None, query_valid=None, key_lengths=None):
+  if key_lengths is not None:  # cuDNN's padding mask: no bias to build (pad query rows attend)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths,
+                                        implementation="cudnn")
   mask = None
   if key_valid is not None or query_valid is not None:
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
@@ -349,10 +352,21 @@ def reads_pages_in_place(implementation: str, q: jax.Array, k_pages: jax.Array) 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None = None,
               query_valid: jax.Array | None = None, implementation: str = "auto",
-              fp8: bool = False) -> jax.Array:
+              fp8: bool = False, key_lengths: jax.Array | None = None) -> jax.Array:
+  """q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]. Pads: `key_valid` [B,S] / `query_valid` [B,T],
+  or `key_lengths` [B] int32 for keys padded at the end (row b attends to its first
+  key_lengths[b] keys): cuDNN then takes lengths instead of a [B, 1, T, S] bias, and pad query
+  rows are unspecified."""
+  impl = resolve(implementation, q, k)
+  if key_lengths is not None:
+    if key_valid is not None:
+      raise ValueError("give pad keys as key_valid or as key_lengths, not both")
+    chex.assert_shape(key_lengths, (q.shape[0],))
+    if impl == "cudnn" and not fp8:
+      return cudnn_attention(q, k, v, key_lengths=key_lengths)
+    key_valid = jnp.arange(k.shape[1]) < key_lengths[:, None]
   if fp8:
     return fp8_attention(q, k, v, key_valid, query_valid, implementation)
-  impl = resolve(implementation, q, k)
   if impl == "cudnn":
     return cudnn_attention(q, k, v, key_valid, query_valid)
   if impl == "splash":

@@ -17,11 +17,12 @@ vote. The chunks go through one batched dense attention call with kv heads folde
 batch, so keys may differ per head. Unpadded, each (sequence, kv head, chunk) reads its kept
 blocks and the tail as pages of one pool, the K/V laid out head-major once
 (`dense_attention.paged_attention`: cuDNN's paged flash attention reads them in place on a GPU;
-other backends gather them). With pad keys they are gathered into one key sequence per
-(sequence, kv head, chunk) with a per-(head, chunk) key mask, which cuDNN turns into a 16-bit
-bias (about 0.5 GB a chunk for LLaDA-8B at 32K). Chunks go in balanced groups (`lax.map`) so
-the bounds, and the gathered keys and masks where there are any, stay under `max_group_bytes`
-(a 128K prompt would otherwise gather tens of GB).
+other backends gather them). With pad keys they are gathered key by key into one key
+sequence per (sequence, kv head, chunk), its valid keys first, and attention takes each row's
+valid count (cuDNN's padding mask; a per-head key mask would be a 16-bit bias of about 0.5 GB a
+chunk for LLaDA-8B at 32K). Chunks go in balanced groups (`lax.map`) so the bounds, and the
+gathered keys where there are any, stay under `max_group_bytes` (a 128K prompt would otherwise
+gather tens of GB).
 
 Why: a diffusion LLM's cache refresh is compute-bound attention over the whole canvas, ~99% of
 it the prompt's rows (focus_jax.decoding.cache.RefreshPolicy.prompt_keep). A local window
@@ -179,8 +180,8 @@ def _plan(q, k, *, prefix: int, chunk: int, block: int, keep: float, n_global: i
   per_chunk = b * chunk * hq * n_blocks * 4 * 2  # the bounds and their shares
   if not in_place:  # gathered K and V
     per_chunk += b * hkv * n_keys * d * 2 * itemsize
-  if not paged:  # cuDNN takes the per-head key or query mask as a 16-bit bias
-    per_chunk += b * hkv * chunk * n_keys * 2
+  if not paged:  # each row's key positions, validity, ranks and partitioned positions
+    per_chunk += b * hkv * n_keys * 13
   if scores_in_memory:  # XLA's float32 scores and probabilities
     per_chunk += b * hq * chunk * n_keys * 4 * 2
   n_groups = -(-n_chunks // max(1, min(n_chunks, max_group_bytes // per_chunk)))
@@ -266,35 +267,37 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
     first_page = (jnp.arange(b * hkv, dtype=jnp.int32) * n_pages).reshape(b, 1, hkv, 1)
     tail_pages = jnp.arange(n_blocks, n_pages, dtype=jnp.int32)
   else:
-    k_blocks, v_blocks = (head_major(x[:, :tail_start]).reshape(b, hkv, n_blocks, block, d)
-                          for x in (k, v))
-    k_tail, v_tail = (head_major(x[:, tail_start:]) for x in (k, v))  # [B, Hkv, n_tail, D]
+    k_keys, v_keys = head_major(k), head_major(v)  # [B, Hkv, S, D]
+    valid = jnp.ones((b, s), bool) if key_valid is None else key_valid
+    key_offsets = jnp.arange(block, dtype=jnp.int32)
+    tail_positions = jnp.arange(tail_start, s, dtype=jnp.int32)
 
-  def gathered_attention(q_heads, ids, ok_rows, n):
+  def gathered_attention(q_heads, ids, n):
     """Attention over each chunk's kept blocks and the tail gathered into one key sequence per
-    (sequence, kv head, chunk), with the per-head pad mask: [B * Hkv * n, C, G, D]."""
-    flat_ids = jnp.moveaxis(ids, 2, 1).reshape(b, hkv, n * n_keep, 1)
-
-    def per_chunk_keys(blocks, tail):
-      """[B, Hkv, n_blocks, block, *x] blocks and [B, Hkv, n_tail, *x] tail -> each (batch,
-      kv head, chunk)'s kept blocks then the tail: [B * Hkv * n, n_keys, *x]."""
-      x = blocks.shape[4:]
-      flat = blocks.reshape(b, hkv, n_blocks, -1)  # one gathered row is a whole block
-      picked = jnp.take_along_axis(flat, flat_ids, axis=2).reshape(b, hkv, n, n_keep * block, *x)
-      tail = jnp.broadcast_to(tail[:, :, None], (b, hkv, n, n_tail, *x))
-      return jnp.concatenate([picked, tail], axis=3).reshape(b * hkv * n, n_keys, *x)
-
-    kv_ok = None
-    if key_valid is not None:
-      kv_ok = per_chunk_keys(jnp.broadcast_to(ok_blocks[:, None], (b, hkv, n_blocks, block)),
-                             jnp.broadcast_to(key_valid[:, None, tail_start:], (b, hkv, n_tail)))
-    # Rows padding the last chunk are zeros (finite, dropped after) and need no mask.
-    q_ok = None
-    if query_valid is not None:  # (then ok_rows is query_valid on the prefix)
-      q_ok = jnp.broadcast_to(ok_rows.reshape(b, 1, n, chunk), (b, hkv, n, chunk))
-      q_ok = q_ok.reshape(b * hkv * n, chunk)
-    return attend(q_heads, per_chunk_keys(k_blocks, k_tail)[:, :, None],
-                  per_chunk_keys(v_blocks, v_tail)[:, :, None], kv_ok, q_ok)
+    (sequence, kv head, chunk), its valid keys first, so that cuDNN masks the pads by a length
+    per row (a [rows, 1, C, keys] mask would be a 16-bit bias of about 0.5 GB a chunk for
+    LLaDA-8B at 32K, written and read in every layer): [B * Hkv * n, C, G, D]. Pad query rows
+    attend too (their outputs are unspecified)."""
+    kept = (ids[..., None] * block + key_offsets).reshape(b, n, hkv, n_keep * block)
+    positions = jnp.concatenate(
+        [kept, jnp.broadcast_to(tail_positions, (b, n, hkv, n_tail))], axis=-1)
+    positions = jnp.moveaxis(positions, 2, 1)  # [B, Hkv, n, n_keys]
+    ok = jnp.take_along_axis(valid[:, None], positions.reshape(b, 1, -1), axis=2)
+    ok = ok.reshape(positions.shape)
+    # Valid keys first, each row a stable partition (a scatter to each key's rank; cheaper than
+    # a sort); the order of keys does not change attention.
+    n_valid = ok.sum(-1, keepdims=True, dtype=jnp.int32)
+    rank = jnp.where(ok, jnp.cumsum(ok, -1, dtype=jnp.int32),
+                     n_valid + jnp.cumsum(~ok, -1, dtype=jnp.int32)) - 1
+    rows = jnp.arange(b * hkv * n)[:, None]
+    positions = jnp.zeros((b * hkv * n, n_keys), jnp.int32).at[
+        rows, rank.reshape(b * hkv * n, n_keys)].set(positions.reshape(b * hkv * n, n_keys),
+                                                      unique_indices=True)
+    lengths = jnp.maximum(n_valid, 1).reshape(b * hkv * n)
+    gather = lambda x: jnp.take_along_axis(x, positions.reshape(b, hkv, -1, 1), axis=2).reshape(
+        b * hkv * n, n_keys, 1, d)
+    return dense_attention.attention(q_heads, gather(k_keys), gather(v_keys),
+                                     implementation=implementation, key_lengths=lengths)
 
   def group(operands):
     """One group of n chunks: select, attend -> ([B, n * C, Hq, D], ids)."""
@@ -311,7 +314,7 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
           q_heads, k_pool, v_pool, jnp.moveaxis(table, 2, 1).reshape(b * hkv * n, -1), n_keys,
           implementation)
     else:
-      out = gathered_attention(q_heads, ids, ok_rows, n)
+      out = gathered_attention(q_heads, ids, n)
     out = jnp.moveaxis(out.reshape(b, hkv, n, chunk, g, d), 1, 3)
     return out.reshape(b, n * chunk, hq, d), ids
 

@@ -78,6 +78,29 @@ def test_auto_skips_cudnn_on_gpus_older_than_ampere(monkeypatch):
     assert da.resolve("auto", qb, k) == expected, capability
 
 
+def test_key_lengths_mask_a_padded_end_without_a_bias(monkeypatch):
+  """key_lengths [B]: row b sees its first key_lengths[b] keys, the same answer as the equal
+  key mask; on cuDNN they go as sequence lengths (its padding mask), never as a bias."""
+  q, k, v, _ = _qkv(5, t=8, s=40, d=16)
+  lengths = jnp.array([40, 23], jnp.int32)
+  want = da.attention(q, k, v, key_valid=jnp.arange(40) < lengths[:, None],
+                      implementation="xla")
+  got = da.attention(q, k, v, key_lengths=lengths, implementation="xla")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="not both"):
+    da.attention(q, k, v, key_valid=jnp.ones((2, 40), bool), key_lengths=lengths)
+  seen = {}
+
+  def fake_cudnn(q, k, v, mask=None, key_value_seq_lengths=None, implementation=None):
+    seen.update(mask=mask, lengths=key_value_seq_lengths, implementation=implementation)
+    return q
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+  da.attention(q, k, v, key_lengths=lengths, implementation="cudnn")
+  assert seen["mask"] is None and seen["implementation"] == "cudnn"
+  np.testing.assert_array_equal(np.asarray(seen["lengths"]), np.asarray(lengths))
+
+
 def test_unknown_implementation():
   q, k, v, _ = _qkv(3, t=8, s=16, d=16)
   with pytest.raises(ValueError, match="implementation"):

@@ -201,3 +201,34 @@ def test_extra_bytes_follow_the_compiled_working_set(padded, group_bytes):
   # Lengths that save nothing stay dense and add nothing.
   assert sel.extra_bytes(b, 300, hq, hkv, d, jnp.bfloat16, padded=padded,
                          **dict(kw, prefix=256)) == 0
+
+
+def test_padded_rows_reach_cudnn_as_lengths_of_valid_first_keys(monkeypatch):
+  """With pad keys the gathered keys go valid first and cuDNN gets each row's valid count (its
+  padding mask) instead of a mask: emulated here by XLA attention over the first
+  `key_value_seq_lengths` keys, the answer is the masked reference's (pads anywhere, not only
+  leading)."""
+  from focus_jax.kernels import dense_attention as da
+  masks = []  # the masks cuDNN was given, by the batch of its call
+
+  def cudnn_by_lengths(q, k, v, mask=None, key_value_seq_lengths=None, implementation=None):
+    masks.append((q.shape[0], mask is not None))
+    if mask is not None:  # the response rows' dense call (its mask is the same for each row)
+      return da.xla_attention(q, k, v, mask[:, 0, 0, :])
+    return da.xla_attention(q, k, v, jnp.arange(k.shape[1]) < key_value_seq_lengths[:, None])
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_by_lengths)
+  s, prefix, chunk, block = 300, 260, 32, 16
+  q, k, v = inputs(11, 2, s, 4, 2)
+  rng = np.random.default_rng(3)
+  key_valid = np.arange(s)[None, :] >= np.array([[0], [37]])  # left pads ...
+  key_valid[0, rng.choice(prefix, 30, replace=False)] = False  # ... and pads anywhere
+  key_valid = jnp.asarray(key_valid)
+  out, ids = sel.selected_prefix_attention(q, k, v, prefix=prefix, chunk=chunk, block=block,
+                                           keep=0.5, n_global=8, key_valid=key_valid,
+                                           implementation="cudnn", return_ids=True)
+  # The chunks' call (2 sequences x 2 kv heads x 9 chunks) takes lengths, no mask.
+  assert sorted(masks) == [(2, True), (2 * 2 * 9, False)], masks
+  want = masked_attention(q, k, v, sel.key_mask(ids, prefix, chunk, block, s), key_valid)
+  rows = np.asarray(key_valid)
+  np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5, rtol=2e-5)
