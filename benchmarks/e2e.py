@@ -209,7 +209,8 @@ def main(argv):
       try:
         row["memory_estimate_gib"] = memory.check_fits(
             cfg, batch, context + FLAGS.gen, mode, refresh=refresh_policy(denoiser),
-            prompt_length=context).total / memory.GIB
+            prompt_length=context,
+            attention_impl=options.get("attention_impl", "auto")).total / memory.GIB
         if FLAGS.compile_only:
           row.update(compiled_memory(params, prompt, prompt_mask, cfg, rule, denoiser, block))
           results.append(row)

@@ -975,7 +975,8 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
             key_valid=kv, implementation=impl))
         t, first = timeit(fn, (q, k, v, pads), reps=reps)
         rows.append(dict(rows[-1], variant="selected_padded", pads=64, ms=t * 1e3,
-                         compile_s=first, speedup=t_dense / t, over_ideal=t / (t_dense * share)))
+                         compile_s=first, speedup=t_dense / t, over_ideal=t / (t_dense * share),
+                         baseline="unpadded dense, unpadded flop share"))
         print("SELECTED", rows[-1], flush=True)
     # The batched call (kv heads folded into the batch) against the XLA path: unpadded (pages
     # read in place) and with left pads (gathered keys, a per-head mask). Two sequences (page

@@ -46,10 +46,12 @@ class MemoryEstimate:
 
 def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
              refresh: RefreshPolicy | None = None, prompt_length: int | None = None,
-             padded: bool = False) -> MemoryEstimate:
+             padded: bool = False, attention_impl: str = "auto") -> MemoryEstimate:
   """Bytes per device for a canvas of `length` tokens (`prompt_length` of them the prompt, by
-  default all but 256); params and cache split over `devices`. `refresh`: the cached modes'
-  refresh policy; `padded`: the batch carries pad tokens (selected blocks are then gathered)."""
+  default all but 256); params, cache and selected prompt blocks split over `devices` (their
+  heads or sequences are). `refresh`: the cached modes' refresh policy; `padded`: the batch
+  carries pad tokens (selected blocks are then gathered); `attention_impl`: the decoding's
+  attention implementation (XLA's holds its scores)."""
   width = jnp.dtype(config.jnp_dtype).itemsize
   params = config.num_params() * width // devices
   cache = 0
@@ -66,7 +68,7 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: i
         batch, length, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype,
         prefix=length - 256 if prompt_length is None else prompt_length,
         chunk=refresh.prompt_chunk, block=refresh.prompt_block, keep=refresh.prompt_keep,
-        n_global=refresh.prompt_globals, padded=padded)
+        n_global=refresh.prompt_globals, padded=padded, implementation=attention_impl) // devices
   return MemoryEstimate(params, cache, batch * length * per_token, fp8, selected)
 
 
@@ -79,9 +81,11 @@ def device_limit(device=None) -> int | None:
 
 def check_fits(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
                limit: int | None = None, refresh: RefreshPolicy | None = None,
-               prompt_length: int | None = None, padded: bool = False) -> MemoryEstimate:
+               prompt_length: int | None = None, padded: bool = False,
+               attention_impl: str = "auto") -> MemoryEstimate:
   """Raises MemoryError, naming the sizes and the fixes, when the estimate exceeds the limit."""
-  est = estimate(config, batch, length, mode, devices, refresh, prompt_length, padded)
+  est = estimate(config, batch, length, mode, devices, refresh, prompt_length, padded,
+                 attention_impl)
   limit = device_limit() if limit is None else limit
   if limit is not None and est.total > limit:
     raise MemoryError(

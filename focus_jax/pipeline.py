@@ -149,7 +149,8 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   memory.check_fits(model.config, prompt.shape[0] * (2 if cfg_scale else 1),
                     prompt.shape[1] + gen_length, mode, devices,
                     refresh=refresh_policy(denoiser), prompt_length=prompt.shape[1],
-                    padded=mask is not None)
+                    padded=mask is not None,
+                    attention_impl=options.get("attention_impl", "auto"))
   if mask is not None and options.get("refresh_fp8_attention"):
     check_fp8_pads(prompt_mask, gen_length)
   args = (model.params, jnp.asarray(prompt), mask, jax.random.key(seed))

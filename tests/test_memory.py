@@ -46,6 +46,13 @@ def test_estimate_counts_selected_prompt_blocks():
       1, 33024, 32, 32, 128, jnp.bfloat16, prefix=32768, chunk=1024, block=128, keep=0.25,
       n_global=64, padded=True)
   assert memory.estimate(cfg, 1, 33024, "vanilla", refresh=policy).selected_prompt == 0
+  # Dream-7B: 28 query heads on 4 kv heads; two devices hold half each.
+  dream = presets.preset("dream_7b")
+  est = memory.estimate(dream, 1, 33024, "focus", devices=2, refresh=policy,
+                        prompt_length=32768, attention_impl="cudnn")
+  assert est.selected_prompt == selected_attention.extra_bytes(
+      1, 33024, 28, 4, 128, jnp.bfloat16, prefix=32768, chunk=1024, block=128, keep=0.25,
+      n_global=64, padded=False, implementation="cudnn") // 2
   # A prompt too short to save anything refreshes densely and holds nothing more.
   assert memory.estimate(cfg, 1, 512 + 256, "focus", refresh=policy).selected_prompt == 0
 
