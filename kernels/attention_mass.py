@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from focus_jax.kernels import devices
 from focus_jax.kernels.sparse.common import group_queries
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu")
@@ -149,7 +150,7 @@ def attention_mass(q: jax.Array, k: jax.Array, lse: jax.Array, query_weight: jax
   check_inputs(q, k, lse, query_weight)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   if implementation == "auto":
-    gpu = jax.default_backend() == "gpu" and supported(q.shape, k.shape) is None
+    gpu = devices.gpu_at_least() and supported(q.shape, k.shape) is None
     implementation = "pallas_gpu" if gpu else "xla"
   if implementation == "xla":
     return attention_mass_xla(q, k, lse, query_weight, scale=scale)

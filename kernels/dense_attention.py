@@ -53,8 +53,6 @@ from focus_jax.kernels.fp8 import FP8, FP8_MAX, check_gpu_supports_fp8, quantize
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
-# cuDNN's flash attention runs from Ampere on (JAX refuses older GPUs when it compiles).
-CUDNN_MIN_CAPABILITY = (8, 0)
 SPLASH_BLOCK = 128
 
 
@@ -78,10 +76,8 @@ def resolve(implementation: str, q: jax.Array, k: jax.Array | None = None) -> st
   if implementation != "auto":
     return implementation
   backend = jax.default_backend()
-  if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-    capability = devices.cuda_capability()
-    if capability is None or capability >= CUDNN_MIN_CAPABILITY:  # (ROCm: JAX's own dispatch)
-      return "cudnn"
+  if devices.gpu_at_least() and q.dtype in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
   if backend == "tpu" and k is not None and _splash_fits(q, k):
     return "splash"
   return "xla"

@@ -17,3 +17,17 @@ def cuda_capability(device: jax.Device | None = None) -> tuple[int, int] | None:
     return int(major), int(minor)
   except ValueError:
     return None
+
+
+# Our Pallas GPU kernels and cuDNN's flash attention are built and measured from Ampere on;
+# older GPUs (a Colab T4 is 7.5) take the XLA paths under "auto".
+AMPERE = (8, 0)
+
+
+def gpu_at_least(capability: tuple[int, int] = AMPERE) -> bool:
+  """Whether the default backend is a GPU of at least this CUDA compute capability (a GPU that
+  reports none, ROCm, counts as one)."""
+  if jax.default_backend() != "gpu":
+    return False
+  have = cuda_capability()
+  return have is None or have >= capability

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from focus_jax.kernels import fp8
+from focus_jax.kernels import devices, fp8
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu")
 # Rows above this go to XLA: at M = 256 (batch 8) the GEMMs are compute-bound and XLA's
@@ -234,7 +234,7 @@ def _over_rows(x, weights, implementation: str, tiling: MatmulTiling, xla_fn, pa
     raise ValueError(f"x ({x.dtype}) and w ({w.dtype}) must share a dtype")
   x2 = x.reshape(-1, x.shape[-1])
   if implementation == "auto":
-    ok = jax.default_backend() == "gpu" and supported(x2.shape, w.shape, x.dtype, tiling) is None
+    ok = devices.gpu_at_least() and supported(x2.shape, w.shape, x.dtype, tiling) is None
     implementation = "pallas_gpu" if ok else "xla"
   out = xla_fn(x2) if implementation == "xla" else pallas_fn(x2, tiling)
   return out.reshape(*x.shape[:-1], w.shape[1])

@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from focus_jax.kernels import devices
 from focus_jax.kernels.sparse import common
 from focus_jax.kernels.sparse import gpu as _gpu
 from focus_jax.kernels.sparse import mosaic_gpu as _mgpu
@@ -51,7 +52,7 @@ def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_s
   if implementation != "auto":
     return implementation
   backend = jax.default_backend()
-  if backend == "gpu" and _gpu.supported(q_shape, k_shape, block_size) is None:
+  if devices.gpu_at_least() and _gpu.supported(q_shape, k_shape, block_size) is None:
     return "pallas_gpu"
   if backend == "tpu" and _tpu.supported(q_shape, k_shape, dtype, block_size) is None:
     return "pallas_tpu"

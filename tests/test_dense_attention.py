@@ -64,18 +64,35 @@ def test_auto_by_backend(monkeypatch):
     assert da.resolve(impl, qb, k) == impl  # an explicit choice overrides the backend
 
 
-def test_auto_skips_cudnn_on_gpus_older_than_ampere(monkeypatch):
-  """cuDNN's flash attention needs compute capability 8.0 (JAX refuses a T4 when it compiles):
-  "auto" takes XLA there, cuDNN from Ampere on."""
+def test_auto_takes_xla_on_gpus_older_than_ampere(monkeypatch):
+  """cuDNN's flash attention needs compute capability 8.0 (JAX refuses a T4 when it compiles),
+  and our Pallas GPU kernels are built for Ampere on: "auto" takes the XLA paths below it."""
   import types
+
+  from focus_jax.kernels import attention_mass, matmul, sparse_attention
   q, k, _, _ = _qkv(2)
   qb = q.astype(jnp.bfloat16)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  for capability, expected in (("7.5", "xla"), ("8.0", "cudnn"), ("9.0", "cudnn")):
+  sparse = lambda: sparse_attention.resolve_implementation("auto", (1, 32, 32, 128),
+                                                            (1, 8192, 32, 128), jnp.bfloat16, 64)
+  for capability, dense, blocks in (("7.5", "xla", "xla_gather"), ("8.0", "cudnn", "pallas_gpu"),
+                                    ("9.0", "cudnn", "pallas_gpu")):
     gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability,
                                 device_kind="NVIDIA GPU")
     monkeypatch.setattr(jax, "devices", lambda *a, g=gpu: [g])
-    assert da.resolve("auto", qb, k) == expected, capability
+    assert (da.resolve("auto", qb, k), sparse()) == (dense, blocks), capability
+  # (on the 9.0 "GPU" of this CPU machine the Pallas kernels would not run; on a 7.5 one the
+  # mass and matmul run XLA's paths, equal to asking for them)
+  monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(
+      platform="gpu", compute_capability="7.5", device_kind="Tesla T4")])
+  lse = jnp.zeros(q.shape[:3])
+  weight = jnp.ones(q.shape[:2])
+  np.testing.assert_array_equal(
+      np.asarray(attention_mass.attention_mass(q, k, lse, weight)),
+      np.asarray(attention_mass.attention_mass(q, k, lse, weight, implementation="xla")))
+  x, w = jnp.ones((4, 128), jnp.bfloat16), jnp.ones((128, 256), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(matmul.matmul(x, w)),
+                                np.asarray(matmul.matmul(x, w, implementation="xla")))
 
 
 def test_key_lengths_mask_a_padded_end_without_a_bias(monkeypatch):
