@@ -539,3 +539,51 @@ def test_window_cache_write_equals_the_scatter(start, window):
   got = kv.write_rows_in_window(buffer, positions, values, write, jnp.int32(start), window)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   assert not np.array_equal(np.asarray(got, np.float32), np.asarray(buffer, np.float32))
+
+
+def test_a_block_entered_by_a_cached_step_decodes_every_position(model):
+  """A block entered without a refresh starts with no confidences (-inf): its masked positions
+  must still outrank decoded ones for I_focus, or a narrow I_active (rho 2, window 3) runs only
+  decoded positions once the first ones are committed, and the block never finishes."""
+  cfg, params = model
+  focus = dict(l_dense=2, dense_tail=0, n_sink=8, prompt_block_size=16, rho=2, window=3,
+               attention_impl="xla")
+  tokens, state = decode(cfg, params, "focus", refresh_every_blocks=2, **focus)
+  assert not (tokens == MASK).any(), (tokens == MASK).sum(1)
+  assert int(state.num_steps) == GEN  # one token a step, as scheduled
+
+
+class _PredictsTheMaskOnce:
+  """A rule whose model predicts the mask token at each block's first step (a real model may):
+  that position stays masked past the block's schedule."""
+
+  def __init__(self, rule):
+    self.rule = rule
+
+  def __getattr__(self, name):
+    return getattr(self.rule, name)
+
+  def apply(self, rng, logits, tokens, masked, schedule, step):
+    logits = jnp.where(step == 0, logits.at[..., MASK].set(1e4), logits)
+    return self.rule.apply(rng, logits, tokens, masked, schedule, step)
+
+
+@pytest.mark.parametrize("mode", ["dual_cache", "focus"])
+def test_a_predicted_mask_token_does_not_stall_later_blocks(model, mode):
+  """Past the schedule the mask token is not predicted and every mask left is planned, so the
+  block ends at most one step later and leaves later blocks their steps. (Before, with more
+  steps than tokens, LLaDA's schedule ended on a count of 0: Focus ran no position and spent the
+  whole step budget, and the dual cache ran out of steps one short.)"""
+  cfg, params = model
+  tokens, mask = prompts()
+  steps = 4 * GEN  # 64 steps a block of 16: most scheduled counts are 0
+  rule = (llada_rule(cfg, steps=steps, gen_length=GEN, block_length=BLOCK)
+          if cfg.family == "llada" else
+          dream_rule(steps=steps, gen_length=GEN, block_length=BLOCK, alg="maskgit_plus"))
+  options = dict(l_dense=2, dense_tail=0, prompt_block_size=16) if mode == "focus" else {}
+  state = generate_tokens(params, tokens, mask, jax.random.key(0), config=cfg,
+                          rule=_PredictsTheMaskOnce(rule),
+                          denoiser=make_denoiser(cfg, mode, **options), gen_length=GEN,
+                          block_length=BLOCK)
+  assert not (np.asarray(state.tokens[:, PROMPT:]) == MASK).any()
+  assert steps <= int(state.num_steps) <= steps + GEN // BLOCK  # a schedule and one step more

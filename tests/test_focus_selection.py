@@ -70,3 +70,12 @@ def test_fused_selection_from_packed_slots_keeps_the_xla_blocks(hq, hkv, capacit
     for h in range(hkv):
       n = counts[i, h]
       np.testing.assert_array_equal(ids[i, h, :n], np.sort(ref_ids[i, h, :n]))
+
+
+def test_masked_positions_without_confidence_outrank_decoded_ones():
+  """A block entered without a refresh has no confidences (-inf everywhere): I_focus takes its
+  masked positions in order, never decoded ones, which carry -inf as well."""
+  prev = jnp.full((1, 8), -jnp.inf).at[0, 6].set(0.3)
+  masked = jnp.asarray([[False, False, False, True, True, True, True, True]])
+  got = indicator.focus_set(prev, masked, jnp.asarray([1]), rho=3)
+  np.testing.assert_array_equal(np.asarray(got[0]), [0, 0, 0, 1, 1, 0, 1, 0])

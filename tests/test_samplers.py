@@ -337,3 +337,16 @@ def test_bad_schedules_fail_early(llada):
     llada_rule(cfg, steps=8, gen_length=16, block_length=8, remasking="lowest")
   with pytest.raises(ValueError, match="alg must be one of"):
     dream_rule(steps=8, gen_length=16, alg="greedy")
+
+
+@pytest.mark.parametrize("alg", ["entropy", "topk_margin", "maskgit_plus"])
+def test_dream_threshold_is_on_the_probability_whatever_ranks_positions(alg):
+  """Fast-dLLM's threshold compares x0's probability: an entropy confidence (<= 0) never reached
+  0.9, so "entropy" (Dream's default) committed one token a step."""
+  logits = jnp.full((1, 8, 50), -20.0).at[:, :, 7].set(20.0)  # p(x0) ~ 1 everywhere ...
+  logits = logits.at[:, 3].set(0.0)  # ... but at one flat position
+  masked, tokens = jnp.ones((1, 8), bool), jnp.zeros((1, 8), jnp.int32)
+  rule = dream_rule(steps=8, gen_length=8, block_length=8, alg=alg, threshold=0.9)
+  new, _ = rule.apply(jax.random.key(0), logits, tokens, masked, rule.block_schedule(masked),
+                      jnp.int32(0))
+  np.testing.assert_array_equal(np.asarray(new[0] != tokens[0]), np.arange(8) != 3)

@@ -14,8 +14,14 @@ from focus_jax.sampling.common import NEG_INF, rank_descending
 
 
 def focus_set(prev_confidence: jax.Array, masked: jax.Array, k: jax.Array, rho: int) -> jax.Array:
-  """[B, W] bool: the rho*k masked positions with the highest past confidence."""
-  scores = jnp.where(masked, prev_confidence, NEG_INF)
+  """[B, W] bool: the rho*k masked positions with the highest past confidence.
+
+  A masked position with no confidence yet (-inf: never computed since the block began, as in
+  a block entered by a cached step) still ranks above every decoded one, in position order;
+  else decoded positions would tie with it and could take every slot, and the step commit
+  nothing."""
+  unknown = jnp.finfo(jnp.float32).min
+  scores = jnp.where(masked, jnp.maximum(prev_confidence.astype(jnp.float32), unknown), NEG_INF)
   return masked & (rank_descending(scores) < (rho * k)[:, None])
 
 

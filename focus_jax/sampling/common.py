@@ -54,12 +54,14 @@ def select_top(confidence: jax.Array, count: jax.Array, candidates: jax.Array) -
   return (rank_descending(scores) < count[:, None]) & candidates
 
 
-def select_threshold(confidence: jax.Array, threshold: float, candidates: jax.Array) -> jax.Array:
-  """Fast-dLLM's parallel decoding: every candidate with confidence >= threshold, and always the
-  most confident candidate of a row that has any."""
+def select_threshold(confidence: jax.Array, threshold: float, candidates: jax.Array,
+                     passing: jax.Array | None = None) -> jax.Array:
+  """Fast-dLLM's parallel decoding: every candidate whose `passing` score (default: its
+  confidence; a probability) is >= threshold, and always the most confident candidate of a row
+  that has any."""
   scores = jnp.where(candidates, confidence, NEG_INF)
   top = rank_descending(scores) == 0
-  return candidates & (top | (confidence >= threshold))
+  return candidates & (top | ((confidence if passing is None else passing) >= threshold))
 
 
 def gumbel_argmax(rng: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:

@@ -78,10 +78,13 @@ class DreamRule:
       p = jnp.where(i < self.steps_per_block - 1, 1.0 - ts[i + 1] / ts[i], 1.0)
       return jnp.ceil(masked.sum(axis=1) * p).astype(jnp.int32)
     counts = jnp.asarray(self._counts())
-    return jnp.broadcast_to(counts[jnp.minimum(step, self.steps_per_block - 1)], (b,))
+    planned = jnp.broadcast_to(counts[jnp.minimum(step, self.steps_per_block - 1)], (b,))
+    # Past the schedule every mask left is planned (a block can outlive it only when a step
+    # committed less than planned).
+    return jnp.where(step < self.steps_per_block, planned, masked.sum(axis=1, dtype=jnp.int32))
 
   def _sample(self, rng, logits):
-    """(confidence, x0) per position, as the reference's sample_tokens."""
+    """(confidence, x0, probability of x0) per position, as the reference's sample_tokens."""
     if self.temperature > 0:
       logits = logits / self.temperature
     if self.top_p is not None and self.top_p < 1:
@@ -91,20 +94,21 @@ class DreamRule:
     probs = jax.nn.softmax(logits, axis=-1)
     if self.temperature > 0:
       x0 = jax.random.categorical(rng, jnp.log(probs), axis=-1).astype(jnp.int32)
-      confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+      probability = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     else:
       x0 = jnp.argmax(probs, axis=-1).astype(jnp.int32)
-      confidence = jnp.max(probs, axis=-1)
+      probability = jnp.max(probs, axis=-1)
+    confidence = probability
     if self.alg == "topk_margin":
       top2 = jax.lax.top_k(probs, 2)[0]
       confidence = top2[..., 0] - top2[..., 1]
     elif self.alg == "entropy":
       confidence = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
-    return confidence, x0
+    return confidence, x0, probability
 
   def apply(self, rng, logits, tokens, masked, schedule, step):
     sample_rng, position_rng = jax.random.split(rng)
-    confidence, x0 = self._sample(sample_rng, logits)
+    confidence, x0, probability = self._sample(sample_rng, logits)
     last = step >= self.steps_per_block - 1
     if self.alg == "origin":
       ts = jnp.asarray(self._timesteps())
@@ -114,7 +118,11 @@ class DreamRule:
       return jnp.where(flip, x0, tokens), jnp.where(masked, confidence, common.NEG_INF)
     confidence = jnp.where(masked, confidence, common.NEG_INF)
     if self.threshold is not None:
-      transfer = common.select_threshold(confidence, self.threshold, masked)
+      # (Fast-dLLM's threshold is on x0's probability: "entropy" and "topk_margin" confidences
+      # are not probabilities, and an entropy never reaches 0.9; they still pick the one
+      # position committed when none passes)
+      transfer = common.select_threshold(confidence, self.threshold, masked,
+                                         passing=probability)
     else:
       count = self.planned_unmask(schedule, step, masked)
       if self.alg_temp:

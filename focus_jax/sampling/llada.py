@@ -52,8 +52,12 @@ class LLaDARule:
   def planned_unmask(self, schedule, step, masked):
     if self.threshold is not None:
       return jnp.minimum(masked.sum(axis=1), 1).astype(jnp.int32)
-    return jax.lax.dynamic_index_in_dim(schedule, jnp.minimum(step, self.steps_per_block - 1),
-                                        axis=1, keepdims=False)
+    planned = jax.lax.dynamic_index_in_dim(schedule, jnp.minimum(step, self.steps_per_block - 1),
+                                           axis=1, keepdims=False)
+    # Past the schedule every mask left is planned (as `apply` commits them all): a schedule's
+    # last count can be 0, and Focus would then run no position at all.
+    return jnp.where(step < self.steps_per_block, planned,
+                     masked.sum(axis=1, dtype=jnp.int32))
 
   def apply(self, rng, logits, tokens, masked, schedule, step):
     noise_rng, remask_rng = jax.random.split(rng)

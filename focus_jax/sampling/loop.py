@@ -91,9 +91,11 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
   b, length = canvas.tokens.shape
   w = canvas.block_length
   num_blocks = (length - canvas.prompt_length) // w
-  # Every step unmasks at least one token per row that has masks, so this bound is never the
-  # reason the loop stops; it only guards against a rule that unmasks nothing.
-  max_steps = num_blocks * max(rule.steps_per_block, w)
+  # Every step unmasks at least one token per row that has masks, except where the model
+  # predicts the mask token, which is forbidden past a block's schedule (`one_step`); so a block
+  # takes at most its schedule and one step more, and this bound only guards against a rule
+  # that unmasks nothing.
+  max_steps = num_blocks * (max(rule.steps_per_block, w) + 1)
   use_cfg = cfg_scale > 0
   params = denoiser.prepare_params(params)
 
@@ -132,6 +134,13 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
     rng, step_rng = jax.random.split(s.rng)
     # Only positions whose logits were recomputed may be committed (Focus runs a subset).
     candidates = masked if computed is None else masked & computed
+    # A predicted mask token leaves its position masked. Within the block's schedule that is
+    # the reference samplers' behaviour (the position is predicted again later); past it, the
+    # block (which runs until it has no mask) would spend every later block's steps, so there
+    # the mask token is not predicted.
+    past_schedule = step >= rule.steps_per_block
+    logits = logits.at[..., mask_token_id].set(
+        jnp.where(past_schedule, NEG_INF, logits[..., mask_token_id]))
     new_block, confidence = rule.apply(step_rng, logits, block_tokens, candidates, schedule, step)
     if computed is not None:  # keep the last known confidence where nothing was recomputed
       confidence = jnp.where(computed, confidence, jnp.where(masked, prev_confidence, NEG_INF))
