@@ -38,8 +38,9 @@ class FocusConfig:
   prompt_block_size: int = 64
   representative: str = "bound"  # "bound" | "mean" | "max"
   selection: str = "per_kv_head"  # "per_kv_head" | "shared"
-  # Query slots a sparse step runs (static); None: the block length. Active positions beyond it
-  # are dropped, lowest confidence first.
+  # Query slots a sparse step runs (static); None: the block length. Beyond it, active positions
+  # are dropped by tier (other masked positions, then decoded neighbours; focus positions last),
+  # later positions first within a tier (`indicator.active_slots`).
   active_capacity: int | None = None
   # Test knob: I_active = the whole block (with l_dense = n_layers and alpha = 1 Focus must then
   # reproduce the dual cache exactly).
