@@ -39,8 +39,8 @@ class FocusConfig:
   representative: str = "bound"  # "bound" | "mean" | "max"
   selection: str = "per_kv_head"  # "per_kv_head" | "shared"
   # Query slots a sparse step runs (static); None: the block length. Beyond it, active positions
-  # are dropped by tier (other masked positions, then decoded neighbours; focus positions last),
-  # later positions first within a tier (`indicator.active_slots`).
+  # are dropped by tier (decoded neighbours first, then other masked positions, focus positions
+  # last), later positions first within a tier (`indicator.active_slots`).
   active_capacity: int | None = None
   # Test knob: I_active = the whole block (with l_dense = n_layers and alpha = 1 Focus must then
   # reproduce the dual cache exactly).
