@@ -307,7 +307,9 @@ def test_fp8_refresh_matmul(model):
   exact_tokens, _ = decode(cfg, params, "dual_cache")
   out, state = decode(cfg, params, "dual_cache", refresh_fp8_matmul=True,
                       refresh_fp8_attention=True, attention_impl="xla")
-  assert int(state.num_steps) == GEN and (out != exact_tokens).any()
+  assert not (out == MASK).any() and (out != exact_tokens).any()
+  # (a block whose mask-id prediction outlives its schedule takes one step more)
+  assert GEN <= int(state.num_steps) <= GEN + GEN // BLOCK
 
 
 def test_fp8_weights_are_made_once_before_the_loop(model):

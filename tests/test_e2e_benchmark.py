@@ -36,7 +36,8 @@ def test_e2e_variants_and_plot(tmp_path):
   assert abs(long["seconds"] - want) < 1e-9
   # Threshold decoding always generates: its step count is data-dependent.
   thr = by[(256, "focus+threshold=0.5")]
-  assert thr["threshold"] == 0.5 and "compile_s" in thr and 2 <= thr["num_steps"] <= 32
+  # (at most one step a token, and a block one step more past its schedule)
+  assert thr["threshold"] == 0.5 and "compile_s" in thr and 2 <= thr["num_steps"] <= 32 + 2
   # Per-variant batch: tokens/s counts every row; the step floor reads every row's KV.
   b2, b1 = by[(256, "dual_cache+batch=2")], by[(256, "dual_cache")]
   assert b2["batch"] == 2 and b1["batch"] == 1
