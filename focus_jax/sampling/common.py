@@ -54,6 +54,15 @@ def select_top(confidence: jax.Array, count: jax.Array, candidates: jax.Array) -
   return (rank_descending(scores) < count[:, None]) & candidates
 
 
+def planned_or_rest(planned: jax.Array, step: jax.Array, steps_per_block: int,
+                    masked: jax.Array) -> jax.Array:
+  """A rule's planned count [B] while the block's schedule lasts; past it, every mask left (a
+  block outlives its schedule only when a step committed less than planned, e.g. a predicted
+  mask token): the block then finishes, and Focus runs every position it needs (a schedule's
+  last count can be 0)."""
+  return jnp.where(step < steps_per_block, planned, masked.sum(axis=1, dtype=jnp.int32))
+
+
 def select_threshold(confidence: jax.Array, threshold: float, candidates: jax.Array,
                      passing: jax.Array | None = None) -> jax.Array:
   """Fast-dLLM's parallel decoding: every candidate whose `passing` score (default: its

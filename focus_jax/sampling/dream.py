@@ -79,9 +79,7 @@ class DreamRule:
       return jnp.ceil(masked.sum(axis=1) * p).astype(jnp.int32)
     counts = jnp.asarray(self._counts())
     planned = jnp.broadcast_to(counts[jnp.minimum(step, self.steps_per_block - 1)], (b,))
-    # Past the schedule every mask left is planned (a block can outlive it only when a step
-    # committed less than planned).
-    return jnp.where(step < self.steps_per_block, planned, masked.sum(axis=1, dtype=jnp.int32))
+    return common.planned_or_rest(planned, step, self.steps_per_block, masked)
 
   def _sample(self, rng, logits):
     """(confidence, x0, probability of x0) per position, as the reference's sample_tokens."""

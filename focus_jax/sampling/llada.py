@@ -54,10 +54,7 @@ class LLaDARule:
       return jnp.minimum(masked.sum(axis=1), 1).astype(jnp.int32)
     planned = jax.lax.dynamic_index_in_dim(schedule, jnp.minimum(step, self.steps_per_block - 1),
                                            axis=1, keepdims=False)
-    # Past the schedule every mask left is planned (as `apply` commits them all): a schedule's
-    # last count can be 0, and Focus would then run no position at all.
-    return jnp.where(step < self.steps_per_block, planned,
-                     masked.sum(axis=1, dtype=jnp.int32))
+    return common.planned_or_rest(planned, step, self.steps_per_block, masked)
 
   def apply(self, rng, logits, tokens, masked, schedule, step):
     noise_rng, remask_rng = jax.random.split(rng)
@@ -74,10 +71,7 @@ class LLaDARule:
     confidence = jnp.where(masked, x0_p, common.NEG_INF)
     if self.threshold is not None:
       transfer = common.select_threshold(confidence, self.threshold, masked)
-    else:
-      # Past the schedule (only reachable when a decoding mode offered fewer candidates than
-      # planned) commit every candidate, so the block always finishes.
-      count = jnp.where(step < self.steps_per_block,
-                        self.planned_unmask(schedule, step, masked), masked.shape[1])
-      transfer = common.select_top(confidence, count, masked)
+    else:  # (past the schedule: every candidate)
+      transfer = common.select_top(confidence, self.planned_unmask(schedule, step, masked),
+                                   masked)
     return jnp.where(transfer, x0, tokens), confidence
