@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from focus_jax import memory, presets, step_timing
-from focus_jax.decoding import make_denoiser, refresh_policy
+from focus_jax.decoding import make_denoiser
 from focus_jax.decoding import cache as kv
 from focus_jax.focus import pruning
 from focus_jax.models import param_map
@@ -208,9 +208,8 @@ def main(argv):
                           **sampler)
       try:
         row["memory_estimate_gib"] = memory.check_fits(
-            cfg, batch, context + FLAGS.gen, mode, refresh=refresh_policy(denoiser),
-            prompt_length=context,
-            attention_impl=options.get("attention_impl", "auto")).total / memory.GIB
+            cfg, batch, context + FLAGS.gen, mode, denoiser=denoiser,
+            prompt_length=context).total / memory.GIB
         if FLAGS.compile_only:
           row.update(compiled_memory(params, prompt, prompt_mask, cfg, rule, denoiser, block))
           results.append(row)

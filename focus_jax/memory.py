@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from focus_jax.decoding.base import Denoiser
 from focus_jax.decoding.cache import RefreshPolicy
 from focus_jax.kernels import selected_attention
 from focus_jax.models.config import ModelConfig
@@ -45,13 +46,13 @@ class MemoryEstimate:
 
 
 def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
-             refresh: RefreshPolicy | None = None, prompt_length: int | None = None,
-             padded: bool = False, attention_impl: str = "auto") -> MemoryEstimate:
+             denoiser: Denoiser | None = None, prompt_length: int | None = None,
+             padded: bool = False) -> MemoryEstimate:
   """Bytes per device for a canvas of `length` tokens (`prompt_length` of them the prompt, by
   default all but 256); params, cache and selected prompt blocks split over `devices` (their
-  heads or sequences are). `refresh`: the cached modes' refresh policy; `padded`: the batch
-  carries pad tokens (selected blocks are then gathered); `attention_impl`: the decoding's
-  attention implementation (XLA's holds its scores)."""
+  heads or sequences are). `denoiser`: the decoding (its refresh policy and attention
+  implementation decide what a refresh holds); `padded`: the batch carries pad tokens (selected
+  blocks are then gathered)."""
   width = jnp.dtype(config.jnp_dtype).itemsize
   params = config.num_params() * width // devices
   cache = 0
@@ -60,7 +61,7 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: i
     cache //= devices
   q = config.n_heads * config.head_dim
   per_token = (6 * config.d_model + 3 * q + 3 * config.mlp_hidden) * width
-  refresh = refresh or RefreshPolicy()
+  refresh = getattr(denoiser, "refresh", None) or RefreshPolicy()  # (vanilla has none)
   fp8 = config.projection_params() // devices if refresh.fp8_matmul else 0  # 1 byte a weight
   selected = 0
   if refresh.prompt_keep and mode != "vanilla":
@@ -68,7 +69,8 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: i
         batch, length, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype,
         prefix=length - 256 if prompt_length is None else prompt_length,
         chunk=refresh.prompt_chunk, block=refresh.prompt_block, keep=refresh.prompt_keep,
-        n_global=refresh.prompt_globals, padded=padded, implementation=attention_impl) // devices
+        n_global=refresh.prompt_globals, padded=padded,
+        implementation=getattr(denoiser, "attention_impl", "auto")) // devices
   return MemoryEstimate(params, cache, batch * length * per_token, fp8, selected)
 
 
@@ -80,12 +82,10 @@ def device_limit(device=None) -> int | None:
 
 
 def check_fits(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
-               limit: int | None = None, refresh: RefreshPolicy | None = None,
-               prompt_length: int | None = None, padded: bool = False,
-               attention_impl: str = "auto") -> MemoryEstimate:
+               limit: int | None = None, denoiser: Denoiser | None = None,
+               prompt_length: int | None = None, padded: bool = False) -> MemoryEstimate:
   """Raises MemoryError, naming the sizes and the fixes, when the estimate exceeds the limit."""
-  est = estimate(config, batch, length, mode, devices, refresh, prompt_length, padded,
-                 attention_impl)
+  est = estimate(config, batch, length, mode, devices, denoiser, prompt_length, padded)
   limit = device_limit() if limit is None else limit
   if limit is not None and est.total > limit:
     raise MemoryError(

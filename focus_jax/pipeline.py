@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from focus_jax import memory, presets, sharding, step_timing
-from focus_jax.decoding import make_denoiser, refresh_policy
+from focus_jax.decoding import make_denoiser
 from focus_jax.models import param_map
 from focus_jax.models.config import ModelConfig
 from focus_jax.sampling import compile_generation, dream_rule, llada_rule, loop
@@ -148,9 +148,8 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   mask = None if prompt_mask is None or np.all(prompt_mask) else jnp.asarray(prompt_mask)
   memory.check_fits(model.config, prompt.shape[0] * (2 if cfg_scale else 1),
                     prompt.shape[1] + gen_length, mode, devices,
-                    refresh=refresh_policy(denoiser), prompt_length=prompt.shape[1],
-                    padded=mask is not None,
-                    attention_impl=options.get("attention_impl", "auto"))
+                    denoiser=denoiser, prompt_length=prompt.shape[1],
+                    padded=mask is not None)
   if mask is not None and options.get("refresh_fp8_attention"):
     check_fp8_pads(prompt_mask, gen_length)
   args = (model.params, jnp.asarray(prompt), mask, jax.random.key(seed))

@@ -155,12 +155,12 @@ class _Plan:
   n_tail: int  # keys from the last whole block on, which every chunk reads
   n_chunks: int
   n_keys: int  # keys a chunk attends to
-  paged: bool  # unpadded: the kept blocks are pages of one pool (else gathered, with a mask)
+  paged: bool  # unpadded: the kept blocks are pages of one pool (else gathered, valid first)
   n_pages: int  # pages of one (sequence, kv head) in the pool: the blocks, then the tail's
   n_groups: int  # chunk groups (lax.map), each under max_group_bytes
   per_group: int  # chunks a group
   layout_bytes: int  # K and V laid out head-major once, the prompt's padded queries and outputs
-  group_bytes: int  # one group's bounds, shares, gathered keys, masks and scores
+  group_bytes: int  # one group's bounds, shares, gathered keys and positions, and scores
 
 
 def _plan(q, k, *, prefix: int, chunk: int, block: int, keep: float, n_global: int,
@@ -175,7 +175,7 @@ def _plan(q, k, *, prefix: int, chunk: int, block: int, keep: float, n_global: i
   n_chunks = -(-prefix // chunk)
   n_keys = n_keep * block + n_tail
   # Unpadded, the chunks read their kept blocks as pages of one pool (read in place by cuDNN);
-  # with pad keys they gather them with their per-head mask.
+  # with pad keys they gather them key by key, valid keys first.
   paged = not padded
   per_chunk = b * chunk * hq * n_blocks * 4 * 2  # the bounds and their shares
   if not in_place:  # gathered K and V

@@ -9,7 +9,7 @@ import focus_jax
 import jax.numpy as jnp
 
 from focus_jax import memory, pipeline, presets
-from focus_jax.decoding import RefreshPolicy
+from focus_jax.decoding import make_denoiser
 from focus_jax.kernels import selected_attention
 
 
@@ -23,7 +23,8 @@ def test_estimate_counts_params_cache_and_activations():
   # Measured peak on an H100 at this size: 34.3 GiB.
   assert 34 * memory.GIB < est.total < 38 * memory.GIB
   # The refresh's e4m3 weights: one byte for each of the blocks' projection weights.
-  fp8 = memory.estimate(cfg, 1, 32768 + 256, "focus", refresh=RefreshPolicy(fp8_matmul=True))
+  fp8 = memory.estimate(cfg, 1, 32768 + 256, "focus",
+                        denoiser=make_denoiser(cfg, "focus", refresh_fp8_matmul=True))
   assert fp8.fp8_weights == 32 * 4096 * (4 * 4096 + 3 * 12288) and "fp8 weights" in fp8.describe()
   assert fp8.total == est.total + fp8.fp8_weights
 
@@ -32,29 +33,30 @@ def test_estimate_counts_selected_prompt_blocks():
   """Selected prompt blocks hold head-major K/V and one group of chunks: counted as the kernel
   plans them (`selected_attention.extra_bytes`), for the prompt's length and padding."""
   cfg = presets.preset("llada_8b")
-  policy = RefreshPolicy(prompt_keep=0.25)
+  selected = make_denoiser(cfg, "focus", refresh_prompt_keep=0.25)
   dense = memory.estimate(cfg, 1, 32768 + 256, "focus")
-  est = memory.estimate(cfg, 1, 32768 + 256, "focus", refresh=policy, prompt_length=32768)
+  est = memory.estimate(cfg, 1, 32768 + 256, "focus", denoiser=selected, prompt_length=32768)
   expected = selected_attention.extra_bytes(1, 33024, 32, 32, 128, jnp.bfloat16, prefix=32768,
                                             chunk=1024, block=128, keep=0.25, n_global=64,
                                             padded=False)
   assert est.selected_prompt == expected > 1 * memory.GIB
   assert est.total == dense.total + expected and "selected prompt blocks" in est.describe()
-  padded = memory.estimate(cfg, 1, 33024, "focus", refresh=policy, prompt_length=32768,
+  padded = memory.estimate(cfg, 1, 33024, "focus", denoiser=selected, prompt_length=32768,
                            padded=True)  # gathered keys and their bias instead of pages
   assert padded.selected_prompt == selected_attention.extra_bytes(
       1, 33024, 32, 32, 128, jnp.bfloat16, prefix=32768, chunk=1024, block=128, keep=0.25,
       n_global=64, padded=True)
-  assert memory.estimate(cfg, 1, 33024, "vanilla", refresh=policy).selected_prompt == 0
+  assert memory.estimate(cfg, 1, 33024, "vanilla", denoiser=selected).selected_prompt == 0
   # Dream-7B: 28 query heads on 4 kv heads; two devices hold half each.
   dream = presets.preset("dream_7b")
-  est = memory.estimate(dream, 1, 33024, "focus", devices=2, refresh=policy,
-                        prompt_length=32768, attention_impl="cudnn")
+  on_cudnn = make_denoiser(dream, "focus", refresh_prompt_keep=0.25, attention_impl="cudnn")
+  est = memory.estimate(dream, 1, 33024, "focus", devices=2, denoiser=on_cudnn,
+                        prompt_length=32768)
   assert est.selected_prompt == selected_attention.extra_bytes(
       1, 33024, 28, 4, 128, jnp.bfloat16, prefix=32768, chunk=1024, block=128, keep=0.25,
       n_global=64, padded=False, implementation="cudnn") // 2
   # A prompt too short to save anything refreshes densely and holds nothing more.
-  assert memory.estimate(cfg, 1, 512 + 256, "focus", refresh=policy).selected_prompt == 0
+  assert memory.estimate(cfg, 1, 512 + 256, "focus", denoiser=selected).selected_prompt == 0
 
 
 def test_check_fits_names_sizes_and_fixes():

@@ -48,8 +48,3 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
     return FocusDenoiser(config, FocusConfig(**options), impl, refresh, cache_sharding)
   raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
 
-
-def refresh_policy(denoiser: Denoiser) -> RefreshPolicy | None:
-  """The cached modes' refresh policy (None for vanilla), for the memory estimate: fp8 weights
-  and selected prompt blocks hold memory of their own."""
-  return getattr(denoiser, "refresh", None)
