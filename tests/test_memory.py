@@ -42,7 +42,7 @@ def test_estimate_counts_selected_prompt_blocks():
   assert est.selected_prompt == expected > 1 * memory.GIB
   assert est.total == dense.total + expected and "selected prompt blocks" in est.describe()
   padded = memory.estimate(cfg, 1, 33024, "focus", denoiser=selected, prompt_length=32768,
-                           padded=True)  # gathered keys and their bias instead of pages
+                           padded=True)  # gathered keys (valid first) instead of pages
   assert padded.selected_prompt == selected_attention.extra_bytes(
       1, 33024, 32, 32, 128, jnp.bfloat16, prefix=32768, chunk=1024, block=128, keep=0.25,
       n_global=64, padded=True)
