@@ -968,7 +968,7 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
                        ms=t * 1e3, compile_s=first, speedup=t_dense / t,
                        over_ideal=t / (t_dense * share)))
       print("SELECTED", rows[-1], flush=True)
-      if (chunk, keep) == settings[0]:  # a padded batch's row: gathered keys and a mask
+      if (chunk, keep) == settings[0]:  # a padded batch's row: keys gathered valid first
         pads = jnp.arange(s_len)[None] >= 64  # 64 left pads
         fn = jax.jit(lambda q, k, v, kv, chunk=chunk, keep=keep: sel.selected_prefix_attention(
             q, k, v, prefix=ctx, chunk=chunk, block=block, keep=keep, n_global=n_global,
@@ -979,7 +979,7 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
                          baseline="unpadded dense, unpadded flop share"))
         print("SELECTED", rows[-1], flush=True)
     # The batched call (kv heads folded into the batch) against the XLA path: unpadded (pages
-    # read in place) and with left pads (gathered keys, a per-head mask). Two sequences (page
+    # read in place) and with left pads (keys gathered valid first, a length per row). Two sequences (page
     # offsets per sequence), and a tail that ends inside a page (the key count cuts it).
     small, check_chunk = (256, 64) if SMOKE else (2048, 128)
     length = small + GEN + 37
