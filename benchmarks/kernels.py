@@ -979,8 +979,9 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
                          baseline="unpadded dense, unpadded flop share"))
         print("SELECTED", rows[-1], flush=True)
     # The batched call (kv heads folded into the batch) against the XLA path: unpadded (pages
-    # read in place) and with left pads (keys gathered valid first, a length per row). Two sequences (page
-    # offsets per sequence), and a tail that ends inside a page (the key count cuts it).
+    # read in place) and with left pads (keys gathered valid first, a length per row). Two
+    # sequences (page offsets per sequence), and a tail that ends inside a page (the key count
+    # cuts it).
     small, check_chunk = (256, 64) if SMOKE else (2048, 128)
     length = small + GEN + 37
     # (blocks chosen by score besides the forced ones, else the call would be dense)
