@@ -104,10 +104,38 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
+def valid_first(positions: jax.Array, ok: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """positions, ok [..., n] -> (each row's positions with its valid ones first, in order,
+  [..., n]; its valid count, at least 1, [...] int32). Keys gathered in this order go to
+  cuDNN as lengths (its padding mask) instead of a mask; their order does not change attention.
+  A stable partition by a scatter to each key's rank: cheaper than a sort."""
+  lead, n = ok.shape[:-1], ok.shape[-1]
+  n_valid = ok.sum(-1, keepdims=True, dtype=jnp.int32)
+  rank = jnp.where(ok, jnp.cumsum(ok, -1, dtype=jnp.int32),
+                   n_valid + jnp.cumsum(~ok, -1, dtype=jnp.int32)) - 1
+  rows = ok.size // n
+  ordered = jnp.zeros((rows, n), positions.dtype).at[
+      jnp.arange(rows)[:, None], rank.reshape(rows, n)].set(
+          jnp.broadcast_to(positions, ok.shape).reshape(rows, n), unique_indices=True)
+  return ordered.reshape(ok.shape), jnp.maximum(n_valid, 1).reshape(lead)
+
+
+def lengths_beat_a_mask(t: int, k: jax.Array) -> bool:
+  """Is reordering K and V valid-first (and passing lengths) cheaper than cuDNN's mask? A key
+  mask reaches cuDNN as a [B, 1, T, S] 16-bit bias (2 GiB a sequence for a 32K refresh, written
+  and read in every layer); the reorder writes K and V once, 2 x [B, S, Hkv, D]. So: a refresh
+  over the canvas takes lengths, a step's few query rows over a long cache keep the bias."""
+  return t * 2 >= 2 * k.shape[2] * k.shape[3] * jnp.dtype(k.dtype).itemsize
+
+
 def cudnn_attention(q, k, v, key_valid=None, query_valid=None, key_lengths=None):
   if key_lengths is not None:  # cuDNN's padding mask: no bias to build (pad query rows attend)
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths,
                                         implementation="cudnn")
+  if key_valid is not None and lengths_beat_a_mask(q.shape[1], k):
+    order, lengths = valid_first(jnp.arange(k.shape[1], dtype=jnp.int32), key_valid)
+    gather = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+    return cudnn_attention(q, gather(k), gather(v), key_lengths=lengths)
   mask = None
   if key_valid is not None or query_valid is not None:
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
@@ -352,7 +380,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | N
   """q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]. Pads: `key_valid` [B,S] / `query_valid` [B,T],
   or `key_lengths` [B] int32 for keys padded at the end (row b attends to its first
   key_lengths[b] keys): cuDNN then takes lengths instead of a [B, 1, T, S] bias, and pad query
-  rows are unspecified."""
+  rows are unspecified. On cuDNN a key mask over many query rows goes as lengths too (the keys
+  reordered valid-first, `lengths_beat_a_mask`), its pad query rows likewise unspecified."""
   impl = resolve(implementation, q, k)
   if key_lengths is not None:
     if key_valid is not None:

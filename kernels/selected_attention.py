@@ -284,16 +284,8 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
     positions = jnp.moveaxis(positions, 2, 1)  # [B, Hkv, n, n_keys]
     ok = jnp.take_along_axis(valid[:, None], positions.reshape(b, 1, -1), axis=2)
     ok = ok.reshape(positions.shape)
-    # Valid keys first, each row a stable partition (a scatter to each key's rank; cheaper than
-    # a sort); the order of keys does not change attention.
-    n_valid = ok.sum(-1, keepdims=True, dtype=jnp.int32)
-    rank = jnp.where(ok, jnp.cumsum(ok, -1, dtype=jnp.int32),
-                     n_valid + jnp.cumsum(~ok, -1, dtype=jnp.int32)) - 1
-    rows = jnp.arange(b * hkv * n)[:, None]
-    positions = jnp.zeros((b * hkv * n, n_keys), jnp.int32).at[
-        rows, rank.reshape(b * hkv * n, n_keys)].set(positions.reshape(b * hkv * n, n_keys),
-                                                      unique_indices=True)
-    lengths = jnp.maximum(n_valid, 1).reshape(b * hkv * n)
+    positions, lengths = dense_attention.valid_first(positions, ok)
+    lengths = lengths.reshape(b * hkv * n)
     gather = lambda x: jnp.take_along_axis(x, positions.reshape(b, hkv, -1, 1), axis=2).reshape(
         b * hkv * n, n_keys, 1, d)
     return dense_attention.attention(q_heads, gather(k_keys), gather(v_keys),

@@ -118,6 +118,36 @@ def test_key_lengths_mask_a_padded_end_without_a_bias(monkeypatch):
   np.testing.assert_array_equal(np.asarray(seen["lengths"]), np.asarray(lengths))
 
 
+def test_valid_first_is_a_stable_partition():
+  ok = jnp.array([[True, False, True, False, True], [False, False, False, False, False]])
+  order, lengths = da.valid_first(jnp.arange(5, dtype=jnp.int32), ok)
+  np.testing.assert_array_equal(np.asarray(order), [[0, 2, 4, 1, 3], [0, 1, 2, 3, 4]])
+  np.testing.assert_array_equal(np.asarray(lengths), [3, 1])  # (at least 1: cuDNN's minimum)
+
+
+def test_cudnn_refresh_key_mask_goes_as_lengths_of_valid_first_keys(monkeypatch):
+  """A key mask over many query rows (a refresh) reaches cuDNN as lengths of keys reordered
+  valid first, not as a [B, 1, T, S] bias; a few rows keep the mask. Emulated by XLA attention
+  over each row's first `key_value_seq_lengths` keys: the valid rows get the masked answer."""
+  calls = []
+
+  def cudnn_by_lengths(q, k, v, mask=None, key_value_seq_lengths=None, implementation=None):
+    calls.append("mask" if mask is not None else "lengths")
+    if mask is not None:
+      return da.xla_attention(q, k, v, mask[:, 0, 0, :])
+    return da.xla_attention(q, k, v, jnp.arange(k.shape[1]) < key_value_seq_lengths[:, None])
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_by_lengths)
+  q, k, v, kv = _qkv(6, t=64, hq=4, hkv=2, d=8, s=64)  # pads anywhere (30%)
+  assert da.lengths_beat_a_mask(64, k) and not da.lengths_beat_a_mask(4, k)
+  got = da.attention(q, k, v, key_valid=kv, query_valid=kv, implementation="cudnn")
+  rows = np.asarray(kv)  # (pad query rows, Dream's, are unspecified)
+  np.testing.assert_allclose(np.asarray(got)[rows], _naive(q, k, v, kv)[rows], atol=1e-5,
+                             rtol=1e-5)
+  da.attention(q[:, :4], k, v, key_valid=kv, implementation="cudnn")
+  assert calls == ["lengths", "mask"]
+
+
 def test_unknown_implementation():
   q, k, v, _ = _qkv(3, t=8, s=16, d=16)
   with pytest.raises(ValueError, match="implementation"):
