@@ -47,6 +47,8 @@ flags.DEFINE_list("modes", ["dual_cache", "focus"],
 flags.DEFINE_integer("gen", 256, "generation length")
 flags.DEFINE_integer("steps", 256, "denoising steps")
 flags.DEFINE_integer("block", 32, "block length")
+flags.DEFINE_integer("pad", 0, "left pad tokens of the batch's last row (row r gets pad * (r + "
+                     "1) // batch): a padded batch, its masks and the kernels' pad paths")
 flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_float("threshold", 0.0, "> 0: threshold parallel decoding")
 flags.DEFINE_enum("matmul_impl", "xla", list(MATMUL_IMPLS),
@@ -199,6 +201,10 @@ def main(argv):
       rng = np.random.default_rng([context, batch])
       prompt = jnp.asarray(rng.integers(0, 100000, size=(batch, context)), jnp.int32)
       prompt_mask = None  # unpadded: no mask, as pipeline.generate_ids passes it
+      if FLAGS.pad:
+        pads = FLAGS.pad * (np.arange(batch) + 1) // batch
+        prompt_mask = jnp.asarray(np.arange(context)[None] >= pads[:, None])
+      row["pad"] = FLAGS.pad
       canvas = loop.make_canvas(prompt, prompt_mask, FLAGS.gen, block, cfg.mask_token_id)
       denoiser = make_denoiser(cfg, mode, **options)
       sampler = {"threshold": threshold} if threshold else {}
@@ -209,7 +215,7 @@ def main(argv):
       try:
         row["memory_estimate_gib"] = memory.check_fits(
             cfg, batch, context + FLAGS.gen, mode, denoiser=denoiser,
-            prompt_length=context).total / memory.GIB
+            prompt_length=context, padded=bool(FLAGS.pad)).total / memory.GIB
         if FLAGS.compile_only:
           row.update(compiled_memory(params, prompt, prompt_mask, cfg, rule, denoiser, block))
           results.append(row)

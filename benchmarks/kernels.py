@@ -17,6 +17,8 @@ Run on the GPU machine (phases chosen with --phases, results as JSON under --out
   fp8_matmul  a 32K refresh's projections in fp8 (`RefreshPolicy.fp8_matmul`) against
          bfloat16: time and error
   fp8_gemm_forms  which way of writing an fp8 GEMM XLA makes into cuBLASLt's fp8 GEMM
+  dense_padded  a padded batch's 32K refresh attention: valid-first keys with lengths against
+         cuDNN's [B, 1, T, S] pad bias and the unpadded call
   mgpu_sparse  the Mosaic GPU (wgmma + TMA) split-KV sparse kernel: correctness against the
          float32 reference, then 32K timing against pallas_gpu and a sweep of its tiling knobs
   relevance  a sparse layer's prompt-block selection (relevance of the focus slots, top alpha):
@@ -1001,6 +1003,51 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
   return rows
 
 
+def phase_dense_padded(da, reps: int = 5) -> list[dict]:
+  """A padded batch's refresh attention at 32K (64 left pads), per layout: the call as the
+  model makes it (on a GPU, cuDNN over keys reordered valid first with a length per row,
+  `dense_attention.lengths_beat_a_mask`), the pad mask given to cuDNN as a [B, 1, T, S] bias
+  (the path before 2026-12-07; GPU only), and the unpadded call: time and XLA's temporaries.
+  A small case with pads anywhere checks the call against the XLA path."""
+  import jax
+  import jax.numpy as jnp
+  gpu = jax.default_backend() == "gpu"
+  impl = "cudnn" if gpu else "xla"
+  ctx, pads = (256, 8) if SMOKE else (TARGET_CTX, 64)
+  rows = []
+  for layout, lay in LAYOUTS.items():
+    s_len = ctx + GEN
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    shape = lambda h: (1, s_len, h, lay["d"])
+    q, k, v = (jax.random.normal(kk, shape(h), jnp.bfloat16)
+               for kk, h in zip(keys, (lay["hq"], lay["hkv"], lay["hkv"])))
+    valid = jnp.arange(s_len)[None] >= pads
+    calls = {"padded": (jax.jit(lambda q, k, v, kv: da.attention(
+                 q, k, v, key_valid=kv, implementation=impl)), (q, k, v, valid)),
+             "unpadded": (jax.jit(lambda q, k, v: da.attention(q, k, v, implementation=impl)),
+                          (q, k, v))}
+    if gpu:
+      calls["padded_bias"] = (jax.jit(lambda q, k, v, kv: jax.nn.dot_product_attention(
+          q, k, v, mask=jnp.broadcast_to(kv[:, None, None, :], (1, 1, s_len, s_len)),
+          implementation="cudnn")), (q, k, v, valid))
+    for variant, (fn, args) in calls.items():
+      t, first = timeit(fn, args, reps=reps)
+      temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+      rows.append(dict(layout=layout, context=ctx, impl=impl, variant=variant, pads=pads,
+                       ms=t * 1e3, compile_s=first, temp_gib=temp / 2**30))
+      print("DENSE_PADDED", rows[-1], flush=True)
+    n = 256 if SMOKE else 2048
+    qs, ks, vs = (jnp.concatenate([x[:, :n], x[:, -n:]]) for x in (q, k, v))
+    anywhere = (jnp.arange(n)[None] >= jnp.array([[0], [40]])) & (jnp.arange(n)[None] % 97 != 5)
+    got, want = (da.attention(qs, ks, vs, key_valid=anywhere, implementation=i).astype(
+        jnp.float32) for i in (impl, "xla"))
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    rows.append(dict(layout=layout, context=n, impl=impl, variant="check", max_rel_err=err,
+                     ok=err < 2e-2 and bool(jnp.isfinite(got).all())))
+    print("DENSE_PADDED", rows[-1], flush=True)
+  return rows
+
+
 def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
   """The refresh's dense attention at 32K (and LLaDA's at 8K) in bfloat16 and in fp8.
 
@@ -1602,6 +1649,8 @@ def main() -> None:
       res["fp8_dense"] = phase_fp8_dense(da)
     elif ph == "selected_prompt":
       res["selected_prompt"] = phase_selected_prompt(da)
+    elif ph == "dense_padded":
+      res["dense_padded"] = phase_dense_padded(da)
     elif ph == "fp8_matmul":
       res["fp8_matmul"] = phase_fp8_matmul()
     elif ph == "fp8_gemm_forms":

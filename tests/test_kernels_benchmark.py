@@ -12,7 +12,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("check", "live", "relevance", "waves", "focus_call", "fp8_dense", "fp8_matmul",
-          "fp8_gemm_forms", "selected_prompt")
+          "fp8_gemm_forms", "selected_prompt", "dense_padded")
 
 
 def test_smoke_phases_run_and_write_their_results(tmp_path):
@@ -64,6 +64,11 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
       row["ok"] for row in checks), sel  # pages read in place, and gathered with a pad mask
   assert all(0 < row["flop_share"] < 1 and math.isfinite(row["ms"]) for row in sel
              if row["variant"] in ("selected", "selected_padded")), sel
+  # A padded batch's dense refresh: timed padded and unpadded (cuDNN's bias only on a GPU).
+  padded = res["dense_padded"]
+  assert {(row["layout"], row["variant"]) for row in padded} == {
+      (lay, v) for lay in ("llada8b", "dream7b") for v in ("padded", "unpadded", "check")}, padded
+  assert all(row["ok"] for row in padded if row["variant"] == "check"), padded
   # Key channels offset in every token: smoothing takes them out; unsmoothed fp8 pays for them.
   for row in res["fp8_dense"]:
     if row["common_channels"]:
