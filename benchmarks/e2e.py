@@ -34,7 +34,7 @@ from focus_jax.models import param_map
 from focus_jax.models.config import MATMUL_IMPLS
 from focus_jax.models.transformer import compiler_options
 from focus_jax.sampling import compile_generation, loop
-from focus_jax.pipeline import sampler_rule
+from focus_jax.pipeline import check_fp8_pads, sampler_rule
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llada_8b", "preset: llada_8b, ultra_llada, dream_7b")
@@ -202,8 +202,12 @@ def main(argv):
       prompt = jnp.asarray(rng.integers(0, 100000, size=(batch, context)), jnp.int32)
       prompt_mask = None  # unpadded: no mask, as pipeline.generate_ids passes it
       if FLAGS.pad:
+        if not 0 < FLAGS.pad < context:
+          raise ValueError(f"--pad={FLAGS.pad}: give 0 < pad < the context ({context})")
         pads = FLAGS.pad * (np.arange(batch) + 1) // batch
         prompt_mask = jnp.asarray(np.arange(context)[None] >= pads[:, None])
+        if options.get("refresh_fp8_attention"):  # as generate refuses it
+          check_fp8_pads(np.asarray(prompt_mask), FLAGS.gen)
       row["pad"] = FLAGS.pad
       canvas = loop.make_canvas(prompt, prompt_mask, FLAGS.gen, block, cfg.mask_token_id)
       denoiser = make_denoiser(cfg, mode, **options)

@@ -51,8 +51,8 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: i
   """Bytes per device for a canvas of `length` tokens (`prompt_length` of them the prompt, by
   default all but 256); params, cache and selected prompt blocks split over `devices` (their
   heads or sequences are). `denoiser`: the decoding (its refresh policy and attention
-  implementation decide what a refresh holds); `padded`: the batch carries pad tokens (selected
-  blocks are then gathered)."""
+  implementation decide what a refresh holds); `padded`: the batch carries pad tokens (a
+  refresh then reorders its keys valid first, and selected blocks are gathered)."""
   width = jnp.dtype(config.jnp_dtype).itemsize
   params = config.num_params() * width // devices
   cache = 0
@@ -61,6 +61,8 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: i
     cache //= devices
   q = config.n_heads * config.head_dim
   per_token = (6 * config.d_model + 3 * q + 3 * config.mlp_hidden) * width
+  if padded:  # a refresh reorders K and V valid first for cuDNN (`dense_attention.valid_first`)
+    per_token += 2 * config.n_kv_heads * config.head_dim * width
   refresh = getattr(denoiser, "refresh", None) or RefreshPolicy()  # (vanilla has none)
   fp8 = config.projection_params() // devices if refresh.fp8_matmul else 0  # 1 byte a weight
   selected = 0

@@ -109,6 +109,7 @@ def valid_first(positions: jax.Array, ok: jax.Array) -> tuple[jax.Array, jax.Arr
   [..., n]; its valid count, at least 1, [...] int32). Keys gathered in this order go to
   cuDNN as lengths (its padding mask) instead of a mask; their order does not change attention.
   A stable partition by a scatter to each key's rank: cheaper than a sort."""
+  ok = ok.astype(bool)  # (~ on an integer mask would be a bitwise not)
   lead, n = ok.shape[:-1], ok.shape[-1]
   n_valid = ok.sum(-1, keepdims=True, dtype=jnp.int32)
   rank = jnp.where(ok, jnp.cumsum(ok, -1, dtype=jnp.int32),

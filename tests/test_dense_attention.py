@@ -123,6 +123,8 @@ def test_valid_first_is_a_stable_partition():
   order, lengths = da.valid_first(jnp.arange(5, dtype=jnp.int32), ok)
   np.testing.assert_array_equal(np.asarray(order), [[0, 2, 4, 1, 3], [0, 1, 2, 3, 4]])
   np.testing.assert_array_equal(np.asarray(lengths), [3, 1])  # (at least 1: cuDNN's minimum)
+  order_int, _ = da.valid_first(jnp.arange(5, dtype=jnp.int32), ok.astype(jnp.int32))
+  np.testing.assert_array_equal(np.asarray(order_int), np.asarray(order))  # a 0/1 mask too
 
 
 def test_cudnn_refresh_key_mask_goes_as_lengths_of_valid_first_keys(monkeypatch):
