@@ -935,6 +935,15 @@ def mgpu_sweep_configs(layout: str, base: dict, hkv: int, rows: int, n_items: in
   return out
 
 
+def refresh_qkv(lay: dict, s_len: int, seed: int):
+  """Random bf16 q [1, s_len, Hq, D], k and v [1, s_len, Hkv, D] of a layout: a refresh's."""
+  import jax
+  import jax.numpy as jnp
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return tuple(jax.random.normal(key, (1, s_len, h, lay["d"]), jnp.bfloat16)
+               for key, h in zip(keys, (lay["hq"], lay["hkv"], lay["hkv"])))
+
+
 def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
   """The refresh's attention at 32K with selected prompt blocks (`kernels.selected_attention`)
   against dense attention (cuDNN on a GPU), per layout and (chunk, keep): time, the share of
@@ -950,10 +959,7 @@ def phase_selected_prompt(da, reps: int = 5) -> list[dict]:
   rows = []
   for layout, lay in LAYOUTS.items():
     s_len = ctx + GEN
-    keys = jax.random.split(jax.random.PRNGKey(2), 3)
-    shape = lambda h: (1, s_len, h, lay["d"])
-    q, k, v = (jax.random.normal(kk, shape(h), jnp.bfloat16)
-               for kk, h in zip(keys, (lay["hq"], lay["hkv"], lay["hkv"])))
+    q, k, v = refresh_qkv(lay, s_len, seed=2)
     dense = jax.jit(lambda q, k, v: da.attention(q, k, v, implementation=impl))
     t_dense, _ = timeit(dense, (q, k, v), reps=reps)
     rows.append(dict(layout=layout, context=ctx, impl=impl, variant="dense", ms=t_dense * 1e3))
@@ -1017,10 +1023,7 @@ def phase_dense_padded(da, reps: int = 5) -> list[dict]:
   rows = []
   for layout, lay in LAYOUTS.items():
     s_len = ctx + GEN
-    keys = jax.random.split(jax.random.PRNGKey(3), 3)
-    shape = lambda h: (1, s_len, h, lay["d"])
-    q, k, v = (jax.random.normal(kk, shape(h), jnp.bfloat16)
-               for kk, h in zip(keys, (lay["hq"], lay["hkv"], lay["hkv"])))
+    q, k, v = refresh_qkv(lay, s_len, seed=3)
     valid = jnp.arange(s_len)[None] >= pads
     calls = {"padded": (jax.jit(lambda q, k, v, kv: da.attention(
                  q, k, v, key_valid=kv, implementation=impl)), (q, k, v, valid)),
