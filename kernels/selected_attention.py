@@ -5,8 +5,9 @@
     rows j >= prefix: every key
 
 Each (sequence, chunk, kv head) keeps the same number of blocks. Always kept: the blocks holding
-the first `n_global` keys (attention sinks) and the blocks holding the chunk's own rows, with one
-block either side. The other kept blocks are the chunk's best by Quest's bound on q . k over a
+the row's first `n_global` valid keys (attention sinks: with left pads, where its prompt begins)
+and the blocks holding the chunk's own rows, with one block either side, unless they hold only
+pads. The other kept blocks are the chunk's best by Quest's bound on q . k over a
 block (`block_relevance.bound_logits` over the box of `block_representatives`, as Focus's
 sparse layers score their blocks): each row softmaxes its bounds over the blocks (as logits),
 and a block scores the largest share any row of the chunk and any query head of the kv head
@@ -109,11 +110,25 @@ def kept_blocks(prefix: int, chunk: int, block: int, keep: float, n_global: int)
   return min(n_blocks, max(math.ceil(keep * n_blocks), forced))
 
 
+def sink_blocks(key_valid: jax.Array | None, batch: int, n_blocks: int, block: int,
+                n_global: int) -> jax.Array:
+  """[B, n_blocks] bool: the blocks holding each row's first `n_global` valid keys, its
+  attention sinks. Unpadded these are the leading blocks (as `forced_blocks` has them); with
+  left pads they move to where the row's prompt begins, past blocks that hold only pads."""
+  if key_valid is None:
+    return jnp.broadcast_to(jnp.arange(n_blocks) < -(-n_global // block), (batch, n_blocks))
+  valid = key_valid[:, :n_blocks * block]
+  sinks = valid & (jnp.cumsum(valid, axis=1) <= n_global)
+  return jnp.any(sinks.reshape(batch, n_blocks, block), axis=2)
+
+
 def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, representatives: jax.Array,
-                  blocks_ok: jax.Array, forced: jax.Array, n_keep: int) -> jax.Array:
+                  blocks_ok: jax.Array, forced: jax.Array, n_keep: int,
+                  sinks: jax.Array | None = None) -> jax.Array:
   """Kept block ids [B, n, Hkv, n_keep] of n chunks: q_rows [B, n, C, Hkv, G, D], rows_ok
   [B, n, C], representatives / blocks_ok of `block_relevance.block_representatives` ("bound"),
-  forced [n, n_blocks] (module docstring)."""
+  forced [n, n_blocks] and each row's sinks [B, n_blocks] (`sink_blocks`; module docstring).
+  A forced block that holds no valid key (a pad block) is not forced."""
   b, n, c, hkv, g, d = q_rows.shape
   qg = jnp.moveaxis(q_rows, 3, 1).reshape(b, hkv, n * c * g, d)
   logits = block_relevance.bound_logits(qg, representatives, blocks_ok, bound=True,
@@ -124,7 +139,10 @@ def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, representatives: jax.Ar
   share = jnp.where(blocks_ok[:, None, None, :], share, _EXCLUDED).reshape(b, hkv, n, c, g, -1)
   share = jnp.where(rows_ok[:, None, :, :, None, None], share, _EXCLUDED)
   score = jnp.moveaxis(jnp.max(share, axis=(3, 4)), 1, 2)  # [B, n, Hkv, n_blocks]
-  score = jnp.where(forced[None, :, None, :], _FORCED, score)
+  forced = forced[None, :, None, :]
+  if sinks is not None:
+    forced = forced | sinks[:, None, None, :]
+  score = jnp.where(forced & blocks_ok[:, None, None, :], _FORCED, score)
   return jax.lax.top_k(score, n_keep)[1].astype(jnp.int32)
 
 
@@ -253,6 +271,7 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
       k[:, :tail_start].reshape(b, n_blocks, block, hkv, d), ok_blocks, "bound")
   forced = np.zeros((n_groups * per_group, n_blocks), bool)
   forced[:n_chunks] = forced_blocks(prefix, chunk, block, n_global)
+  sinks = sink_blocks(key_valid, b, n_blocks, block, n_global)
   rows_ok = jnp.arange(rows_pad) < prefix
   rows_ok = jnp.broadcast_to(rows_ok, (b, rows_pad))
   voters = query_valid if query_valid is not None else key_valid  # pads do not vote
@@ -297,7 +316,7 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
     n = forced_rows.shape[0]
     q_rows = q_rows.reshape(b, n, chunk, hkv, g, d)
     ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), representatives, blocks_ok,
-                        forced_rows, n_keep)
+                        forced_rows, n_keep, sinks)
     q_heads = jnp.moveaxis(q_rows, 3, 1).reshape(b * hkv * n, chunk, g, d)
     if paged:  # page table: the chunk's kept blocks, then the tail's pages
       table = jnp.concatenate([ids, jnp.broadcast_to(tail_pages, (b, n, hkv, len(tail_pages)))],

@@ -50,6 +50,29 @@ def test_selected_prefix_attention_matches_its_mask(s, prefix, chunk, block, kee
   np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5, rtol=2e-5)
 
 
+def test_a_padded_rows_sinks_are_where_its_prompt_begins():
+  """With more left pads than a block, the leading blocks hold only pads: they are not kept in
+  place of the row's true sinks (its first n_global valid keys, here in block 2, made to score
+  low so that only forcing keeps them), which every chunk keeps."""
+  s, prefix, chunk, block, keep, n_global = 300, 260, 32, 16, 0.5, 8
+  q, k, v = inputs(5, 2, s, 4, 2)
+  k = k.at[1, 37:48].multiply(0.01)  # row 1's sink keys: near zero, a low bound
+  key_valid = jnp.asarray(np.arange(s)[None, :] >= np.array([[0], [37]]))
+  out, ids = sel.selected_prefix_attention(q, k, v, prefix=prefix, chunk=chunk, block=block,
+                                           keep=keep, n_global=n_global, key_valid=key_valid,
+                                           query_valid=key_valid, implementation="xla",
+                                           return_ids=True)
+  ids = np.asarray(ids)
+  assert (ids[1] == 2).any(axis=-1).all(), ids[1]  # every (chunk, kv head) of row 1
+  # Its pad-only blocks are never kept by a chunk with a valid row (chunk 0's rows are all
+  # pads: its output is unspecified, its choice immaterial).
+  assert not np.isin(ids[1, 1:], [0, 1]).any(), ids[1]
+  assert (ids[0] == 0).any(axis=-1).all()  # the unpadded row's sinks: its first block
+  want = masked_attention(q, k, v, sel.key_mask(ids, prefix, chunk, block, s), key_valid)
+  rows = np.asarray(key_valid)
+  np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5, rtol=2e-5)
+
+
 def test_kept_blocks_are_distinct_and_hold_the_forced_ones():
   s, prefix, chunk, block, keep, n_global = 520, 512, 64, 16, 0.4, 20
   q, k, v = inputs(0, 2, s, 8, 2)
