@@ -3,6 +3,9 @@
     rows j <  prefix: keys [0, n_global) + the window of j's chunk + [prefix, S)
     rows j >= prefix: every key
 
+(With pad keys, a row's n_global global keys are its first valid ones: with left pads, where its
+prompt begins.)
+
 The prefix is cut into chunks of C = window // 2 query rows; chunk c's window is the `window`
 keys starting at clip(c*C - C//2, n_global, prefix - window), so each row sees about C/2 keys
 on either side (more on one side at the edges) and the window never overlaps the global keys: no
@@ -49,8 +52,15 @@ def check_local(prefix: int, seq_len: int, window: int, n_global: int) -> str | 
   return None
 
 
-def key_mask(seq_len: int, prefix: int, window: int, n_global: int) -> np.ndarray:
-  """[S, S] bool: the keys each query row sees (the definition; for tests and diagnostics)."""
+def key_mask(seq_len: int, prefix: int, window: int, n_global: int,
+             key_valid: np.ndarray | None = None) -> np.ndarray:
+  """[S, S] bool: the keys each query row sees (the definition; for tests and diagnostics).
+  With `key_valid` [B, S], [B, S, S]: a row's global keys are its first n_global valid ones."""
+  if key_valid is not None:
+    return np.stack([key_mask(seq_len, prefix, window, n_global) & valid[None, :]
+                     | _global_keys(valid, prefix, n_global)[None, :] & (
+                         np.arange(seq_len)[:, None] < prefix) for valid in
+                     np.asarray(key_valid, bool)]) & np.asarray(key_valid, bool)[:, None, :]
   chunk = window // 2
   starts = chunk_windows(prefix, window, n_global)
   mask = np.zeros((seq_len, seq_len), bool)
@@ -61,6 +71,14 @@ def key_mask(seq_len: int, prefix: int, window: int, n_global: int) -> np.ndarra
     mask[j, w:w + window] = True
     mask[j, prefix:] = True
   return mask
+
+
+def _global_keys(valid, prefix: int, n_global: int):
+  """[S] bool (NumPy or JAX, one row or a batch [..., S]): a row's first n_global valid keys of
+  the prefix, its attention sinks (with left pads, where its prompt begins)."""
+  xp = jnp if isinstance(valid, jax.Array) else np
+  in_prefix = xp.arange(valid.shape[-1]) < prefix
+  return valid & in_prefix & (xp.cumsum(valid & in_prefix, axis=-1) <= n_global)
 
 
 def local_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix: int,
@@ -103,8 +121,25 @@ def local_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix: 
   # Rows padding the last chunk are zeros (finite, dropped after): they need no mask, which
   # would cost cuDNN its unmasked path.
   q_rows_ok = None if query_valid is None else per_chunk_rows(query_valid)
-  kv_ok = None if key_valid is None else per_chunk_keys(key_valid)
-  local = attend(per_chunk_rows(q), per_chunk_keys(k), per_chunk_keys(v), kv_ok, q_rows_ok)
+  if key_valid is None:
+    local = attend(per_chunk_rows(q), per_chunk_keys(k), per_chunk_keys(v), None, q_rows_ok)
+  else:
+    # A row's globals are its first n_global valid keys (with left pads, where its prompt
+    # begins), gathered per row in place of the leading positions; a window key among them is
+    # masked so that no key counts twice.
+    is_global = _global_keys(key_valid, prefix, n_global)
+    first_valid, _ = dense_attention.valid_first(
+        jnp.arange(prefix, dtype=jnp.int32), is_global[:, :prefix])
+    table = jnp.broadcast_to(keys.reshape(n_chunks, n_keys), (b, n_chunks, n_keys))
+    table = table.at[:, :, :n_global].set(first_valid[:, None, :n_global])
+    ok = jnp.take_along_axis(key_valid, table.reshape(b, -1), axis=1).reshape(table.shape)
+    ok = ok & ((jnp.arange(n_keys) < n_global) | ~jnp.take_along_axis(
+        is_global, table.reshape(b, -1), axis=1).reshape(table.shape))
+    gather = lambda x: jnp.take_along_axis(
+        x, table.reshape(b, -1)[:, :, None, None], axis=1).reshape(
+            (b * n_chunks, n_keys) + x.shape[2:])
+    local = attend(per_chunk_rows(q), gather(k), gather(v), ok.reshape(b * n_chunks, n_keys),
+                   q_rows_ok)
   return with_dense_tail(local.reshape(b, n_chunks * chunk, hq, d)[:, :prefix], q, k, v,
                          key_valid, query_valid, implementation)
 

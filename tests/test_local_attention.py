@@ -36,12 +36,18 @@ def test_local_prefix_attention_matches_its_mask(s, prefix, window, n_global):
                                 n_global=n_global, implementation="xla"))
   np.testing.assert_allclose(np.asarray(f(q, k, v)), masked_attention(q, k, v, mask),
                              atol=2e-5, rtol=2e-5)
-  # Left padding: pad keys masked for every row (chunk keys gather their validity too).
-  key_valid = jnp.asarray(np.arange(s)[None, :] >= np.array([[0], [5]]))
-  got = f(q, k, v, key_valid=key_valid, query_valid=key_valid)
-  want = masked_attention(q, k, v, mask, key_valid)
-  rows = np.asarray(key_valid)  # pad query rows are unspecified
-  np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-5, rtol=2e-5)
+  # Left padding (fewer pads than globals, and more): pad keys masked for every row, and a
+  # row's globals are its first valid keys.
+  for pads in (5, 37):
+    key_valid = np.arange(s)[None, :] >= np.array([[0], [pads]])
+    padded_mask = la.key_mask(s, prefix, window, n_global, key_valid)
+    assert (padded_mask[0] == mask).all()  # the unpadded row: the plain definition
+    globals_1 = padded_mask[1, pads + window // 2 + 3]  # a prefix row of row 1, past its pads
+    assert globals_1[pads:pads + n_global].all() and not globals_1[:pads].any()
+    got = f(q, k, v, key_valid=jnp.asarray(key_valid), query_valid=jnp.asarray(key_valid))
+    want = masked_attention(q, k, v, np.broadcast_to(padded_mask[:, None], (b, hkv, s, s)))
+    rows = key_valid  # pad query rows are unspecified
+    np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-5, rtol=2e-5)
 
 
 def test_short_prefix_stays_dense_and_windows_stay_inside():
