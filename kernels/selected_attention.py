@@ -54,6 +54,9 @@ from focus_jax.kernels import block_relevance, dense_attention, local_attention
 # Score of an unusable block or row (finite: differences stay finite) and of a forced block.
 _EXCLUDED = -1e30
 _FORCED = 1e30
+# A row's sink block: forced too, but below its chunk's own blocks, which win where pads spread
+# a row's sinks over more blocks than the static count (`forced_blocks`) budgets for.
+_SINK = 1e29
 # Chunks per group are bounded by this many bytes of gathered K/V, bounds and masks. (Groups
 # were once padded to whole groups of chunks, 64 chunks as 2 x 49: 1.5x the work, measured as
 # 23.1 against 14.8 ms on an H200, `kernels_h200_selected_groups.json`; now balanced.)
@@ -89,16 +92,23 @@ def check_selected(prefix: int, seq_len: int, chunk: int, block: int, keep: floa
 
 
 def forced_blocks(prefix: int, chunk: int, block: int, n_global: int) -> np.ndarray:
-  """[n_chunks, n_blocks] bool (static): the blocks every chunk keeps, its sinks and its own
-  rows' blocks with one neighbour either side."""
-  n_blocks, n_chunks = prefix // block, -(-prefix // chunk)
-  forced = np.zeros((n_chunks, n_blocks), bool)
+  """[n_chunks, n_blocks] bool (static): the blocks every chunk keeps, its sinks (unpadded: the
+  leading blocks) and its own rows' blocks with one neighbour either side."""
+  forced = own_blocks(prefix, chunk, block)
   forced[:, :-(-n_global // block)] = True
+  return forced
+
+
+def own_blocks(prefix: int, chunk: int, block: int) -> np.ndarray:
+  """[n_chunks, n_blocks] bool (static): each chunk's own rows' blocks, one neighbour either
+  side."""
+  n_blocks, n_chunks = prefix // block, -(-prefix // chunk)
+  own = np.zeros((n_chunks, n_blocks), bool)
   for c in range(n_chunks):
     lo = c * chunk // block - 1
     hi = -(-min((c + 1) * chunk, prefix) // block) + 1
-    forced[c, max(lo, 0):max(min(hi, n_blocks), 0)] = True
-  return forced
+    own[c, max(lo, 0):max(min(hi, n_blocks), 0)] = True
+  return own
 
 
 def kept_blocks(prefix: int, chunk: int, block: int, keep: float, n_global: int) -> int:
@@ -123,12 +133,13 @@ def sink_blocks(key_valid: jax.Array | None, batch: int, n_blocks: int, block: i
 
 
 def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, representatives: jax.Array,
-                  blocks_ok: jax.Array, forced: jax.Array, n_keep: int,
-                  sinks: jax.Array | None = None) -> jax.Array:
+                  blocks_ok: jax.Array, own: jax.Array, sinks: jax.Array,
+                  n_keep: int) -> jax.Array:
   """Kept block ids [B, n, Hkv, n_keep] of n chunks: q_rows [B, n, C, Hkv, G, D], rows_ok
   [B, n, C], representatives / blocks_ok of `block_relevance.block_representatives` ("bound"),
-  forced [n, n_blocks] and each row's sinks [B, n_blocks] (`sink_blocks`; module docstring).
-  A forced block that holds no valid key (a pad block) is not forced."""
+  each chunk's own blocks [n, n_blocks] (`own_blocks`) and each row's sinks [B, n_blocks]
+  (`sink_blocks`), forced in that order of priority (module docstring). A block that holds no
+  valid key (a pad block) is not forced."""
   b, n, c, hkv, g, d = q_rows.shape
   qg = jnp.moveaxis(q_rows, 3, 1).reshape(b, hkv, n * c * g, d)
   logits = block_relevance.bound_logits(qg, representatives, blocks_ok, bound=True,
@@ -139,10 +150,9 @@ def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, representatives: jax.Ar
   share = jnp.where(blocks_ok[:, None, None, :], share, _EXCLUDED).reshape(b, hkv, n, c, g, -1)
   share = jnp.where(rows_ok[:, None, :, :, None, None], share, _EXCLUDED)
   score = jnp.moveaxis(jnp.max(share, axis=(3, 4)), 1, 2)  # [B, n, Hkv, n_blocks]
-  forced = forced[None, :, None, :]
-  if sinks is not None:
-    forced = forced | sinks[:, None, None, :]
-  score = jnp.where(forced & blocks_ok[:, None, None, :], _FORCED, score)
+  usable = blocks_ok[:, None, None, :]
+  score = jnp.where(sinks[:, None, None, :] & usable, _SINK, score)
+  score = jnp.where(own[None, :, None, :] & usable, _FORCED, score)
   return jax.lax.top_k(score, n_keep)[1].astype(jnp.int32)
 
 
@@ -269,8 +279,8 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
                else key_valid[:, :tail_start].reshape(b, n_blocks, block))
   representatives, blocks_ok = block_relevance.block_representatives(
       k[:, :tail_start].reshape(b, n_blocks, block, hkv, d), ok_blocks, "bound")
-  forced = np.zeros((n_groups * per_group, n_blocks), bool)
-  forced[:n_chunks] = forced_blocks(prefix, chunk, block, n_global)
+  own = np.zeros((n_groups * per_group, n_blocks), bool)
+  own[:n_chunks] = own_blocks(prefix, chunk, block)
   sinks = sink_blocks(key_valid, b, n_blocks, block, n_global)
   rows_ok = jnp.arange(rows_pad) < prefix
   rows_ok = jnp.broadcast_to(rows_ok, (b, rows_pad))
@@ -312,11 +322,11 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
 
   def group(operands):
     """One group of n chunks: select, attend -> ([B, n * C, Hq, D], ids)."""
-    q_rows, ok_rows, forced_rows = operands  # [B, n*C, Hq, D], [B, n*C], [n, n_blocks]
-    n = forced_rows.shape[0]
+    q_rows, ok_rows, own_rows = operands  # [B, n*C, Hq, D], [B, n*C], [n, n_blocks]
+    n = own_rows.shape[0]
     q_rows = q_rows.reshape(b, n, chunk, hkv, g, d)
     ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), representatives, blocks_ok,
-                        forced_rows, n_keep, sinks)
+                        own_rows, sinks, n_keep)
     q_heads = jnp.moveaxis(q_rows, 3, 1).reshape(b * hkv * n, chunk, g, d)
     if paged:  # page table: the chunk's kept blocks, then the tail's pages
       table = jnp.concatenate([ids, jnp.broadcast_to(tail_pages, (b, n, hkv, len(tail_pages)))],
@@ -330,13 +340,13 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
     return out.reshape(b, n * chunk, hq, d), ids
 
   q_prefix = jnp.pad(q[:, :prefix], ((0, 0), (0, rows_pad - prefix), (0, 0), (0, 0)))
-  forced = jnp.asarray(forced)
+  own = jnp.asarray(own)
   if n_groups == 1:
-    local, ids = group((q_prefix, rows_ok, forced))
+    local, ids = group((q_prefix, rows_ok, own))
   else:
     split = lambda x: jnp.moveaxis(x.reshape(b, n_groups, -1, *x.shape[2:]), 1, 0)
     local, ids = jax.lax.map(group, (split(q_prefix), split(rows_ok),
-                                     forced.reshape(n_groups, per_group, n_blocks)))
+                                     own.reshape(n_groups, per_group, n_blocks)))
     local = jnp.moveaxis(local, 0, 1).reshape(b, rows_pad, hq, d)
     ids = jnp.moveaxis(ids, 0, 1).reshape(b, n_groups * per_group, hkv, n_keep)
   out = local_attention.with_dense_tail(local[:, :prefix], q, k, v, key_valid, query_valid,

@@ -73,6 +73,27 @@ def test_a_padded_rows_sinks_are_where_its_prompt_begins():
   np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5, rtol=2e-5)
 
 
+def test_a_chunks_own_blocks_outrank_sinks_that_pads_spread():
+  """Pads among a row's first valid keys spread its sinks over more blocks than the static
+  budget counts: the chunk's own blocks and neighbours (which hold valid keys) are still kept,
+  the sinks taking what is left (found in review: ties went to the low ids, the sinks)."""
+  s, prefix, chunk, block, keep, n_global = 106, 96, 16, 8, 0.44, 5
+  assert sel.check_selected(prefix, s, chunk, block, keep, n_global) is None
+  q, k, v = inputs(0, 1, s, 2, 1)
+  key_valid = np.ones((1, s), bool)
+  key_valid[0, 1:13] = False  # sinks: key 0 and keys 13-16, in blocks 0, 1 and 2
+  _, ids = sel.selected_prefix_attention(q, k, v, prefix=prefix, chunk=chunk, block=block,
+                                         keep=keep, n_global=n_global,
+                                         key_valid=jnp.asarray(key_valid),
+                                         implementation="xla", return_ids=True)
+  ids = np.asarray(ids)[0, :, 0]
+  own = sel.own_blocks(prefix, chunk, block)
+  usable = key_valid[0, :prefix].reshape(-1, block).any(axis=1)
+  for c in range(len(ids)):
+    assert set(np.flatnonzero(own[c] & usable)) <= set(ids[c].tolist()), (c, ids[c])
+    assert 0 in ids[c]  # the first sink block still fits every chunk's budget
+
+
 def test_kept_blocks_are_distinct_and_hold_the_forced_ones():
   s, prefix, chunk, block, keep, n_global = 520, 512, 64, 16, 0.4, 20
   q, k, v = inputs(0, 2, s, 8, 2)
