@@ -124,12 +124,16 @@ def sink_blocks(key_valid: jax.Array | None, batch: int, n_blocks: int, block: i
                 n_global: int) -> jax.Array:
   """[B, n_blocks] bool: the blocks holding each row's first `n_global` valid keys, its
   attention sinks. Unpadded these are the leading blocks (as `forced_blocks` has them); with
-  left pads they move to where the row's prompt begins, past blocks that hold only pads."""
+  left pads they move to where the row's prompt begins, past blocks that hold only pads. At
+  most the ceil(n_global / block) blocks the static budget counts (`kept_blocks`): where pads
+  spread the sinks over more, the first ones (the rest may still be chosen by score)."""
+  n_sink_blocks = -(-n_global // block)
   if key_valid is None:
-    return jnp.broadcast_to(jnp.arange(n_blocks) < -(-n_global // block), (batch, n_blocks))
+    return jnp.broadcast_to(jnp.arange(n_blocks) < n_sink_blocks, (batch, n_blocks))
   valid = key_valid[:, :n_blocks * block]
   sinks = valid & (jnp.cumsum(valid, axis=1) <= n_global)
-  return jnp.any(sinks.reshape(batch, n_blocks, block), axis=2)
+  sinks = jnp.any(sinks.reshape(batch, n_blocks, block), axis=2)
+  return sinks & (jnp.cumsum(sinks, axis=1) <= n_sink_blocks)
 
 
 def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, representatives: jax.Array,

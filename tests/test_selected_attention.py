@@ -94,6 +94,25 @@ def test_a_chunks_own_blocks_outrank_sinks_that_pads_spread():
     assert 0 in ids[c]  # the first sink block still fits every chunk's budget
 
 
+def test_a_padded_rows_forced_blocks_stay_within_the_static_budget():
+  """However left pads fall, a row forces no more blocks than the static count that sizes the
+  budget (`forced_blocks`): sinks straddling a block boundary keep the first block, so a chunk
+  always has a block left to choose (found in review: a straddle filled the whole budget)."""
+  s, prefix, chunk, block, keep, n_global = 106, 96, 16, 8, 0.44, 5
+  n_keep = sel.kept_blocks(prefix, chunk, block, keep, n_global)
+  budget = sel.forced_blocks(prefix, chunk, block, n_global).sum(axis=1)
+  own = sel.own_blocks(prefix, chunk, block)
+  for pads in range(40):
+    key_valid = np.arange(s)[None, :] >= pads
+    sinks = np.asarray(sel.sink_blocks(jnp.asarray(key_valid), 1, prefix // block, block,
+                                       n_global))[0]
+    first = pads // block
+    assert sinks[first] and sinks.sum() == 1, (pads, sinks)  # the block of the first valid key
+    usable = key_valid[0, :prefix].reshape(-1, block).any(axis=1)
+    forced = ((own | sinks) & usable).sum(axis=1)
+    assert (forced <= budget).all() and (forced < n_keep).all(), pads
+
+
 def test_kept_blocks_are_distinct_and_hold_the_forced_ones():
   s, prefix, chunk, block, keep, n_global = 520, 512, 64, 16, 0.4, 20
   q, k, v = inputs(0, 2, s, 8, 2)
