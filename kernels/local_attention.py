@@ -57,10 +57,12 @@ def key_mask(seq_len: int, prefix: int, window: int, n_global: int,
   """[S, S] bool: the keys each query row sees (the definition; for tests and diagnostics).
   With `key_valid` [B, S], [B, S, S]: a row's global keys are its first n_global valid ones."""
   if key_valid is not None:
-    return np.stack([key_mask(seq_len, prefix, window, n_global) & valid[None, :]
-                     | _global_keys(valid, prefix, n_global)[None, :] & (
-                         np.arange(seq_len)[:, None] < prefix) for valid in
-                     np.asarray(key_valid, bool)]) & np.asarray(key_valid, bool)[:, None, :]
+    masks = []
+    for valid in np.asarray(key_valid, bool):
+      mask = key_mask(seq_len, prefix, window, n_global)
+      mask[:prefix] |= global_keys(valid, prefix, n_global)  # (the leading valid keys are in it)
+      masks.append(mask & valid)
+    return np.stack(masks)
   chunk = window // 2
   starts = chunk_windows(prefix, window, n_global)
   mask = np.zeros((seq_len, seq_len), bool)
@@ -73,9 +75,10 @@ def key_mask(seq_len: int, prefix: int, window: int, n_global: int,
   return mask
 
 
-def _global_keys(valid, prefix: int, n_global: int):
+def global_keys(valid, prefix: int, n_global: int):
   """[S] bool (NumPy or JAX, one row or a batch [..., S]): a row's first n_global valid keys of
-  the prefix, its attention sinks (with left pads, where its prompt begins)."""
+  the prefix, its attention sinks (with left pads, where its prompt begins; the selected
+  prompt blocks force the blocks holding them)."""
   xp = jnp if isinstance(valid, jax.Array) else np
   in_prefix = xp.arange(valid.shape[-1]) < prefix
   return valid & in_prefix & (xp.cumsum(valid & in_prefix, axis=-1) <= n_global)
@@ -127,7 +130,7 @@ def local_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefix: 
     # A row's globals are its first n_global valid keys (with left pads, where its prompt
     # begins), gathered per row in place of the leading positions; a window key among them is
     # masked so that no key counts twice.
-    is_global = _global_keys(key_valid, prefix, n_global)
+    is_global = global_keys(key_valid, prefix, n_global)
     first_valid, _ = dense_attention.valid_first(
         jnp.arange(prefix, dtype=jnp.int32), is_global[:, :prefix])
     table = jnp.broadcast_to(keys.reshape(n_chunks, n_keys), (b, n_chunks, n_keys))

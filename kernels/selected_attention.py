@@ -130,9 +130,8 @@ def sink_blocks(key_valid: jax.Array | None, batch: int, n_blocks: int, block: i
   n_sink_blocks = -(-n_global // block)
   if key_valid is None:
     return jnp.broadcast_to(jnp.arange(n_blocks) < n_sink_blocks, (batch, n_blocks))
-  valid = key_valid[:, :n_blocks * block]
-  sinks = valid & (jnp.cumsum(valid, axis=1) <= n_global)
-  sinks = jnp.any(sinks.reshape(batch, n_blocks, block), axis=2)
+  sinks = local_attention.global_keys(key_valid, n_blocks * block, n_global)
+  sinks = jnp.any(sinks[:, :n_blocks * block].reshape(batch, n_blocks, block), axis=2)
   return sinks & (jnp.cumsum(sinks, axis=1) <= n_sink_blocks)
 
 
