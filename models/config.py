@@ -60,10 +60,10 @@ class ModelConfig:
   # the rest; "pallas_gpu_mlp", only the fused SwiGLU up-projection streams; "auto",
   # "pallas_gpu_mlp" on a single Hopper GPU (compute capability 9.x), XLA otherwise. The LLaDA
   # configs ask for "auto" (faster there on an H200); it is slower for Dream-7B's shape. On that
-  # GPU at batch 1, "auto" also asks XLA to merge a layer's q, k and v dots into one GEMM, a
-  # compile option (`transformer.compiler_options`) that `sampling.compile_generation` and
-  # `step_timing` apply; code that jits the model itself passes it to `jax.jit(...,
-  # compiler_options=...)`.
+  # GPU at batch 1, "auto" also asks XLA to merge a layer's q, k and v dots into one GEMM; above
+  # batch 1, on any GPU, no dots merge (whatever the impl). Both are compile options
+  # (`transformer.compiler_options`) that `sampling.compile_generation` and `step_timing` apply;
+  # code that jits the model itself passes them to `jax.jit(..., compiler_options=...)`.
   matmul_impl: MatmulImpl = "xla"
   # One [d_model, kv_heads * (q_per_kv + 2) * head_dim] weight per layer for the q, k and v
   # projections (grouped by KV head: its q heads, then its k, then its v; sharding its columns

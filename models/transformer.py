@@ -61,15 +61,27 @@ AUTO_DOT_MERGER_THRESHOLD_MB = 128
 # The merge pays only where a cached step's GEMMs stream weights (few rows): at batch 8 (256
 # rows) it made LLaDA-8B's 8K Focus step 12.99 -> 15.73 ms (same H200, e2e_h200_ab_session5.json).
 AUTO_DOT_MERGER_MAX_BATCH = 1
+# Above that batch no sibling dots merge at all, on any GPU. XLA's default (32 MB) merges
+# Dream-7B's q, k and v (31.5 MB) into one Triton GEMM that concatenates the three weights inside
+# the kernel: at batch 8 it ran [256, 3584] x [3584, 4608] at ~200 TFLOP/s, 1.17 ms of a 16K
+# Focus step; unmerged (cuBLAS) the step went 10.98 -> 10.62 ms and the refresh 4.00 -> 3.95 s
+# (H100, 2026-12-07, e2e_h100_dream_b8_no_dot_merger.json). A fused q|k|v weight
+# (`fused_qkv`) has no siblings to merge and gains the same (10.63 ms).
+BATCH_DOT_MERGER_THRESHOLD_MB = 0
 
 
 def compiler_options(config: ModelConfig, batch_size: int) -> dict[str, int]:
-  """XLA options for jitting this config's forward passes at this batch size. With
+  """XLA options for jitting this config's forward passes at this batch size, on a GPU. With
   `matmul_impl="auto"` on a single Hopper GPU (where "auto" streams the SwiGLU) and batch 1, a
   layer's q, k and v projections also merge into one GEMM: LLaDA-8B's 8K Focus step 6.23 -> 6.00
-  ms (H200, 2026-12-03, README). Elsewhere none."""
-  if (config.matmul_impl != "auto" or _resolved("auto") != "pallas_gpu_mlp"
-      or batch_size > AUTO_DOT_MERGER_MAX_BATCH):
+  ms (H200, 2026-12-03, README). Above batch 1 they never merge (see
+  BATCH_DOT_MERGER_THRESHOLD_MB). Elsewhere none."""
+  if not _on_gpu():
+    return {}
+  if batch_size > AUTO_DOT_MERGER_MAX_BATCH:
+    return {} if config.fused_qkv else {
+        "xla_gpu_dot_merger_threshold_mb": BATCH_DOT_MERGER_THRESHOLD_MB}
+  if config.matmul_impl != "auto" or _resolved("auto") != "pallas_gpu_mlp":
     return {}
   return {"xla_gpu_dot_merger_threshold_mb": AUTO_DOT_MERGER_THRESHOLD_MB}
 

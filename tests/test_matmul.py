@@ -212,18 +212,26 @@ def test_config_validates_and_round_trips_matmul_impl():
   assert C.ModelConfig.from_json(cfg.to_json()) == cfg
 
 
-@pytest.mark.parametrize("impl, capability, batch, merged", [
-    ("auto", (9, 0), 1, True), ("auto", (9, 0), 8, False), ("auto", (8, 0), 1, False),
-    ("auto", None, 1, False), ("xla", (9, 0), 1, False), ("pallas_gpu_mlp", (9, 0), 1, False)])
-def test_auto_merges_the_qkv_dots_on_one_hopper_gpu(monkeypatch, impl, capability, batch,
-                                                    merged):
-  """"auto" on one Hopper GPU at batch 1 also asks XLA to merge a layer's q, k and v dots (the
-  dot-merger threshold; at batch 8 the merge was slower); every other setting leaves XLA's
-  options alone."""
+MERGE_QKV = {"xla_gpu_dot_merger_threshold_mb": transformer.AUTO_DOT_MERGER_THRESHOLD_MB}
+MERGE_NONE = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+@pytest.mark.parametrize("impl, capability, on_gpu, batch, fused, want", [
+    ("auto", (9, 0), True, 1, False, MERGE_QKV), ("auto", (9, 0), True, 8, False, MERGE_NONE),
+    ("auto", (8, 0), True, 1, False, {}), ("auto", None, True, 1, False, {}),
+    ("auto", None, True, 8, False, MERGE_NONE), ("xla", (9, 0), True, 1, False, {}),
+    ("xla", (9, 0), True, 2, False, MERGE_NONE), ("xla", (9, 0), True, 8, True, {}),
+    ("pallas_gpu_mlp", (9, 0), True, 1, False, {}), ("xla", None, False, 8, False, {})])
+def test_compiler_options_merge_qkv_dots_only_at_batch_1(monkeypatch, impl, capability, on_gpu,
+                                                         batch, fused, want):
+  """On a GPU at batch 1, "auto" on one Hopper GPU asks XLA to merge a layer's q, k and v dots
+  into one GEMM (the dot-merger threshold); above batch 1 no sibling dots merge at all (the
+  merged GEMM concatenates weights in a Triton kernel: slower at 256 rows), unless the weight is
+  already fused; off a GPU XLA's options are left alone."""
   monkeypatch.setattr(transformer, "_single_cuda_capability", lambda: capability)
-  want = {"xla_gpu_dot_merger_threshold_mb": transformer.AUTO_DOT_MERGER_THRESHOLD_MB}
-  got = transformer.compiler_options(_kernel_sized(matmul_impl=impl), batch)
-  assert got == (want if merged else {})
+  monkeypatch.setattr(transformer, "_on_gpu", lambda: on_gpu)
+  cfg = _kernel_sized(matmul_impl=impl).replace(fused_qkv=fused)
+  assert transformer.compiler_options(cfg, batch) == want
 
 
 def test_load_fuses_qkv_from_the_same_weights():
