@@ -11,6 +11,7 @@ of chunks (`kernels.selected_attention.extra_bytes`). Measured on an H100
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +89,15 @@ def check_fits(config: ModelConfig, batch: int, length: int, mode: str, devices:
                prompt_length: int | None = None, padded: bool = False) -> MemoryEstimate:
   """Raises MemoryError, naming the sizes and the fixes, when the estimate exceeds the limit."""
   est = estimate(config, batch, length, mode, devices, denoiser, prompt_length, padded)
-  limit = device_limit() if limit is None else limit
+  from_device = limit is None
+  limit = device_limit() if from_device else limit
   if limit is not None and est.total > limit:
+    # The device's limit is JAX's allocator share of its memory, not all of it.
+    share = (f"; JAX may use {os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.75')} of "
+             f"the device (XLA_PYTHON_CLIENT_MEM_FRACTION, set before JAX starts)"
+             if from_device else "")
     raise MemoryError(
         f"{mode} at batch {batch} x {length} tokens needs about {est.describe()} per device, "
         f"more than the {limit / GIB:.1f} GiB available: shorten the prompt or gen_length, lower "
-        f"the batch, or shard over more devices (--config.mesh.model=N)")
+        f"the batch, or shard over more devices (--config.mesh.model=N){share}")
   return est

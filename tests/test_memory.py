@@ -75,6 +75,22 @@ def test_check_fits_names_sizes_and_fixes():
   memory.check_fits(cfg, 1, 131328, "focus", limit=141 * memory.GIB)  # an H200 holds it
 
 
+def test_check_fits_on_the_device_names_jax_share_of_it(monkeypatch):
+  """The device's limit is JAX's allocator share (75% unless XLA_PYTHON_CLIENT_MEM_FRACTION):
+  the error says so, since raising it is a fix; a limit passed in is not the device's."""
+  cfg = presets.preset("llada_8b")
+  monkeypatch.setattr(memory, "device_limit", lambda device=None: 60 * memory.GIB)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  with pytest.raises(MemoryError, match=r"use 0\.75 of the device \(XLA_PYTHON_CLIENT_MEM_"):
+    memory.check_fits(cfg, 8, 33024, "focus")
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  with pytest.raises(MemoryError, match=r"use 0\.9 of the device"):
+    memory.check_fits(cfg, 8, 33024, "focus")
+  with pytest.raises(MemoryError) as passed_in:
+    memory.check_fits(cfg, 8, 33024, "focus", limit=60 * memory.GIB)
+  assert "MEM_FRACTION" not in str(passed_in.value)
+
+
 def test_generate_refuses_before_allocating(monkeypatch):
   model = focus_jax.load("tiny")
   monkeypatch.setattr(memory, "device_limit", lambda device=None: 1024)
