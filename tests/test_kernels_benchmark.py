@@ -64,10 +64,12 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
       row["ok"] for row in checks), sel  # pages read in place, and gathered with a pad mask
   assert all(0 < row["flop_share"] < 1 and math.isfinite(row["ms"]) for row in sel
              if row["variant"] in ("selected", "selected_padded")), sel
-  # A padded batch's dense refresh: timed padded and unpadded (cuDNN's bias only on a GPU).
+  # A padded batch's dense refresh: timed padded and unpadded, and its two parts (the length
+  # mask with every key valid, the valid-first reorder); cuDNN's bias only on a GPU.
   padded = res["dense_padded"]
   assert {(row["layout"], row["variant"]) for row in padded} == {
-      (lay, v) for lay in ("llada8b", "dream7b") for v in ("padded", "unpadded", "check")}, padded
+      (lay, v) for lay in ("llada8b", "dream7b")
+      for v in ("padded", "unpadded", "lengths_all_valid", "reorder_only", "check")}, padded
   assert all(row["ok"] for row in padded if row["variant"] == "check"), padded
   # Key channels offset in every token: smoothing takes them out; unsmoothed fp8 pays for them.
   for row in res["fp8_dense"]:
