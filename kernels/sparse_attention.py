@@ -78,7 +78,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
 
   Beyond the contract, all optional: `max_response_len` is a static upper bound on
   response_end - response_start (the XLA path slices a window of that length, the TPU kernel sizes
-  its grid by it; without it both assume the whole cache, correct but slower); `interpret` runs a
+  its grid by it; without it both assume the whole cache, correct but slower; a bound below a
+  row's response cuts it to its first `max_response_len` keys, on every implementation but the
+  reference); extra positions outside the cache's rows count as invalid; `interpret` runs a
   Pallas kernel in interpret mode (True, or `pltpu.InterpretParams()` for the TPU kernel);
   `kernel_config` overrides the GPU kernel's tiling (block_m, num_splits, num_warps, num_stages);
   `fused_merge=False` in it merges the splits in XLA instead of the merge kernel (for A/B), and
@@ -104,7 +106,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
         return_lse=return_lse)
   if distinct_selection:
     sel = selection_of_distinct(block_indices, block_counts, prompt_start, response_start,
-                                response_end, seq_len=k.shape[1])
+                                response_end, block_size=block_size, seq_len=k.shape[1])
   else:
     sel = normalize_selection(block_indices, block_counts, prompt_start, response_start,
                               response_end, block_size=block_size, seq_len=k.shape[1])
@@ -134,7 +136,12 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
   if impl == "reference":
     raise ValueError("the reference takes the raw selection: call block_sparse_attention")
+  if max_response_len is not None:  # the bound, once, so that every path attends the same keys
+    sel = sel._replace(response_end=jnp.minimum(
+        sel.response_end, sel.response_start + int(max_response_len)))
   common.check_dedup_extra(dedup_extra, extra_positions)
+  if extra_positions is not None:  # outside the cache: invalid (the reference does the same)
+    extra_valid = common.in_cache_extra(extra_positions, extra_valid, k.shape[1])
   if dedup_extra and impl != "pallas_gpu":  # that kernel skips already attended rows itself
     extra_valid = common.drop_attended_extra(
         extra_valid, common.extra_attended(sel, extra_positions, block_size, k.shape[1]),

@@ -253,7 +253,7 @@ def test_selection_of_distinct_equals_the_normalised_selection(impl, kw):
                             for _ in range(idx.shape[1])]) for i in range(idx.shape[0])])
   cnt = np.asarray(cnt) % 9
   idx, cnt = jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32)
-  sel = sa.selection_of_distinct(idx, cnt, ps, rs, re, seq_len=k.shape[1])
+  sel = sa.selection_of_distinct(idx, cnt, ps, rs, re, block_size=bs, seq_len=k.shape[1])
   last = np.take_along_axis(np.asarray(idx), np.maximum(np.asarray(cnt) - 1, 0)[..., None], -1)
   pad = np.arange(8) >= np.asarray(cnt)[..., None]
   assert np.all(np.asarray(sel.indices)[pad] == np.broadcast_to(last, pad.shape)[pad])
@@ -472,19 +472,24 @@ def test_per_kv_head_extra_valid(impl, kw):
 @pytest.mark.parametrize("per_head_valid,e", [(False, 7), (True, 5), (True, 20)])
 def test_extra_positions_equal_gathered_extra_keys(impl, kw, per_head_valid, e):
   """Extra keys given as cache rows (the GPU kernel gathers them in split 0; the others gather
-  in XLA) equal the same rows passed as arrays, with out-of-range positions clipped, several
-  row tiles and splits, and E padded past one tile (20 -> 32)."""
+  in XLA) equal the same rows passed as arrays, with positions outside the cache invalid,
+  several row tiles and splits, and E padded past one tile (20 -> 32)."""
   args, bs = make_case(23, hq=8, hkv=2, t=12, extra=False)
   q, k, v, *sel = args
   b, s, hkv = k.shape[0], k.shape[1], k.shape[2]
   rng = np.random.default_rng(e)
   pos = rng.integers(-2, s + 3, (b, e))
+  pos[:, 0], pos[:, 1] = -2, s + 2  # outside the cache: invalid, whatever extra_valid says
   valid = rng.random((b, e, hkv) if per_head_valid else (b, e)) < 0.6
+  valid[:, :2] = True
   pos, valid = jnp.asarray(pos, jnp.int32), jnp.asarray(valid)
   rows = np.clip(np.asarray(pos), 0, s - 1)
   ek = jnp.asarray(np.take_along_axis(np.asarray(k), rows[:, :, None, None], axis=1))
   ev = jnp.asarray(np.take_along_axis(np.asarray(v), rows[:, :, None, None], axis=1))
-  want = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, *sel, ek, ev, valid)
+  inside = (np.asarray(pos) >= 0) & (np.asarray(pos) < s)
+  want_valid = jnp.asarray(np.asarray(valid) & (inside[..., None] if per_head_valid else inside))
+  want = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, *sel, ek, ev,
+                                                                  want_valid)
   kernel_config = {"block_m": 16, "num_splits": 3} if impl == "pallas_gpu" else None
   got = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl,
              kernel_config=kernel_config, **kw)(q, k, v, *sel, extra_valid=valid,
@@ -857,3 +862,62 @@ def test_mosaic_gpu_large_logits():
   out = np.asarray(out, np.float32)
   assert np.all(np.isfinite(out))
   assert np.abs(out - ref).max() < 2e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("impl,kw", [("xla_gather", {}), ("pallas_gpu", {"interpret": True})])
+def test_distinct_selection_clips_counts_and_ids_into_range(impl, kw):
+  """A broken `distinct_selection` promise (a count above N or below 0, an id outside the
+  cache) must not make a kernel repeat a block, skip response blocks or read outside the cache:
+  counts are clipped into [0, N] ("all" / "none", as the reference reads them) and ids into the
+  cache's blocks."""
+  args, bs = make_case(31, b=1, t=1, hq=2, hkv=1, d=16, s=64, bs=16, n=2, extra=False)
+  q, k, v, _, _, _, _, _ = args
+  idx = jnp.asarray([[[0, 1]]], jnp.int32)
+  ps, rs, re = (jnp.asarray([x], jnp.int32) for x in (0, 40, 64))
+  for count in (3, -1):
+    cnt = jnp.asarray([[count]], jnp.int32)
+    ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(
+        q, k, v, idx, jnp.clip(cnt, 0, 2), ps, rs, re)
+    out = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl,
+               distinct_selection=True, **kw)(q, k, v, idx, cnt, ps, rs, re)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+  sel = sa.selection_of_distinct(jnp.asarray([[[-4, 9]]], jnp.int32), jnp.asarray([[2]]),
+                                 ps, rs, re, block_size=bs, seq_len=64)
+  np.testing.assert_array_equal(np.asarray(sel.indices), [[[0, 3]]])
+
+
+@pytest.mark.parametrize("impl,kw", [("xla_gather", {}), ("pallas_gpu", {"interpret": True})])
+def test_empty_response_window_and_empty_selection(impl, kw):
+  """A response bound of 0 (no response region: response_start = response_end = S) and a
+  selection list of length 0 are contract inputs: no error, the reference's answer."""
+  args, bs = make_case(32, b=2, t=3, hq=4, hkv=2, d=16, s=128, bs=16, n=4, extra=True)
+  q, k, v, idx, cnt, ps, _, _, *extra = args
+  end = jnp.full((2,), 128, jnp.int32)
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, idx, cnt, ps, end,
+                                                                  end, *extra)
+  out = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl, max_response_len=0,
+             **kw)(q, k, v, idx, cnt, ps, end, end, *extra)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+  none = jnp.zeros((2, 2, 0), jnp.int32), jnp.zeros((2, 2), jnp.int32)
+  rs, re = args[6], args[7]
+  ref = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, *none, ps, rs, re,
+                                                                  *extra)
+  out = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl, **kw)(
+      q, k, v, *none, ps, rs, re, *extra)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl,kw", [("xla_gather", {}), ("pallas_gpu", {"interpret": True}),
+                                     ("pallas_gpu", {"interpret": True,
+                                                     "kernel_config": {"static_loop": True}})])
+def test_an_understated_response_bound_cuts_the_response_alike_everywhere(impl, kw):
+  """`max_response_len` below a row's response: every implementation attends the response's
+  first `max_response_len` keys (the XLA window's reading), none drops selected blocks."""
+  args, bs = make_case(33, b=1, t=2, hq=2, hkv=1, d=16, s=128, bs=16, n=3, extra=False)
+  q, k, v, idx, cnt, ps, _, _ = args
+  rs, re = jnp.asarray([64], jnp.int32), jnp.asarray([128], jnp.int32)
+  want = _jit(sa.reference_block_sparse_attention, block_size=bs)(q, k, v, idx, cnt, ps, rs,
+                                                                   rs + 16)
+  out = _jit(sa.block_sparse_attention, block_size=bs, implementation=impl, max_response_len=16,
+             **kw)(q, k, v, idx, cnt, ps, rs, re)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5, rtol=2e-5)

@@ -89,15 +89,20 @@ def _pad_with_last(ids: jax.Array, counts: jax.Array) -> jax.Array:
 
 def selection_of_distinct(block_indices: jax.Array, block_counts: jax.Array,
                           prompt_start: jax.Array, response_start: jax.Array,
-                          response_end: jax.Array, *, seq_len: int) -> Selection:
+                          response_end: jax.Array, *, block_size: int,
+                          seq_len: int) -> Selection:
   """The Selection of ids the caller guarantees distinct and inside the prompt range in their
   first `block_counts` entries (a top-k over the valid prompt blocks is): `normalize_selection`
   without its dedup and compaction (a scatter, a cumsum and a second scatter per call). The
-  order is kept; entries past the count are replaced by the last valid id."""
+  order is kept; entries past the count are replaced by the last valid id. Counts are clipped
+  into [0, N] and ids into the cache's blocks, so a broken promise cannot make a kernel read
+  outside the cache or walk past its list (a count above N would repeat the last block, a
+  negative one would skip response blocks)."""
   chex.assert_rank(block_indices, 3)
   ps, rs, re = clip_ranges(prompt_start, response_start, response_end, seq_len)
-  counts = block_counts.astype(jnp.int32)
-  return Selection(_pad_with_last(block_indices.astype(jnp.int32), counts), counts, ps, rs, re)
+  counts = jnp.clip(block_counts.astype(jnp.int32), 0, block_indices.shape[-1])
+  ids = jnp.clip(block_indices.astype(jnp.int32), 0, num_blocks(seq_len, block_size) - 1)
+  return Selection(_pad_with_last(ids, counts), counts, ps, rs, re)
 
 
 def response_blocks(rs: jax.Array, re: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
@@ -163,6 +168,17 @@ def check_inputs(q, k, v, block_indices, block_counts, prompt_start, response_st
 def check_dedup_extra(dedup_extra: bool, extra_positions) -> None:
   if dedup_extra and extra_positions is None:
     raise ValueError("dedup_extra needs the extra keys as extra_positions (rows of the cache)")
+
+
+def in_cache_extra(positions: jax.Array, valid: jax.Array | None, seq_len: int) -> jax.Array:
+  """Extra keys' validity ([B, E] or [B, E, Hkv]; None: all) with positions outside the cache's
+  rows [0, seq_len) made invalid: every path clips positions into the cache to read them, so an
+  out-of-range sink would otherwise attend row 0 or the last row."""
+  inside = (positions >= 0) & (positions < seq_len)
+  if valid is None:
+    return inside
+  valid = valid.astype(bool)
+  return valid & (inside if valid.ndim == 2 else inside[..., None])
 
 
 def clip_rows(positions: jax.Array, seq_len: int) -> jax.Array:
@@ -291,7 +307,7 @@ def dense_partial(qg: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
   s = jnp.einsum("bhrd,behd->bhre", qg, k, preferred_element_type=jnp.float32,
                  precision=jax.lax.Precision.HIGHEST) * scale
   s = jnp.where(extra_valid_per_head(valid, k.shape[2])[:, :, None, :], s, -jnp.inf)
-  m = jnp.maximum(jnp.max(s, axis=-1), NEG_INIT)
+  m = jnp.max(s, axis=-1, initial=NEG_INIT)  # (initial: an empty segment is no error)
   p = jnp.exp(s - m[..., None])
   l = jnp.sum(p, axis=-1)
   acc = jnp.einsum("bhre,behd->bhrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
@@ -334,6 +350,7 @@ def reference_block_sparse_attention(q, k, v, block_indices, block_counts, promp
   mask = selection_key_mask(block_indices, block_counts, prompt_start, response_start,
                             response_end, block_size=block_size, seq_len=s_len)
   if extra_positions is not None:
+    extra_valid = in_cache_extra(extra_positions, extra_valid, s_len)
     extra_k, extra_v = gather_rows(k, v, extra_positions)
     if dedup_extra:  # rows the mask already holds: read off the mask itself
       rows = jnp.clip(extra_positions.astype(jnp.int32), 0, s_len - 1)[:, None, :]

@@ -384,8 +384,8 @@ def split_partials(qg: jax.Array, k: jax.Array, v: jax.Array, sel: common.Select
   m_tiles = rows_pad // block_m
   n_pad = max(2, pl.next_power_of_2(n))  # power-of-two refs are what Triton likes
   idx = sel.indices
-  if n_pad != n:
-    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, n_pad - n)), mode="edge")
+  if n_pad != n:  # (an empty list pads with block 0, which its count of 0 never reads)
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, n_pad - n)), mode="edge" if n else "constant")
   live_rows = common.live_rows(row_counts, bsz, rows)
   meta = common.kernel_meta(sel.counts, sel, live_rows)  # [B, G, 8]
   per_head = g > 1

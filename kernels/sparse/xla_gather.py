@@ -66,7 +66,7 @@ def xla_gather_attention(q, k, v, sel: common.Selection, extra_k, extra_v, extra
 def _partial(qg, k, v, valid, scale, layout: str) -> common.Partial:
   s = jnp.einsum(f"bhrd,{layout}->bhrs", qg, k, preferred_element_type=jnp.float32) * scale
   s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
-  m = jnp.maximum(jnp.max(s, axis=-1), common.NEG_INIT)
+  m = jnp.max(s, axis=-1, initial=common.NEG_INIT)  # (initial: an empty window is no error)
   p = jnp.exp(s - m[..., None])
   acc = jnp.einsum(f"bhrs,{layout}->bhrd", p.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
