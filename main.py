@@ -56,9 +56,21 @@ def _prompt_ids(cfg, model: pipeline.Model):
   return pipeline.pad_prompts(ids, pad, cfg.pad_to)
 
 
+def _check_before_loading(cfg) -> None:
+  """What can be refused without the model, before its weights are read."""
+  from focus_jax.decoding import MODES  # pylint: disable=g-import-not-at-top
+  from focus_jax.sampling.generate import steps_per_block  # pylint: disable=g-import-not-at-top
+  unknown = [mode for mode in cfg.modes if mode not in MODES]
+  if unknown:
+    raise ValueError(f"--config.modes: unknown decoding mode {', '.join(map(repr, unknown))}; "
+                     f"choose from {MODES}")
+  steps_per_block(cfg.steps or cfg.gen_length, cfg.gen_length, cfg.block_length)
+
+
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  _check_before_loading(cfg)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   model = focus_jax.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
                          matmul_impl=cfg.matmul_impl, fused_qkv=cfg.fused_qkv)

@@ -187,7 +187,11 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, dtype: str = "bfloat16",
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
   try:
     _write_into(tmp, hf_dir, config, tensors, specs, progress)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: readable as a plain mkdir's
     if os.path.lexists(out_dir):
+      if not overwrite:  # it appeared while converting
+        raise FileExistsError(f"{out_dir} appeared during the conversion; pass overwrite=True "
+                              "(--overwrite) to replace it, or choose another out_dir")
       # Two renames: the old output moves aside (and comes back if the second one fails).
       old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
       os.rename(out_dir, os.path.join(old, name))
@@ -204,6 +208,13 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, dtype: str = "bfloat16",
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out_dir
+
+
+def _umask() -> int:
+  """The process's file mode creation mask (read by setting it, then restoring it)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def manifest_path(ckpt_dir: str) -> str:

@@ -12,6 +12,7 @@ not change the result.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 from typing import Any, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 from focus_jax import memory, presets, sharding, step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.models import param_map
-from focus_jax.models.config import ModelConfig
+from focus_jax.models.config import MATMUL_IMPLS, ModelConfig
 from focus_jax.sampling import compile_generation, dream_rule, llada_rule, loop
 
 
@@ -45,6 +46,8 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
   of a converted checkpoint or a Hugging Face directory. `matmul_impl` overrides the config's
   `ModelConfig.matmul_impl` (how a cached step's projections run; "auto" suits LLaDA-8B);
   `fused_qkv=True` lays each layer's q, k and v weights out as one (`ModelConfig.fused_qkv`)."""
+  if matmul_impl is not None and matmul_impl not in MATMUL_IMPLS:  # before any weight is read
+    raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got {matmul_impl!r}")
   mesh = mesh or sharding.make_mesh()
 
   def with_impl(c: ModelConfig) -> ModelConfig:
@@ -81,8 +84,11 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
 def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int,
                 pad_to: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads to a common length rounded up to `pad_to`: (tokens [B, P], mask [B, P])."""
-  if not token_lists or any(len(t) == 0 for t in token_lists):
-    raise ValueError("every prompt must have at least one token")
+  if len(token_lists) == 0:
+    raise ValueError("no prompts given")
+  empty = [row for row, t in enumerate(token_lists) if len(t) == 0]
+  if empty:
+    raise ValueError(f"every prompt must have at least one token; prompt rows {empty} have none")
   if pad_to < 1:
     raise ValueError(f"pad_to must be >= 1 (1: no rounding), got {pad_to}")
   longest = max(len(t) for t in token_lists)
@@ -107,6 +113,15 @@ class Generation:
 
 def sampler_rule(config: ModelConfig, *, steps: int, gen_length: int, block_length: int,
                  **sampler_options):
+  rule = llada_rule if config.family == "llada" else dream_rule
+  known = set(inspect.signature(rule).parameters) - {"config", "steps", "gen_length",
+                                                     "block_length"}
+  unknown = sorted(set(sampler_options) - known)
+  if unknown:
+    raise ValueError(f"sampler options {unknown} are not {config.family}'s; it takes "
+                     f"{sorted(known)} (a config file of another family? configs/"
+                     f"{'dream_7b' if config.family == 'dream' else 'llada_8b'}.py has this "
+                     "family's)")
   if config.family == "llada":
     return llada_rule(config, steps=steps, gen_length=gen_length, block_length=block_length,
                       **sampler_options)
@@ -131,12 +146,42 @@ def check_fp8_pads(prompt_mask: np.ndarray, gen_length: int) -> None:
         "or turn refresh_fp8_attention off")
 
 
+def check_prompt(config: ModelConfig, prompt: np.ndarray, prompt_mask: np.ndarray | None):
+  """Raises, naming the problem and the fix, unless prompt is int [B, P] ids inside the
+  vocabulary (an embedding lookup would clamp the others silently) and prompt_mask (None: no
+  pads) is a [B, P] left padding: each row some pads, then its tokens (`pad_prompts` makes it;
+  the caches and Focus's sinks read a row's prompt as starting at its first valid position)."""
+  prompt = np.asarray(prompt)
+  if prompt.ndim != 2 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
+    raise ValueError(f"prompt must be integer token ids [batch, length], got {prompt.dtype}"
+                     f"{list(prompt.shape)}; tokenize and pad with pad_prompts")
+  bad = (prompt < 0) | (prompt >= config.vocab_size)
+  if bad.any():
+    row, col = map(int, np.argwhere(bad)[0])
+    raise ValueError(f"prompt id {int(prompt[row, col])} at row {row}, position {col} is outside "
+                     f"the vocabulary [0, {config.vocab_size}): ids from another tokenizer?")
+  if prompt_mask is None:
+    return
+  mask = np.asarray(prompt_mask)
+  if mask.shape != prompt.shape:
+    raise ValueError(f"prompt_mask {list(mask.shape)} must have the prompt's shape "
+                     f"{list(prompt.shape)}")
+  mask = mask.astype(bool)
+  left_padded = np.all(mask[:, 1:] >= mask[:, :-1], axis=1) & mask[:, -1]
+  if not left_padded.all():
+    row = int(np.flatnonzero(~left_padded)[0])
+    raise ValueError(f"prompt_mask row {row} is not a left padding (pads first, then at least "
+                     "one token); right-padded or gapped prompts are not supported: pad with "
+                     "pad_prompts")
+
+
 def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
                  mode: str = "vanilla", gen_length: int = 128, steps: int | None = None,
                  block_length: int = 32, cfg_scale: float = 0.0, seed: int = 0,
                  decoding_options: dict[str, Any] | None = None,
                  **sampler_options) -> Generation:
   """Token-level entry point (prompts already tokenized and padded); compiles once per shape."""
+  check_prompt(model.config, prompt, prompt_mask)
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
                       block_length=block_length, **sampler_options)
   devices = 1 if model.mesh is None else model.mesh.size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,25 @@ def test_output_layout_tokenizer_and_config(llada_bf16, tmp_path):
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params16))
   # No temp dirs are left next to the output.
   assert os.listdir(tmp_path) == ["ckpt"]
+  # Readable as a directory made by mkdir would be (the temp dir it was renamed from is 0700).
+  mask = os.umask(0o022)
+  os.umask(mask)
+  assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~mask
+
+
+def test_output_appearing_during_conversion_is_not_replaced(llada_bf16, tmp_path, monkeypatch):
+  _, src = llada_bf16
+  out = str(tmp_path / "ckpt")
+  write = conv._write_into  # pylint: disable=protected-access
+
+  def write_while_another_appears(*args, **kwargs):
+    write(*args, **kwargs)
+    os.makedirs(os.path.join(out, "theirs"))
+
+  monkeypatch.setattr(conv, "_write_into", write_while_another_appears)
+  with pytest.raises(FileExistsError, match="appeared during the conversion"):
+    convert_hf_checkpoint(src, out, dtype="float32", progress=False)
+  assert os.listdir(out) == ["theirs"] and os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_refuses_to_overwrite_unless_asked(llada_bf16, tmp_path):

@@ -33,6 +33,18 @@ def test_main_rejects_unknown_mode():
   assert "unknown decoding mode 'sparse'" in out.stderr
 
 
+def test_main_refuses_bad_settings_before_loading_the_model():
+  """A mode typo or a schedule that does not divide is refused before any weight is read (the
+  model path here does not even exist)."""
+  base = [sys.executable, "main.py", "--config=configs/tiny.py",
+          "--config.model=/nonexistent/checkpoint"]
+  for flags, says in ((["--config.modes=('vanilla','focsu')"], "unknown decoding mode 'focsu'"),
+                      (["--config.gen_length=32", "--config.block_length=16",
+                        "--config.steps=3"], "steps (3) must be a positive multiple")):
+    out = subprocess.run(base + flags, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and says in out.stderr, out.stderr[-2000:]
+
+
 def test_fp8_refresh_and_pad_to():
   """fp8 attention cannot mask pads: a short prompt left-padded to 64 is refused, naming the
   way out, and runs with --config.pad_to=1 (no padding)."""
