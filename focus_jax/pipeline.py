@@ -70,15 +70,20 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
                  mesh=mesh)
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
   from focus_jax.checkpoints_convert import load_model  # pylint: disable=g-import-not-at-top
-  config, params = load_model(source, mesh=mesh, dtype=dtype)  # the checkpoint's layout
-  config = with_impl(config)
-  params = laid_out(config, params)
-  try:
+  try:  # first: a broken tokenizer file fails before gigabytes of weights are read
     tokenizer = tokenization.load_tokenizer(source)
   except FileNotFoundError as e:  # weights shipped without tokenizer files
     logging.warning("%s: no tokenizer (%s); generate_ids still works with token ids", source, e)
     tokenizer = None
+  config, params = load_model(source, mesh=mesh, dtype=dtype)  # the checkpoint's layout
+  if tokenizer is not None:
+    tokenization.check_matches_config(tokenizer, config)
+  config = with_impl(config)
+  params = laid_out(config, params)
   return Model(config, params, tokenizer, name=source, mesh=mesh)
+
+
+GEN_LENGTH = 128  # generate_ids' default generation length
 
 
 def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int,
@@ -176,7 +181,7 @@ def check_prompt(config: ModelConfig, prompt: np.ndarray, prompt_mask: np.ndarra
 
 
 def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
-                 mode: str = "vanilla", gen_length: int = 128, steps: int | None = None,
+                 mode: str = "vanilla", gen_length: int = GEN_LENGTH, steps: int | None = None,
                  block_length: int = 32, cfg_scale: float = 0.0, seed: int = 0,
                  decoding_options: dict[str, Any] | None = None,
                  **sampler_options) -> Generation:
@@ -241,6 +246,13 @@ def generate(prompts: str | Sequence[str], model: Model | str = "tiny", *, chat:
   pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else (
       model.config.eos_token_id)
   prompt, mask = pad_prompts(ids, pad_id, pad_to)
+  gen_length = options.get("gen_length", GEN_LENGTH)
+  longest = int(mask.sum(axis=1).max())
+  if prompt.shape[1] + gen_length > model.config.max_sequence_length >= longest + gen_length:
+    raise ValueError(f"the longest prompt ({longest} tokens) fits with gen_length {gen_length} "
+                     f"in max_sequence_length {model.config.max_sequence_length}, but padded to "
+                     f"a multiple of pad_to={pad_to} ({prompt.shape[1]}) it does not: pass a "
+                     "smaller pad_to (1: no rounding)")
   result = generate_ids(model, prompt, mask, **options)
   result.texts = decode_rows(model, result.tokens)
   return result if return_details else result.texts

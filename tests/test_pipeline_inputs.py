@@ -71,3 +71,37 @@ def test_sampler_options_of_another_family_name_the_right_config(tiny):
   with pytest.raises(ValueError, match=r"\['remasking'\] are not dream's.*configs/dream_7b\.py"):
     pipeline.sampler_rule(dream, steps=8, gen_length=8, block_length=8,
                           remasking="low_confidence")
+
+
+def test_load_reads_the_tokenizer_before_the_weights(tmp_path, monkeypatch):
+  """A broken tokenizer file fails before any weight is read; a good one is checked against the
+  model config (the demo checkpoint's)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from focus_jax import checkpoints_convert  # pylint: disable=g-import-not-at-top
+  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
+  model = focus_jax.load(demo)
+  assert model.tokenizer is not None
+  broken = tmp_path / "demo"
+  shutil.copytree(demo, broken)
+  (broken / "tokenizer.json").write_text("{ not json")
+
+  def never(*args, **kwargs):
+    raise AssertionError("weights were read before the tokenizer")
+
+  monkeypatch.setattr(checkpoints_convert, "load_model", never)
+  with pytest.raises(Exception) as err:
+    focus_jax.load(str(broken))
+  assert not isinstance(err.value, AssertionError), err.value
+
+
+def test_generate_names_pad_to_when_the_rounding_alone_overflows(tiny):
+  """A prompt that fits unpadded but not rounded up to pad_to: the error names pad_to."""
+  from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
+  limit = tiny.config.max_sequence_length
+  text = "a" * 8
+  n = len(tokenization.encode_prompts(tiny.tokenizer, [text], tiny.config.family, chat=False)[0])
+  gen = limit - n - 1  # fits by one token unpadded, not rounded up to 64
+  with pytest.raises(ValueError, match="pad_to=64"):
+    pipeline.generate(text, tiny, chat=False, pad_to=64, gen_length=gen, steps=gen,
+                      block_length=gen)
