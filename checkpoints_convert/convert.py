@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -184,10 +185,15 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, dtype: str = "bfloat16",
                           "replace it, or choose another out_dir")
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
+  stale = sorted(f for f in os.listdir(parent) if f.startswith(f".{name}.tmp-"))
+  if stale:  # a killed conversion's leftovers (or one running now): never loaded, not removed
+    logging.warning("%s holds unfinished conversions %s (a killed run's; delete them if none is "
+                    "running)", parent, stale)
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
   try:
     _write_into(tmp, hf_dir, config, tensors, specs, progress)
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: readable as a plain mkdir's
+    _fsync_tree(tmp)  # on disk before the rename publishes it (a crash or power loss)
     if os.path.lexists(out_dir):
       if not overwrite:  # it appeared while converting
         raise FileExistsError(f"{out_dir} appeared during the conversion; pass overwrite=True "
@@ -204,10 +210,27 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, dtype: str = "bfloat16",
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, out_dir)
+    _fsync_path(parent)  # the rename itself
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out_dir
+
+
+def _fsync_path(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+  """Every file and directory under root flushed to disk: what the manifest promises exists."""
+  for dirpath, _, filenames in os.walk(root):
+    for name in filenames:
+      _fsync_path(os.path.join(dirpath, name))
+    _fsync_path(dirpath)
 
 
 def _umask() -> int:

@@ -123,6 +123,37 @@ def test_output_layout_tokenizer_and_config(llada_bf16, tmp_path):
   assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~mask
 
 
+def test_output_is_on_disk_before_the_rename_publishes_it(llada_bf16, tmp_path, monkeypatch,
+                                                          caplog):
+  """Every file of the conversion is fsynced before the rename makes it the output, and the
+  parent directory after it; a killed run's temp directory is reported, not removed."""
+  _, src = llada_bf16
+  out = str(tmp_path / "ckpt")
+  os.makedirs(tmp_path / ".ckpt.tmp-killed")
+  events = []
+  fsync, rename = conv._fsync_path, os.rename  # pylint: disable=protected-access
+
+  def record_fsync(path):
+    events.append(("fsync", os.path.relpath(path, tmp_path)))
+    fsync(path)
+
+  def record_rename(a, b):
+    events.append(("rename", os.path.relpath(b, tmp_path)))
+    rename(a, b)
+
+  monkeypatch.setattr(conv, "_fsync_path", record_fsync)
+  monkeypatch.setattr(os, "rename", record_rename)
+  with caplog.at_level("WARNING"):
+    convert_hf_checkpoint(src, out, dtype="float32", progress=False)
+  assert ".ckpt.tmp-killed" in caplog.text and os.path.isdir(tmp_path / ".ckpt.tmp-killed")
+  publish = events.index(("rename", "ckpt"))
+  synced = {p.split(os.sep, 1)[1] for kind, p in events[:publish]
+            if kind == "fsync" and os.sep in p}
+  assert {conv.MANIFEST, conv.CONFIG_FILE} <= synced
+  assert any(p.startswith(conv.PARAMS_DIR + os.sep) and p.count(os.sep) >= 2 for p in synced)
+  assert ("fsync", ".") in events[publish:]
+
+
 def test_output_appearing_during_conversion_is_not_replaced(llada_bf16, tmp_path, monkeypatch):
   _, src = llada_bf16
   out = str(tmp_path / "ckpt")
