@@ -65,6 +65,10 @@ def _check_before_loading(cfg) -> None:
     raise ValueError(f"--config.modes: unknown decoding mode {', '.join(map(repr, unknown))}; "
                      f"choose from {MODES}")
   steps_per_block(cfg.steps or cfg.gen_length, cfg.gen_length, cfg.block_length)
+  # The sampler settings must be the model family's (a Dream checkpoint under a LLaDA config).
+  pipeline.sampler_rule(pipeline.model_config(cfg.model), steps=cfg.steps or cfg.gen_length,
+                        gen_length=cfg.gen_length, block_length=cfg.block_length,
+                        **{k: v for k, v in cfg.sampler.items() if v is not None})
 
 
 def main(argv):

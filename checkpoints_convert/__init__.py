@@ -7,9 +7,9 @@
 from focus_jax.checkpoints_convert.convert import (CheckpointMismatchError, check_tensors,
                                                    convert_hf_checkpoint)
 from focus_jax.checkpoints_convert.load import (is_converted_dir, is_hf_dir, load_checkpoint,
-                                                load_hf, load_model)
+                                                load_hf, load_model, read_model_config)
 from focus_jax.checkpoints_convert.safetensors_io import SafetensorsError
 
 __all__ = ["CheckpointMismatchError", "SafetensorsError", "check_tensors",
            "convert_hf_checkpoint", "is_converted_dir", "is_hf_dir", "load_checkpoint", "load_hf",
-           "load_model"]
+           "load_model", "read_model_config"]

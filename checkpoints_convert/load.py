@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from focus_jax import sharding as sharding_lib
 from focus_jax.checkpoints_convert import convert as conv
 from focus_jax.checkpoints_convert import safetensors_io as st
-from focus_jax.models.config import ModelConfig
+from focus_jax.models.config import ModelConfig, from_hf_config
 from focus_jax.models.param_map import hf_tensor_specs
 
 
@@ -93,19 +93,19 @@ def is_hf_dir(path: str) -> bool:
           and bool(glob.glob(os.path.join(path, "*.safetensors"))))
 
 
-def load_model(path: str, mesh: Mesh | None = None,
-               dtype: str | None = None) -> tuple[ModelConfig, dict]:
-  """Loads a converted checkpoint or an HF dir (detected from the files it holds).
+def read_model_config(path: str) -> ModelConfig:
+  """The ModelConfig of a converted checkpoint or an HF dir, without reading any weight."""
+  _check_model_dir(path)
+  return conv.read_config(path) if is_converted_dir(path) else from_hf_config(path)
 
-  For an HF dir, `dtype=None` means bfloat16.
-  """
+
+def _check_model_dir(path: str) -> None:
+  """Raises, naming the fix, unless path is a converted checkpoint or an HF checkpoint dir."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory; pass a converted checkpoint dir or a "
                             "Hugging Face checkpoint dir")
-  if is_converted_dir(path):
-    return load_checkpoint(path, mesh=mesh, dtype=dtype)
-  if is_hf_dir(path):
-    return load_hf(path, mesh=mesh, dtype=dtype or "bfloat16")
+  if is_converted_dir(path) or is_hf_dir(path):
+    return
   if os.path.isdir(os.path.join(path, conv.PARAMS_DIR)):
     raise ValueError(f"{path} has {conv.PARAMS_DIR}/ but no {conv.MANIFEST}: it is an "
                      "unfinished conversion; delete it and convert again")
@@ -113,3 +113,15 @@ def load_model(path: str, mesh: Mesh | None = None,
       f"{path} is neither a converted checkpoint (no {conv.MANIFEST}) nor a Hugging Face "
       "checkpoint (needs config.json and *.safetensors); convert one with "
       "`python -m focus_jax.checkpoints_convert --hf_dir=... --out_dir=...`")
+
+
+def load_model(path: str, mesh: Mesh | None = None,
+               dtype: str | None = None) -> tuple[ModelConfig, dict]:
+  """Loads a converted checkpoint or an HF dir (detected from the files it holds).
+
+  For an HF dir, `dtype=None` means bfloat16.
+  """
+  _check_model_dir(path)
+  if is_converted_dir(path):
+    return load_checkpoint(path, mesh=mesh, dtype=dtype)
+  return load_hf(path, mesh=mesh, dtype=dtype or "bfloat16")

@@ -39,6 +39,14 @@ class Model:
   mesh: jax.sharding.Mesh | None = None
 
 
+def model_config(source: str) -> ModelConfig:
+  """The config `load(source)` would give, without drawing or reading any weight."""
+  if source in presets.PRESETS:
+    return presets.preset(source)
+  from focus_jax.checkpoints_convert import read_model_config  # pylint: disable=g-import-not-at-top
+  return read_model_config(source)
+
+
 def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
          mesh: jax.sharding.Mesh | None = None, matmul_impl: str | None = None,
          fused_qkv: bool | None = None) -> Model:

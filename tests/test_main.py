@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -71,3 +73,19 @@ def test_default_run_answers_the_generated_question():
   assert text.count("correct: yes") == 2, text[-3000:]
   rows = [line.split() for line in text.splitlines() if line.startswith(("vanilla ", "focus "))]
   assert len(rows) == 2 and all(row[-1] == "yes" for row in rows), rows
+
+
+def test_sampler_settings_of_another_family_are_refused_before_loading(monkeypatch):
+  """A LLaDA config file pointed at a Dream model: refused from the model's config alone (the
+  7B preset's weights are never drawn), naming the config file that fits."""
+  sys.path.insert(0, ROOT)
+  import main as main_module  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  cfg = tiny.get_config()
+  cfg.model = "dream_7b"
+  monkeypatch.setattr(main_module.focus_jax, "load", lambda *a, **k: (_ for _ in ()).throw(
+      AssertionError("loaded")))
+  with pytest.raises(ValueError, match=r"not dream's.*configs/dream_7b\.py"):
+    main_module._check_before_loading(cfg)  # pylint: disable=protected-access
+  cfg.model = "tiny"
+  main_module._check_before_loading(cfg)  # pylint: disable=protected-access
