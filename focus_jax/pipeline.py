@@ -166,7 +166,10 @@ def check_prompt(config: ModelConfig, prompt: np.ndarray, prompt_mask: np.ndarra
   """Raises, naming the problem and the fix, unless prompt is int [B, P] ids inside the
   vocabulary (an embedding lookup would clamp the others silently) and prompt_mask (None: no
   pads) is a [B, P] left padding: each row some pads, then its tokens (`pad_prompts` makes it;
-  the caches and Focus's sinks read a row's prompt as starting at its first valid position)."""
+  the caches and Focus's sinks read a row's prompt as starting at its first valid position).
+  Arrays spread over several hosts are not gathered to be checked."""
+  if any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in (prompt, prompt_mask)):
+    return
   prompt = np.asarray(prompt)
   if prompt.ndim != 2 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
     raise ValueError(f"prompt must be integer token ids [batch, length], got {prompt.dtype}"
