@@ -129,14 +129,21 @@ def lengths_beat_a_mask(t: int, k: jax.Array) -> bool:
   return t * 2 >= 2 * k.shape[2] * k.shape[3] * jnp.dtype(k.dtype).itemsize
 
 
+def valid_first_kv(k: jax.Array, v: jax.Array, key_valid: jax.Array):
+  """k, v [B, S, Hkv, D] with each row's valid keys first (`valid_first`), and the valid
+  counts [B]: what cuDNN's padding mask (`key_lengths`) reads."""
+  order, lengths = valid_first(jnp.arange(k.shape[1], dtype=jnp.int32), key_valid)
+  gather = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+  return gather(k), gather(v), lengths
+
+
 def cudnn_attention(q, k, v, key_valid=None, query_valid=None, key_lengths=None):
   if key_lengths is not None:  # cuDNN's padding mask: no bias to build (pad query rows attend)
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths,
                                         implementation="cudnn")
   if key_valid is not None and lengths_beat_a_mask(q.shape[1], k):
-    order, lengths = valid_first(jnp.arange(k.shape[1], dtype=jnp.int32), key_valid)
-    gather = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)
-    return cudnn_attention(q, gather(k), gather(v), key_lengths=lengths)
+    k, v, lengths = valid_first_kv(k, v, key_valid)
+    return cudnn_attention(q, k, v, key_lengths=lengths)
   mask = None
   if key_valid is not None or query_valid is not None:
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
