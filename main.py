@@ -34,7 +34,8 @@ def _task_prompt(cfg, model: pipeline.Model):
         f"{' '.join(words[:24])} ... {' '.join(words[-16:])}\nexpected answer: {ex.answer_text}")
   pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
       model.config.eos_token_id)
-  prompt, mask = pipeline.pad_prompts([ex.prompt.tolist()] * cfg.batch_size, pad, cfg.pad_to)
+  prompt, mask = pipeline.pad_prompts([ex.prompt.tolist()] * cfg.batch_size, pad, cfg.pad_to,
+                                      _room(cfg, model))
   return prompt, mask, ex
 
 
@@ -53,19 +54,23 @@ def _prompt_ids(cfg, model: pipeline.Model):
                                     chat=cfg.chat)
   pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
       model.config.eos_token_id)
-  return pipeline.pad_prompts(ids, pad, cfg.pad_to)
+  return pipeline.pad_prompts(ids, pad, cfg.pad_to, _room(cfg, model))
+
+
+def _room(cfg, model: pipeline.Model) -> int:
+  """Prompt tokens the model has room for beside the generation: where pad_to stops rounding."""
+  return model.config.max_sequence_length - cfg.gen_length
 
 
 def _check_before_loading(cfg) -> None:
   """What can be refused without the model, before its weights are read."""
   from focus_jax.decoding import MODES  # pylint: disable=g-import-not-at-top
-  from focus_jax.sampling.generate import steps_per_block  # pylint: disable=g-import-not-at-top
   unknown = [mode for mode in cfg.modes if mode not in MODES]
   if unknown:
     raise ValueError(f"--config.modes: unknown decoding mode {', '.join(map(repr, unknown))}; "
                      f"choose from {MODES}")
-  steps_per_block(cfg.steps or cfg.gen_length, cfg.gen_length, cfg.block_length)
-  # The sampler settings must be the model family's (a Dream checkpoint under a LLaDA config).
+  # The schedule, and sampler settings of the model's family (a Dream checkpoint under a LLaDA
+  # config file), from the model's config alone.
   pipeline.sampler_rule(pipeline.model_config(cfg.model), steps=cfg.steps or cfg.gen_length,
                         gen_length=cfg.gen_length, block_length=cfg.block_length,
                         **{k: v for k, v in cfg.sampler.items() if v is not None})

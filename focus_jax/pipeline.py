@@ -4,8 +4,8 @@
     model = focus_jax.load("/path/to/converted-or-hf-checkpoint")   # or "tiny"
     texts = focus_jax.generate(["What is 2+2?"], model, mode="focus", gen_length=128)
 
-Prompts are left-padded to a multiple of `pad_to` so that prompts of similar length share one
-compiled program; RoPE depends only on position differences and pads are masked, so padding does
+Prompts are left-padded to a multiple of `pad_to` (at most to what the model has room for
+beside the generation) so that prompts of similar length share one compiled program; RoPE depends only on position differences and pads are masked, so padding does
 not change the result.
 """
 
@@ -97,9 +97,10 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
 GEN_LENGTH = 128  # generate_ids' default generation length
 
 
-def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int,
-                pad_to: int = 64) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads to a common length rounded up to `pad_to`: (tokens [B, P], mask [B, P])."""
+def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int, pad_to: int = 64,
+                max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads to a common length rounded up to `pad_to`, but not past `max_length` (what the
+  model has room for) when the longest prompt fits it: (tokens [B, P], mask [B, P])."""
   if len(token_lists) == 0:
     raise ValueError("no prompts given")
   empty = [row for row, t in enumerate(token_lists) if len(t) == 0]
@@ -109,6 +110,8 @@ def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int,
     raise ValueError(f"pad_to must be >= 1 (1: no rounding), got {pad_to}")
   longest = max(len(t) for t in token_lists)
   length = -(-longest // pad_to) * pad_to
+  if max_length is not None and longest <= max_length:
+    length = min(length, max_length)
   tokens = np.full((len(token_lists), length), pad_id, np.int32)
   mask = np.zeros((len(token_lists), length), bool)
   for row, ids in enumerate(token_lists):
@@ -259,14 +262,8 @@ def generate(prompts: str | Sequence[str], model: Model | str = "tiny", *, chat:
   ids = tokenization.encode_prompts(model.tokenizer, texts, model.config.family, chat=chat)
   pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else (
       model.config.eos_token_id)
-  prompt, mask = pad_prompts(ids, pad_id, pad_to)
-  gen_length = options.get("gen_length", GEN_LENGTH)
-  longest = int(mask.sum(axis=1).max())
-  if prompt.shape[1] + gen_length > model.config.max_sequence_length >= longest + gen_length:
-    raise ValueError(f"the longest prompt ({longest} tokens) fits with gen_length {gen_length} "
-                     f"in max_sequence_length {model.config.max_sequence_length}, but padded to "
-                     f"a multiple of pad_to={pad_to} ({prompt.shape[1]}) it does not: pass a "
-                     "smaller pad_to (1: no rounding)")
+  prompt, mask = pad_prompts(ids, pad_id, pad_to, max_length=model.config.max_sequence_length
+                             - options.get("gen_length", GEN_LENGTH))
   result = generate_ids(model, prompt, mask, **options)
   result.texts = decode_rows(model, result.tokens)
   return result if return_details else result.texts

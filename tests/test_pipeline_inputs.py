@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -95,13 +97,21 @@ def test_load_reads_the_tokenizer_before_the_weights(tmp_path, monkeypatch):
   assert not isinstance(err.value, AssertionError), err.value
 
 
-def test_generate_names_pad_to_when_the_rounding_alone_overflows(tiny):
-  """A prompt that fits unpadded but not rounded up to pad_to: the error names pad_to."""
-  from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
+def test_pad_to_stops_rounding_where_the_model_has_no_room(tiny, monkeypatch):
+  """Rounding up to pad_to stops at the room the model has beside the generation (a prompt that
+  fits unpadded is never refused for its padding); a prompt too long anyway is left to the
+  length check."""
+  tokens, mask = pipeline.pad_prompts([[1] * 8], pad_id=0, pad_to=64, max_length=20)
+  assert tokens.shape == (1, 20) and mask.sum() == 8 and mask[0, -8:].all()
+  assert pipeline.pad_prompts([[1] * 30], pad_id=0, pad_to=64, max_length=20)[0].shape == (1, 64)
+  seen = {}
+
+  def generate_ids(model, prompt, mask, **kw):
+    seen["shape"] = prompt.shape
+    return types.SimpleNamespace(tokens=prompt)
+
+  monkeypatch.setattr(pipeline, "generate_ids", generate_ids)
+  monkeypatch.setattr(pipeline, "decode_rows", lambda *a: [])
   limit = tiny.config.max_sequence_length
-  text = "a" * 8
-  n = len(tokenization.encode_prompts(tiny.tokenizer, [text], tiny.config.family, chat=False)[0])
-  gen = limit - n - 1  # fits by one token unpadded, not rounded up to 64
-  with pytest.raises(ValueError, match="pad_to=64"):
-    pipeline.generate(text, tiny, chat=False, pad_to=64, gen_length=gen, steps=gen,
-                      block_length=gen)
+  pipeline.generate("a" * 8, tiny, chat=False, pad_to=64, gen_length=limit - 20)
+  assert seen["shape"] == (1, 20)
