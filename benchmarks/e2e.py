@@ -234,12 +234,16 @@ def main(argv):
           row["seconds"] = row["step_s"] * FLAGS.steps
           row["extrapolated_from_one_step"] = True
         else:
+          # Focus also times a step whose active positions span the block (the most slots).
           times = step_timing.step_times(denoiser, params, canvas, repeats=10,
-                                         entry_repeats=FLAGS.entry_repeats)
+                                         entry_repeats=FLAGS.entry_repeats,
+                                         spread=mode == "focus")
           row["refresh_s"] = times["refresh_s"]
           row["later_entry_s"] = times["later_entry_s"]
           row["sparse_step_s"] = times["cached_step_s"]  # inside a loop, as generated
           row["sparse_step_call_s"] = times["cached_step_call_s"]
+          if "cached_step_spread_s" in times:
+            row["sparse_step_spread_s"] = times["cached_step_spread_s"]
           if generate:
             row.update(time_generation(params, prompt, prompt_mask, cfg, rule, denoiser, block))
           else:
@@ -270,6 +274,8 @@ def main(argv):
         row["refresh_vs_floor"] = row["refresh_s"] / refresh_floor
         row["sparse_step_vs_floor"] = row["sparse_step_s"] / sparse_floor
         row["sparse_step_vs_roofline"] = row["sparse_step_s"] / row["sparse_step_roofline_s"]
+        if "sparse_step_spread_s" in row:
+          row["sparse_step_spread_vs_floor"] = row["sparse_step_spread_s"] / sparse_floor
       else:
         row["step_vs_floor"] = row["step_s"] / refresh_floor
       steps_run = row.get("num_steps", FLAGS.steps)  # fewer under threshold decoding
@@ -283,7 +289,7 @@ def main(argv):
       save(results)  # after every row: a run cut short keeps what it measured
   if not FLAGS.compile_only:
     print("\ncontext variant                       tok/s  compile_s  refresh_s  sparse_ms  "
-          "floor_tok/s  peak_GiB")
+          "spread_ms  floor_tok/s  peak_GiB")
   for r in results:
     if "error" in r:
       print(f"{r['context']:7d} {r['variant']:<28} ERROR {r['error'][:80]}")
@@ -296,7 +302,8 @@ def main(argv):
       continue
     print(f"{r['context']:7d} {r['variant']:<28} {r['tokens_per_s']:6.2f} "
           f"{r.get('compile_s', float('nan')):9.1f} {r.get('refresh_s', r.get('step_s')):10.3f} "
-          f"{1000 * r.get('sparse_step_s', float('nan')):10.2f} {r['floor_tokens_per_s']:11.2f} "
+          f"{1000 * r.get('sparse_step_s', float('nan')):10.2f} "
+          f"{1000 * r.get('sparse_step_spread_s', float('nan')):10.2f} {r['floor_tokens_per_s']:11.2f} "
           f"{r['peak_memory_gib']:9.1f}")
 
 

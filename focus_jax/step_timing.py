@@ -93,8 +93,9 @@ def in_loop_step_seconds(denoiser: Denoiser, params, canvas: Canvas, state, ctx:
 
 
 def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5,
-               entry_repeats: int | None = None) -> dict[str, float]:
-  """{"refresh_s", "later_entry_s", "cached_step_s", "cached_step_call_s"} of this denoiser.
+               entry_repeats: int | None = None, spread: bool = False) -> dict[str, float]:
+  """{"refresh_s", "later_entry_s", "cached_step_s", "cached_step_call_s"} of this denoiser
+  (and "cached_step_spread_s" if `spread`: see `spread_context`).
 
   later_entry_s is a later block's entry: a full refresh, or what the refresh economy makes of
   it (a response-only refresh, or a plain cached step). Entry steps are timed
@@ -116,4 +117,17 @@ def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5,
   cached = ctx.replace(block_entry=False)
   out["cached_step_call_s"], state = median_step_seconds(step, params, state, cached, repeats)
   out["cached_step_s"], state = in_loop_step_seconds(denoiser, params, canvas, state, cached)
+  if spread:
+    out["cached_step_spread_s"], state = in_loop_step_seconds(denoiser, params, canvas, state,
+                                                              spread_context(cached))
   return out
+
+
+def spread_context(ctx: StepContext) -> StepContext:
+  """ctx with its highest past confidences 8 positions apart (entry_context's are the block's
+  last ones): Focus's active positions then span the whole block, the most query slots a step
+  runs (`FocusConfig.adaptive_slots`)."""
+  w = ctx.masked.shape[1]
+  position = jnp.arange(w)
+  confidence = jnp.where(position % 8 == 0, 1.0, 0.0) + position / (2.0 * w)
+  return ctx.replace(prev_confidence=jnp.broadcast_to(confidence, ctx.prev_confidence.shape))

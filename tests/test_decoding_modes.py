@@ -130,6 +130,50 @@ def test_focus_sparse_decodes_with_diagnostics(model, selection):
   assert kv[2] < kv[0] and kv[3] < kv[0]
 
 
+def test_adaptive_slots_decode_as_the_full_slot_count(model):
+  """adaptive_slots runs each sparse step on the smallest slot count (8 or the block's 16 here)
+  that holds every row's active positions: the same tokens, retained mass and KV tokens as
+  always running 16 slots, and both counts are taken in this generation."""
+  cfg, params = model
+  options = dict(l_dense=2, dense_tail=0, alpha=0.5, n_sink=8, prompt_block_size=8, rho=4,
+                 window=4, diagnostics=True)
+  ref_tokens, ref = decode(cfg, params, "focus", adaptive_slots="off", **options)
+  tokens, state = decode(cfg, params, "focus", adaptive_slots="on", **options)
+  np.testing.assert_array_equal(tokens, ref_tokens)
+  got, want = (summarize(jax.tree.map(np.asarray, s.stats)) for s in (state, ref))
+  assert want["slots_per_sparse_step"] == BLOCK
+  assert 8 < got["slots_per_sparse_step"] < BLOCK, got["slots_per_sparse_step"]
+  np.testing.assert_allclose(got["retained_mass_per_layer"], want["retained_mass_per_layer"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(got["kv_tokens_per_layer"], want["kv_tokens_per_layer"])
+
+
+def test_slot_counts():
+  from focus_jax.focus import FocusConfig  # pylint: disable=g-import-not-at-top
+  auto = FocusConfig()
+  assert auto.slot_counts(32, batch=8) == (8, 16, 32)
+  assert auto.slot_counts(32, batch=1) == (32,)  # GEMMs of 32 rows are bound by weight bytes
+  assert FocusConfig(adaptive_slots="on").slot_counts(12, batch=1) == (8, 12)
+  assert FocusConfig(adaptive_slots="on").slot_counts(8, batch=2) == (8,)
+  assert FocusConfig(adaptive_slots="off").slot_counts(32, batch=8) == (32,)
+  with pytest.raises(ValueError, match="adaptive_slots must be 'auto', 'on' or 'off'"):
+    FocusConfig(adaptive_slots="yes")
+
+
+def test_timed_steps_run_the_fewest_and_the_most_slots():
+  """The benchmarks' cached step (step_timing.entry_context) activates 7 positions of a 32-block
+  at the default rho and window, so adaptive_slots runs it on 8 slots; spread_context's step
+  activates 29, so it runs the whole block: the two bracket what a step costs."""
+  from focus_jax import step_timing  # pylint: disable=g-import-not-at-top
+  from focus_jax.focus import FocusConfig, indicator  # pylint: disable=g-import-not-at-top
+  canvas = loop.make_canvas(jnp.ones((2, 64), jnp.int32), None, 64, 32, MASK)
+  entry = step_timing.entry_context(canvas, 2)
+  cfg = FocusConfig()
+  for ctx, live in ((entry, 7), (step_timing.spread_context(entry), 29)):
+    focus = indicator.focus_set(ctx.prev_confidence, ctx.masked, ctx.planned_unmask, cfg.rho)
+    np.testing.assert_array_equal(jnp.sum(indicator.widen(focus, cfg.window), axis=1), live)
+
+
 def test_fused_block_selection_decodes_as_the_xla_selection(model):
   """relevance_impl="pallas_gpu" (the fused selection kernel, interpreted here) keeps the same
   prompt blocks in every sparse layer as the XLA relevance + top_k: same tokens, and the same
