@@ -42,12 +42,6 @@ class FocusConfig:
   # are dropped by tier (decoded neighbours first, then other masked positions, focus positions
   # last), later positions first within a tier (`indicator.active_slots`).
   active_capacity: int | None = None
-  # Smaller slot counts, exactly: each sparse step runs the smallest of 8, 16, ... (below the
-  # capacity) or the capacity that holds every row's active positions, through one lax.switch
-  # (one compiled forward per count). It pays where the projections are compute-bound: above
-  # batch 1, 256 slot rows at batch 8 (Dream-7B 16K on an H100: 10.57 ms a step with 32 slots,
-  # 9.67 with 16, 9.44 with 8). "auto": on above batch 1; "on"; "off".
-  adaptive_slots: str = "auto"
   # Test knob: I_active = the whole block (with l_dense = n_layers and alpha = 1 Focus must then
   # reproduce the dual cache exactly).
   whole_block_active: bool = False
@@ -70,9 +64,6 @@ class FocusConfig:
     if self.prompt_block_size < 8 or self.prompt_block_size % 8:
       raise ValueError(f"prompt_block_size must be a positive multiple of 8, got "
                        f"{self.prompt_block_size}")
-    if self.adaptive_slots not in ("auto", "on", "off"):
-      raise ValueError("adaptive_slots must be 'auto', 'on' or 'off', got "
-                       f"{self.adaptive_slots!r}")
     if self.relevance_impl not in ("xla", "pallas_gpu"):
       raise ValueError("relevance_impl must be 'xla' or 'pallas_gpu', got "
                        f"{self.relevance_impl!r}")
@@ -87,16 +78,6 @@ class FocusConfig:
     if self.n_sink == 0 or self.l_dense == 0 or self.l_dense >= n_layers:
       return None
     return self.l_dense - 1
-
-  def slot_counts(self, capacity: int, batch: int) -> tuple[int, ...]:
-    """The slot counts a sparse step chooses among (ascending; the last is the capacity)."""
-    if self.adaptive_slots == "off" or (self.adaptive_slots == "auto" and batch == 1):
-      return (capacity,)
-    smaller, count = [], 8
-    while count < capacity:
-      smaller.append(count)
-      count *= 2
-    return (*smaller, capacity)
 
   def check(self, n_layers: int) -> None:
     sparse = [l for l in range(n_layers) if not self.is_dense(l, n_layers)]

@@ -10,7 +10,6 @@ confidences, exist only for the active positions; the sampler commits only among
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.struct
@@ -39,7 +38,7 @@ class FocusState:
 def _new_stats(n_layers: int) -> dict[str, jax.Array]:
   # Distinct buffers: the state is donated between steps, and one array twice can't be.
   scalars = ("sparse_steps", "refresh_steps", "committed", "committed_in_focus",
-             "committed_in_active", "slots_sum")
+             "committed_in_active", "active_sum")
   stats = {name: jnp.zeros((), jnp.float32) for name in scalars}
   stats["retained_mass_sum"] = jnp.zeros((n_layers,), jnp.float32)
   stats["kv_tokens_sum"] = jnp.zeros((n_layers,), jnp.float32)
@@ -47,15 +46,15 @@ def _new_stats(n_layers: int) -> dict[str, jax.Array]:
 
 
 def summarize(stats: dict[str, Any]) -> dict[str, Any]:
-  """Recall of the indicator, query slots run per sparse step (`adaptive_slots`), retained
-  attention mass and KV tokens per layer, from the sums."""
+  """Recall of the indicator, query slots run per row and sparse step (|I_active|, at most the
+  slot capacity), retained attention mass and KV tokens per layer, from the sums."""
   steps = max(float(stats["sparse_steps"]), 1.0)
   committed = max(float(stats["committed"]), 1.0)
   return {"sparse_steps": float(stats["sparse_steps"]),
           "refresh_steps": float(stats["refresh_steps"]),
           "recall_focus": float(stats["committed_in_focus"]) / committed,
           "recall_active": float(stats["committed_in_active"]) / committed,
-          "slots_per_sparse_step": float(stats["slots_sum"]) / steps,
+          "active_per_sparse_step": float(stats["active_sum"]) / steps,
           "retained_mass_per_layer": [float(x) / steps for x in stats["retained_mass_sum"]],
           "kv_tokens_per_layer": [float(x) / steps for x in stats["kv_tokens_sum"]]}
 
@@ -143,22 +142,8 @@ class FocusDenoiser:
     else:
       focus = indicator.focus_set(ctx.prev_confidence, ctx.masked, ctx.planned_unmask, cfg.rho)
       active = indicator.widen(focus, cfg.window)
-    counts = cfg.slot_counts(min(w, cfg.active_capacity or w), b)
-    run = [functools.partial(self._run_slots, params, canvas, ctx=ctx, focus=focus,
-                             active=active, slot_count=count) for count in counts]
-    if len(run) == 1:
-      return run[0](state)
-    # The smallest count that holds every row's active positions: the same positions, queries
-    # and selections as the largest count, in fewer rows.
-    needed = jnp.max(jnp.sum(active, axis=1))
-    return jax.lax.switch(jnp.sum(jnp.asarray(counts[:-1]) < needed), run, state)
-
-  def _run_slots(self, params, canvas: Canvas, state: FocusState, *, ctx: StepContext,
-                 focus: jax.Array, active: jax.Array, slot_count: int):
-    """The sparse step's forward over `slot_count` query slots of the active positions."""
-    cfg, mcfg = self.focus, self.config
-    b, w = ctx.masked.shape
-    slots, valid = indicator.active_slots(active, focus, ctx.masked, slot_count)
+    capacity = min(w, cfg.active_capacity or w)
+    slots, valid = indicator.active_slots(active, focus, ctx.masked, capacity)
     # Dream: the logits of position j come from position j-1, so that is the query to run.
     positions = jnp.maximum(ctx.block_start + slots - (1 if mcfg.logit_shift else 0), 0)
     queries = kv.QuerySet(positions=positions, valid=valid, write=valid,
@@ -182,7 +167,7 @@ class FocusDenoiser:
     stats = dict(state.stats)
     if stats:
       stats["sparse_steps"] = stats["sparse_steps"] + 1
-      stats["slots_sum"] = stats["slots_sum"] + slot_count
+      stats["active_sum"] = stats["active_sum"] + jnp.mean(jnp.sum(valid, axis=1))
       stats["retained_mass_sum"] = stats["retained_mass_sum"] + carry.retained_mass
       stats["kv_tokens_sum"] = stats["kv_tokens_sum"] + carry.kv_tokens
     return logits, computed, state.replace(cache=cache, stats=stats, last_focus=focus,
