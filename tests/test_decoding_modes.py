@@ -507,6 +507,29 @@ def test_fused_qkv_refresh_and_cached_step_match(model):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["dual_cache", "focus"])
+def test_response_refresh_rewrites_every_response_row(model, mode):
+  """A later block's entry under reuse_prompt_kv rewrites the K/V of every response row and of
+  no prompt row. Dream's shifted queries (j - 1 for the logits of j) used to leave the canvas's
+  last row as block 0's refresh wrote it, and rewrite the last prompt row."""
+  from focus_jax import step_timing  # pylint: disable=g-import-not-at-top
+  cfg, params = model
+  tokens, mask = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  options = dict(l_dense=2, dense_tail=0, prompt_block_size=16) if mode == "focus" else {}
+  denoiser = make_denoiser(cfg, mode, reuse_prompt_kv=True, **options)
+  entry = step_timing.entry_context(canvas, 2)  # block 0: a full refresh
+  _, _, state = denoiser.window_logits(params, canvas, denoiser.init_state(params, canvas), entry)
+  decoded = canvas.replace(tokens=canvas.tokens.at[:, PROMPT:PROMPT + BLOCK].set(7))
+  later = entry.replace(block_index=jnp.int32(1), block_start=jnp.int32(PROMPT + BLOCK))
+  _, _, after = denoiser.window_logits(params, decoded, state, later)
+  before, after = (getattr(s, "cache", s) for s in (state, after))
+  # The last layer's keys of a response row depend on the decoded tokens through attention.
+  changed = np.any(np.asarray(after.k[-1] != before.k[-1]), axis=(2, 3))
+  np.testing.assert_array_equal(changed[:, PROMPT:], True)
+  np.testing.assert_array_equal(changed[:, :PROMPT], False)
+
+
 @pytest.mark.parametrize("mode,options", [
     ("dual_cache", {}), ("prefix_cache", {}), ("focus", {}), ("focus", {"reuse_prompt_kv": True}),
     ("focus", {"whole_block_active": True})])

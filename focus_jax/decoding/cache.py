@@ -152,10 +152,36 @@ def response_queries(config: ModelConfig, canvas: Canvas, batch: int,
 
 
 def response_window_logits(config: ModelConfig, params, canvas: Canvas, hidden: jax.Array,
-                           block_start: jax.Array, window: int) -> jax.Array:
-  """Logits of the block window from the hidden states of `response_queries`."""
-  rows = jax.lax.dynamic_slice_in_dim(hidden, block_start - canvas.prompt_length, window, axis=1)
+                           block_start: jax.Array, window: int,
+                           first_query: jax.Array | int | None = None) -> jax.Array:
+  """Logits of the block window from the hidden states of a run of consecutive queries from
+  `first_query` (None: `response_queries`' first, the last prompt position for Dream)."""
+  shift = 1 if config.logit_shift else 0
+  if first_query is None:
+    first_query = canvas.prompt_length - shift
+  rows = jax.lax.dynamic_slice_in_dim(hidden, block_start - shift - first_query, window, axis=1)
   return logits_at(config, params, rows)
+
+
+def response_refresh(config: ModelConfig, params, canvas: Canvas, cache: "KVCache",
+                     block_start: jax.Array, window: int, attention_impl: str):
+  """A later block's entry under `reuse_prompt_kv`: (window logits, cache).
+
+  The response rows run against the cached prompt K/V and rewrite their own. They run
+  unshifted even for Dream: every response row is written, the canvas's last one included
+  (shifted queries, j - 1 for the logits of j, never write it), and the logit of the first
+  response position, the one row this drops, is block 0's, whose entry is a full refresh.
+  """
+  batch = canvas.tokens.shape[0]
+  gen = canvas.length - canvas.prompt_length
+  positions = jnp.broadcast_to(jnp.arange(gen, dtype=jnp.int32) + canvas.prompt_length,
+                               (batch, gen))
+  every = jnp.ones((batch, gen), bool)
+  queries = QuerySet(positions, every, every, window_start=positions[0, 0], window=gen)
+  hidden, cache, _ = cached_forward(config, params, canvas, cache, queries, attention_impl)
+  logits = response_window_logits(config, params, canvas, hidden, block_start, window,
+                                  first_query=canvas.prompt_length)
+  return logits, cache
 
 
 @flax.struct.dataclass

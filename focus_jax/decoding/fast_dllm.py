@@ -48,18 +48,15 @@ class _CachedDenoiser:
     raise NotImplementedError
 
   def window_logits(self, params, canvas: Canvas, cache: kv.KVCache, ctx: StepContext):
-    b, w = ctx.masked.shape
+    w = ctx.masked.shape[1]
 
     def full_refresh(c):
       return kv.refresh(self.config, params, canvas, c, ctx.block_start, w, self.attention_impl,
                         self.refresh)
 
     def response_refresh(c):
-      hidden, c, _ = kv.cached_forward(self.config, params, canvas, c,
-                                       kv.response_queries(self.config, canvas, b),
-                                       self.attention_impl)
-      return kv.response_window_logits(self.config, params, canvas, hidden, ctx.block_start,
-                                       w), c
+      return kv.response_refresh(self.config, params, canvas, c, ctx.block_start, w,
+                                 self.attention_impl)
 
     def step(c):
       return self._step(params, canvas, c, ctx)

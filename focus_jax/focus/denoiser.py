@@ -119,10 +119,8 @@ class FocusDenoiser:
 
     def response_refresh(s: FocusState):
       # Prompt K/V (and so the representative keys) are kept; the response is recomputed.
-      hidden, cache, _ = kv.cached_forward(self.config, params, canvas, s.cache,
-                                           kv.response_queries(self.config, canvas, b),
-                                           self.attention_impl)
-      logits = kv.response_window_logits(self.config, params, canvas, hidden, ctx.block_start, w)
+      logits, cache = kv.response_refresh(self.config, params, canvas, s.cache, ctx.block_start,
+                                          w, self.attention_impl)
       return logits, jnp.ones((b, w), bool), s.replace(cache=cache, stats=counted(s.stats))
 
     def sparse(s: FocusState):
