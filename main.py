@@ -32,10 +32,8 @@ def _task_prompt(cfg, model: pipeline.Model):
   words = ex.prompt_text.split()
   print(f"task {cfg.task!r}, {len(words)} prompt tokens, needle depth {ex.depth:.2f}:\n  "
         f"{' '.join(words[:24])} ... {' '.join(words[-16:])}\nexpected answer: {ex.answer_text}")
-  pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
-      model.config.eos_token_id)
-  prompt, mask = pipeline.pad_prompts([ex.prompt.tolist()] * cfg.batch_size, pad, cfg.pad_to,
-                                      _room(cfg, model))
+  prompt, mask = pipeline.pad_for_model(model, [ex.prompt.tolist()] * cfg.batch_size,
+                                        cfg.pad_to, cfg.gen_length)
   return prompt, mask, ex
 
 
@@ -52,14 +50,7 @@ def _prompt_ids(cfg, model: pipeline.Model):
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
   ids = tokenization.encode_prompts(model.tokenizer, list(cfg.prompts), model.config.family,
                                     chat=cfg.chat)
-  pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
-      model.config.eos_token_id)
-  return pipeline.pad_prompts(ids, pad, cfg.pad_to, _room(cfg, model))
-
-
-def _room(cfg, model: pipeline.Model) -> int:
-  """Prompt tokens the model has room for beside the generation: where pad_to stops rounding."""
-  return model.config.max_sequence_length - cfg.gen_length
+  return pipeline.pad_for_model(model, ids, cfg.pad_to, cfg.gen_length)
 
 
 def _check_before_loading(cfg) -> None:

@@ -120,6 +120,16 @@ def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int, pad_to: int =
   return tokens, mask
 
 
+def pad_for_model(model: Model, token_lists: Sequence[Sequence[int]], pad_to: int,
+                  gen_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """pad_prompts with the model's pad id (its eos where it names none), rounding no further
+  than the room the model has beside `gen_length` generated tokens."""
+  config = model.config
+  pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+  return pad_prompts(token_lists, pad_id, pad_to,
+                     max_length=config.max_sequence_length - gen_length)
+
+
 @dataclasses.dataclass
 class Generation:
   texts: list[str]
@@ -260,10 +270,7 @@ def generate(prompts: str | Sequence[str], model: Model | str = "tiny", *, chat:
   from focus_jax import tokenizer as tokenization  # pylint: disable=g-import-not-at-top
   texts = [prompts] if isinstance(prompts, str) else list(prompts)
   ids = tokenization.encode_prompts(model.tokenizer, texts, model.config.family, chat=chat)
-  pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else (
-      model.config.eos_token_id)
-  prompt, mask = pad_prompts(ids, pad_id, pad_to, max_length=model.config.max_sequence_length
-                             - options.get("gen_length", GEN_LENGTH))
+  prompt, mask = pad_for_model(model, ids, pad_to, options.get("gen_length", GEN_LENGTH))
   result = generate_ids(model, prompt, mask, **options)
   result.texts = decode_rows(model, result.tokens)
   return result if return_details else result.texts
