@@ -247,9 +247,12 @@ def main(argv):
           if generate:
             row.update(time_generation(params, prompt, prompt_mask, cfg, rule, denoiser, block))
           else:
-            row["seconds"] = (row["refresh_s"] + (blocks - 1) * row["later_entry_s"]
-                              + (FLAGS.steps - blocks) * row["sparse_step_s"])
+            entries = row["refresh_s"] + (blocks - 1) * row["later_entry_s"]
+            row["seconds"] = entries + (FLAGS.steps - blocks) * row["sparse_step_s"]
             row["extrapolated_from_steps"] = True
+            if "sparse_step_spread_s" in row:  # every step with every slot active: a bound
+              row["tokens_per_s_every_slot"] = batch * FLAGS.gen / (
+                  entries + (FLAGS.steps - blocks) * row["sparse_step_spread_s"])
       except Exception as e:  # pylint: disable=broad-except
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         print(row["error"], flush=True)
