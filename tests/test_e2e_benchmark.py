@@ -34,11 +34,12 @@ def test_e2e_variants_and_plot(tmp_path):
   want = long["refresh_s"] + (blocks - 1) * long["later_entry_s"] + (32 - blocks) * long[
       "sparse_step_s"]
   assert abs(long["seconds"] - want) < 1e-9
-  # Focus also times a step with every query slot active; from it, a bound on tokens/s.
+  # Focus also times a step whose focus positions are spread over the block, and tokens/s
+  # with every sparse step one of those.
   assert long["sparse_step_spread_vs_floor"] == pytest.approx(
       long["sparse_step_spread_s"] / long["sparse_step_floor_s"])
   every = long["seconds"] + (32 - blocks) * (long["sparse_step_spread_s"] - long["sparse_step_s"])
-  assert long["tokens_per_s_every_slot"] == pytest.approx(32 / every)
+  assert long["tokens_per_s_spread"] == pytest.approx(32 / every)
   assert "sparse_step_spread_s" not in by[(256, "dual_cache")]
   # Threshold decoding always generates: its step count is data-dependent.
   thr = by[(256, "focus+threshold=0.5")]

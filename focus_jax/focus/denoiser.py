@@ -46,8 +46,9 @@ def _new_stats(n_layers: int) -> dict[str, jax.Array]:
 
 
 def summarize(stats: dict[str, Any]) -> dict[str, Any]:
-  """Recall of the indicator, query slots run per row and sparse step (|I_active|, at most the
-  slot capacity), retained attention mass and KV tokens per layer, from the sums."""
+  """Recall of the indicator, query slots run per sparse step by a row still decoding
+  (|I_active|, at most the slot capacity), retained attention mass and KV tokens per layer,
+  from the sums."""
   steps = max(float(stats["sparse_steps"]), 1.0)
   committed = max(float(stats["committed"]), 1.0)
   return {"sparse_steps": float(stats["sparse_steps"]),
@@ -165,7 +166,10 @@ class FocusDenoiser:
     stats = dict(state.stats)
     if stats:
       stats["sparse_steps"] = stats["sparse_steps"] + 1
-      stats["active_sum"] = stats["active_sum"] + jnp.mean(jnp.sum(valid, axis=1))
+      # Over the rows still decoding this block (a finished row runs no slot).
+      decoding = jnp.any(ctx.masked, axis=1)
+      stats["active_sum"] = stats["active_sum"] + jnp.sum(
+          jnp.where(decoding, jnp.sum(valid, axis=1), 0)) / jnp.maximum(jnp.sum(decoding), 1)
       stats["retained_mass_sum"] = stats["retained_mass_sum"] + carry.retained_mass
       stats["kv_tokens_sum"] = stats["kv_tokens_sum"] + carry.kv_tokens
     return logits, computed, state.replace(cache=cache, stats=stats, last_focus=focus,
