@@ -134,8 +134,8 @@ def test_focus_sparse_decodes_with_diagnostics(model, selection):
 
 def test_timed_steps_bracket_the_active_positions():
   """The benchmarks' cached step (step_timing.entry_context) activates 7 positions of a 32-block
-  at the default rho and window; spread_context's step activates 29 of them, as decoding does
-  (the demo model at block 32: 24.5 a row at batch 1, README): the two bracket a step's cost."""
+  at the default rho and window; spread_context's step activates 29. Decoding runs about 16 a
+  row (the demo model at block 32, README): mostly between the two."""
   from focus_jax import step_timing  # pylint: disable=g-import-not-at-top
   from focus_jax.focus import FocusConfig, indicator  # pylint: disable=g-import-not-at-top
   canvas = loop.make_canvas(jnp.ones((2, 64), jnp.int32), None, 64, 32, MASK)
@@ -382,6 +382,38 @@ def test_fp8_weights_are_quantised_outside_the_denoising_loop(model):
   weights = [inside for eqn, inside in to_e4m3 if eqn.invars[0].aval.shape in shapes]
   assert len(weights) == 7 * cfg.n_layers and not any(weights), weights
   assert any(inside for eqn, inside in to_e4m3), "activations are quantised in the loop"
+
+
+def test_prefix_cache_steps_rewrite_the_rows_from_the_block_on(model):
+  """A prefix-cache step rewrites the K/V of every row from its block on (Dream: from the row
+  before it, whose query gives the block's first logit), the canvas's last included, and no
+  row before. Dream's shifted queries used to stop one row short of the canvas's end."""
+  from focus_jax import step_timing  # pylint: disable=g-import-not-at-top
+  cfg, params = model
+  tokens, mask = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  denoiser = make_denoiser(cfg, "prefix_cache")
+  entry = step_timing.entry_context(canvas, 2)
+  last = entry.replace(block_index=jnp.int32(1), block_start=jnp.int32(PROMPT + BLOCK))
+  _, _, before = denoiser.window_logits(params, canvas, denoiser.init_state(params, canvas),
+                                        last)  # the last block's entry: a full refresh
+  decoded = canvas.replace(tokens=canvas.tokens.at[:, -3:].set(7))
+  _, _, after = denoiser.window_logits(params, decoded, before, last.replace(block_entry=False))
+  changed = np.any(np.asarray(after.k[-1] != before.k[-1]), axis=(2, 3))
+  first = PROMPT + BLOCK - (1 if cfg.logit_shift else 0)
+  np.testing.assert_array_equal(changed[:, first:], True)
+  np.testing.assert_array_equal(changed[:, :first], False)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_block_zero_always_enters_with_a_full_refresh(every):
+  """The response refresh drops block 0's logit rows (`kv.response_refresh`), and the later
+  steps need a cache: whatever the cadence, block 0 is a full refresh, later entries a
+  response refresh on the cadence and a cached step between."""
+  policy = kv.RefreshPolicy(every_blocks=every, reuse_prompt_kv=True)
+  kinds = [int(kv.entry_kind(policy, jnp.int32(block))) for block in range(6)]
+  assert kinds == [kv.FULL_REFRESH] + [kv.RESPONSE_REFRESH if block % every == 0
+                                       else kv.CACHED_STEP for block in range(1, 6)]
 
 
 def test_refresh_economy_rejects_bad_cadence():

@@ -140,15 +140,16 @@ def run_entry(policy: RefreshPolicy, block_index: jax.Array, branches, operand):
 
 def response_queries(config: ModelConfig, canvas: Canvas, batch: int,
                      write_from: jax.Array | None = None) -> "QuerySet":
-  """The generation region's positions (shifted by one for Dream) as a query set; K/V written
-  from `write_from` on (None: all)."""
+  """The generation region's positions as a query set, K/V written from `write_from` on (None:
+  all). Dream (the logits of j come from j - 1) also runs the last prompt position, first: its
+  gen + 1 queries give every response logit and still write the canvas's last row."""
   shift = 1 if config.logit_shift else 0
-  gen = canvas.length - canvas.prompt_length
-  positions = jnp.maximum(jnp.arange(gen, dtype=jnp.int32) + canvas.prompt_length - shift, 0)
-  positions = jnp.broadcast_to(positions, (batch, gen))
-  write = jnp.ones((batch, gen), bool) if write_from is None else positions >= write_from
-  return QuerySet(positions, jnp.ones((batch, gen), bool), write,
-                  window_start=positions[0, 0], window=gen)
+  rows = canvas.length - canvas.prompt_length + shift
+  positions = jnp.maximum(jnp.arange(rows, dtype=jnp.int32) + canvas.prompt_length - shift, 0)
+  positions = jnp.broadcast_to(positions, (batch, rows))
+  write = jnp.ones((batch, rows), bool) if write_from is None else positions >= write_from
+  return QuerySet(positions, jnp.ones((batch, rows), bool), write,
+                  window_start=positions[0, 0], window=rows)
 
 
 def response_window_logits(config: ModelConfig, params, canvas: Canvas, hidden: jax.Array,

@@ -4,7 +4,8 @@ Both refresh at block entry: a full forward stores every layer's K/V and gives t
 logits. Between refreshes:
 - prefix cache: the current block and everything after it run against the cached prefix (the
   fixed-size query set is the whole generation region; slots before the block read the cache
-  and are not written, so the result is that of running [block_start, L) alone);
+  and are not written, so the result is that of running [block_start, L) alone; for Dream
+  [block_start - 1, L), whose first row gives the block's first logit);
 - dual cache: only the current block runs; its fresh K/V overwrite the cache, and the suffix
   K/V stay as the last refresh left them.
 `refresh_every_step=True` turns either into vanilla decoding (the exactness tests use this);
