@@ -46,35 +46,38 @@ class MemoryEstimate:
             f"{selected})")
 
 
-def estimate(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
-             denoiser: Denoiser | None = None, prompt_length: int | None = None,
+def estimate(config: ModelConfig, batch: int, length: int, mode: str, data: int = 1,
+             model: int = 1, denoiser: Denoiser | None = None, prompt_length: int | None = None,
              padded: bool = False) -> MemoryEstimate:
   """Bytes per device for a canvas of `length` tokens (`prompt_length` of them the prompt, by
-  default all but 256); params, cache and selected prompt blocks split over `devices` (their
-  heads or sequences are). `denoiser`: the decoding (its refresh policy and attention
-  implementation decide what a refresh holds); `padded`: the batch carries pad tokens (a
-  refresh then reorders its keys valid first, and selected blocks are gathered)."""
+  default all but 256) on a mesh of `data` x `model` devices (`focus_jax.sharding`): weights
+  split over "model" and copied along "data", caches and activations split by rows over "data"
+  and caches by kv heads over "model" (an uneven split holds the larger share). `denoiser`: the
+  decoding (its refresh policy and attention implementation decide what a refresh holds);
+  `padded`: the batch carries pad tokens (a refresh then reorders its keys valid first, and
+  selected blocks are gathered)."""
   width = jnp.dtype(config.jnp_dtype).itemsize
-  params = config.num_params() * width // devices
+  params = config.num_params() * width // model
+  rows = -(-batch // data)  # a device's share of the batch
   cache = 0
   if mode != "vanilla":
-    cache = 2 * config.n_layers * batch * length * config.n_kv_heads * config.head_dim * width
-    cache //= devices
+    kv_heads = -(-config.n_kv_heads // model)
+    cache = 2 * config.n_layers * rows * length * kv_heads * config.head_dim * width
   q = config.n_heads * config.head_dim
   per_token = (6 * config.d_model + 3 * q + 3 * config.mlp_hidden) * width
   if padded:  # a refresh reorders K and V valid first for cuDNN (`dense_attention.valid_first`)
     per_token += 2 * config.n_kv_heads * config.head_dim * width
   refresh = getattr(denoiser, "refresh", None) or RefreshPolicy()  # (vanilla has none)
-  fp8 = config.projection_params() // devices if refresh.fp8_matmul else 0  # 1 byte a weight
+  fp8 = config.projection_params() // model if refresh.fp8_matmul else 0  # 1 byte a weight
   selected = 0
   if refresh.prompt_keep and mode != "vanilla":
     selected = selected_attention.extra_bytes(
-        batch, length, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype,
+        rows, length, config.n_heads, config.n_kv_heads, config.head_dim, config.jnp_dtype,
         prefix=length - 256 if prompt_length is None else prompt_length,
         chunk=refresh.prompt_chunk, block=refresh.prompt_block, keep=refresh.prompt_keep,
         n_global=refresh.prompt_globals, padded=padded,
-        implementation=getattr(denoiser, "attention_impl", "auto")) // devices
-  return MemoryEstimate(params, cache, batch * length * per_token, fp8, selected)
+        implementation=getattr(denoiser, "attention_impl", "auto")) // model
+  return MemoryEstimate(params, cache, rows * length * per_token, fp8, selected)
 
 
 def device_limit(device=None) -> int | None:
@@ -84,11 +87,11 @@ def device_limit(device=None) -> int | None:
   return (stats or {}).get("bytes_limit")
 
 
-def check_fits(config: ModelConfig, batch: int, length: int, mode: str, devices: int = 1,
-               limit: int | None = None, denoiser: Denoiser | None = None,
+def check_fits(config: ModelConfig, batch: int, length: int, mode: str, data: int = 1,
+               model: int = 1, limit: int | None = None, denoiser: Denoiser | None = None,
                prompt_length: int | None = None, padded: bool = False) -> MemoryEstimate:
   """Raises MemoryError, naming the sizes and the fixes, when the estimate exceeds the limit."""
-  est = estimate(config, batch, length, mode, devices, denoiser, prompt_length, padded)
+  est = estimate(config, batch, length, mode, data, model, denoiser, prompt_length, padded)
   from_device = limit is None
   limit = device_limit() if from_device else limit
   if limit is not None and est.total > limit:

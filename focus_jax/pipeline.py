@@ -57,6 +57,8 @@ def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
   if matmul_impl is not None and matmul_impl not in MATMUL_IMPLS:  # before any weight is read
     raise ValueError(f"matmul_impl must be one of {MATMUL_IMPLS}, got {matmul_impl!r}")
   mesh = mesh or sharding.make_mesh()
+  if mesh.size > 1:  # before any weight is read
+    sharding.check_mesh(model_config(source), mesh)
 
   def with_impl(c: ModelConfig) -> ModelConfig:
     c = c if matmul_impl is None else c.replace(matmul_impl=matmul_impl)
@@ -216,7 +218,10 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   check_prompt(model.config, prompt, prompt_mask)
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
                       block_length=block_length, **sampler_options)
-  devices = 1 if model.mesh is None else model.mesh.size
+  data, heads = 1, 1
+  if model.mesh is not None:
+    sharding.check_mesh(model.config, model.mesh, batch=prompt.shape[0])
+    data, heads = model.mesh.shape["data"], model.mesh.shape["model"]
   options = dict(decoding_options or {})
   if model.mesh is not None:
     options.setdefault("cache_sharding", sharding.kv_sharding(model.mesh))
@@ -224,7 +229,7 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   # An unpadded batch needs no mask (cuDNN's unmasked path is the fast one).
   mask = None if prompt_mask is None or np.all(prompt_mask) else jnp.asarray(prompt_mask)
   memory.check_fits(model.config, prompt.shape[0] * (2 if cfg_scale else 1),
-                    prompt.shape[1] + gen_length, mode, devices,
+                    prompt.shape[1] + gen_length, mode, data, heads,
                     denoiser=denoiser, prompt_length=prompt.shape[1],
                     padded=mask is not None)
   if mask is not None and options.get("refresh_fp8_attention"):
@@ -232,20 +237,22 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   args = (model.params, jnp.asarray(prompt), mask, jax.random.key(seed))
   kwargs = dict(config=model.config, rule=rule, denoiser=denoiser, gen_length=gen_length,
                 block_length=block_length, cfg_scale=cfg_scale)
-  t0 = time.perf_counter()
-  compiled = compile_generation(*args, **kwargs)
-  compile_seconds = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  state = jax.block_until_ready(compiled(*args))
-  seconds = time.perf_counter() - t0
+  with sharding.kernels_per_device(model.mesh):
+    t0 = time.perf_counter()
+    compiled = compile_generation(*args, **kwargs)
+    compile_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(compiled(*args))
+    seconds = time.perf_counter() - t0
+    stats = state.stats
+    if stats:  # Focus diagnostics: the step times of the split below
+      canvas = loop.make_canvas(args[1], mask, gen_length, block_length,
+                                model.config.mask_token_id)
+      times = step_timing.step_times(denoiser, model.params, canvas)
   tokens = np.asarray(state.tokens[:, prompt.shape[1]:])
-  stats = state.stats
   if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer, time split
     from focus_jax.focus import summarize  # pylint: disable=g-import-not-at-top
     stats = summarize(jax.tree.map(np.asarray, stats))
-    canvas = loop.make_canvas(args[1], mask, gen_length, block_length,
-                              model.config.mask_token_id)
-    times = step_timing.step_times(denoiser, model.params, canvas)
     stats.update(times)
     stats["seconds_in_refresh_steps"] = stats["refresh_steps"] * times["refresh_s"]
     stats["seconds_in_sparse_steps"] = stats["sparse_steps"] * times["cached_step_s"]

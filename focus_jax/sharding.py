@@ -7,18 +7,21 @@ and TPU pods only need a bigger mesh in the config, not a reshaped model.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from focus_jax.kernels import partition
 from focus_jax.models.config import ModelConfig
 from focus_jax.models.transformer import Transformer
 
-MESH_AXES = ("data", "model")
+MESH_AXES = (partition.BATCH_AXIS, partition.HEADS_AXIS)  # ("data", "model")
 # Tensor parallelism over heads and MLP columns on "model"; batch over "data".
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "model"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"),
@@ -26,12 +29,43 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 
 
 def make_mesh(data: int = 1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A data x model mesh; over all the devices, laid out by their physical topology (a TPU
+  slice's torus, a host's NVLink order)."""
   devices = list(devices if devices is not None else jax.devices())
   need = data * model
   if need > len(devices):
     raise ValueError(f"mesh data={data} x model={model} needs {need} devices, "
                      f"only {len(devices)} available ({jax.default_backend()})")
+  if need == len(devices) and need > 1:
+    return Mesh(mesh_utils.create_device_mesh((data, model), devices), MESH_AXES)
   return Mesh(np.asarray(devices[:need]).reshape(data, model), MESH_AXES)
+
+
+def kernels_per_device(mesh: Mesh | None):
+  """The context to trace a generation in: on several devices, the mesh made current, so that
+  the Pallas kernels run per device on their shards (`kernels.partition`) instead of on
+  gathered copies; a no-op on one device."""
+  if mesh is None or mesh.size == 1:
+    return contextlib.nullcontext()
+  return jax.set_mesh(mesh)
+
+
+def check_mesh(config: ModelConfig, mesh: Mesh, batch: int | None = None) -> None:
+  """Refuses a mesh that would split a head, a query group from its kv head, or the batch's
+  rows unevenly (XLA would pad the shards and move K/V between devices in every attention)."""
+  data, model = mesh.shape["data"], mesh.shape["model"]
+  if config.n_heads % model or config.n_kv_heads % model:
+    fits = [m for m in range(1, config.n_kv_heads + 1)
+            if config.n_kv_heads % m == 0 and config.n_heads % m == 0]
+    raise ValueError(
+        f"mesh model={model} must divide the query heads ({config.n_heads}) and the kv heads "
+        f"({config.n_kv_heads}): attention is sharded by heads, and a head or a query group "
+        f"cannot be split. Use --config.mesh.model in {fits}, and data for the other devices")
+  if batch is not None and batch % data:
+    raise ValueError(
+        f"batch {batch} is not a multiple of the mesh's data={data} (each data shard decodes "
+        f"whole rows): pad the batch to a multiple of {data} (repeat a prompt) or use a data "
+        f"axis that divides {batch}")
 
 
 def abstract_params(config: ModelConfig):

@@ -14,7 +14,8 @@ those. Rows with weight 0 or an lse of -inf (no key seen, padded query slots) ad
 Implementations: "xla" (the definition: an einsum over the grouped rows, which on GPU makes XLA
 transpose the [B, S, Hkv, D] cache into a batched-GEMM layout first: a copy of the whole K per
 call) and "pallas_gpu" (Pallas, Triton lowering: one program per (batch * kv head, key tile)
-reads its K tile in place and writes the tile's mass). "auto": "pallas_gpu" on GPU, else "xla".
+reads its K tile in place and writes the tile's mass). "auto": "pallas_gpu" on GPU, else "xla"
+(and under a multi-device mesh, `kernels.partition`: XLA partitions the head sum).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from focus_jax.kernels import devices
+from focus_jax.kernels import devices, partition
 from focus_jax.kernels.sparse.common import group_queries
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu")
@@ -149,8 +150,9 @@ def attention_mass(q: jax.Array, k: jax.Array, lse: jax.Array, query_weight: jax
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   check_inputs(q, k, lse, query_weight)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  if implementation == "auto":
-    gpu = devices.gpu_at_least() and supported(q.shape, k.shape) is None
+  if implementation == "auto":  # under a multi-device mesh XLA partitions it (a head sum)
+    gpu = (devices.gpu_at_least() and supported(q.shape, k.shape) is None
+           and partition.active_mesh() is None)
     implementation = "pallas_gpu" if gpu else "xla"
   if implementation == "xla":
     return attention_mass_xla(q, k, lse, query_weight, scale=scale)

@@ -38,6 +38,7 @@ batches; callers keep the pad share small (`FP8_MAX_PAD_FRACTION`, checked by th
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from typing import NamedTuple
@@ -46,7 +47,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from focus_jax.kernels import devices
+from focus_jax.kernels import devices, partition
 from focus_jax.kernels.fp8 import FP8, FP8_MAX, check_gpu_supports_fp8, quantize
 
 # A finite large negative: a fully masked row (a pad query) stays finite instead of NaN.
@@ -403,6 +404,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | N
   if impl == "cudnn":
     return cudnn_attention(q, k, v, key_valid, query_valid)
   if impl == "splash":
-    return splash_attention(q, k, v, key_valid, query_valid,
-                            interpret=jax.default_backend() != "tpu")
+    run = functools.partial(splash_attention, interpret=jax.default_backend() != "tpu")
+    mesh = partition.active_mesh()
+    if mesh is not None:  # a Pallas kernel: each device its own rows and heads
+      heads, rows = partition.spec(mesh, "rows", None, "heads", None), partition.spec(mesh, "rows")
+      run = partition.per_device(run, mesh, (heads, heads, heads, rows, rows), heads)
+    return run(q, k, v, key_valid, query_valid)
   return xla_attention(q, k, v, key_valid, query_valid)

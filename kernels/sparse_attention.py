@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from focus_jax.kernels import devices
+from focus_jax.kernels import devices, partition
 from focus_jax.kernels.sparse import common
 from focus_jax.kernels.sparse import gpu as _gpu
 from focus_jax.kernels.sparse import mosaic_gpu as _mgpu
@@ -136,6 +136,29 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
   impl = resolve_implementation(implementation, q.shape, k.shape, q.dtype, block_size)
   if impl == "reference":
     raise ValueError("the reference takes the raw selection: call block_sparse_attention")
+  mesh = partition.active_mesh()
+  if mesh is not None and impl != "xla_gather":  # a kernel: each device its rows and heads
+    def on_device(q, k, v, sel, extra_k, extra_v, extra_valid, extra_positions, query_counts):
+      return block_sparse_attention_normalized(
+          q, k, v, sel, extra_k, extra_v, extra_valid, block_size=block_size, scale=scale,
+          implementation=impl, max_response_len=max_response_len, interpret=interpret,
+          kernel_config=kernel_config, extra_positions=extra_positions,
+          query_counts=query_counts, dedup_extra=dedup_extra, return_lse=return_lse)
+
+    def spec(*dims):
+      return partition.spec(mesh, *dims)
+    heads = spec("rows", None, "heads", None)
+    groups = "heads" if sel.indices.shape[1] > 1 else None  # per kv head, or shared
+    sel_spec = Selection(spec("rows", groups, None), spec("rows", groups), spec("rows"),
+                         spec("rows"), spec("rows"))
+    valid_spec = spec("rows", None, "heads") if getattr(extra_valid, "ndim", 2) == 3 else (
+        spec("rows", None))
+    out_spec = (heads, spec("rows", None, "heads")) if return_lse else heads
+    return partition.per_device(
+        on_device, mesh,
+        (heads, heads, heads, sel_spec, heads, heads, valid_spec, spec("rows", None),
+         spec("rows")), out_spec)(
+             q, k, v, sel, extra_k, extra_v, extra_valid, extra_positions, query_counts)
   if max_response_len is not None:  # the bound, once, so that every path attends the same keys
     sel = sel._replace(response_end=jnp.minimum(
         sel.response_end, sel.response_start + int(max_response_len)))

@@ -19,7 +19,12 @@ def test_estimate_counts_params_cache_and_activations():
   assert abs(est.params - 2 * cfg.num_params()) < 1e6
   assert est.kv_cache == 2 * 32 * 33024 * 32 * 128 * 2  # K and V, every layer, bf16
   assert memory.estimate(cfg, 1, 33024, "vanilla").kv_cache == 0
-  assert memory.estimate(cfg, 2, 33024, "focus", devices=2).kv_cache == est.kv_cache
+  # A mesh: the weights split over "model" only; rows over "data", kv heads over "model".
+  assert memory.estimate(cfg, 2, 33024, "focus", data=2).kv_cache == est.kv_cache
+  assert memory.estimate(cfg, 2, 33024, "focus", model=2).kv_cache == est.kv_cache
+  assert memory.estimate(cfg, 1, 33024, "focus", data=8).params == est.params
+  assert memory.estimate(cfg, 1, 33024, "focus", data=2).kv_cache == est.kv_cache  # 1 row
+  assert memory.estimate(cfg, 1, 33024, "focus", model=4).params == est.params // 4
   # Measured peak on an H100 at this size: 34.3 GiB.
   assert 34 * memory.GIB < est.total < 38 * memory.GIB
   # The refresh's e4m3 weights: one byte for each of the blocks' projection weights.
@@ -59,7 +64,7 @@ def test_estimate_counts_selected_prompt_blocks():
   # Dream-7B: 28 query heads on 4 kv heads; two devices hold half each.
   dream = presets.preset("dream_7b")
   on_cudnn = make_denoiser(dream, "focus", refresh_prompt_keep=0.25, attention_impl="cudnn")
-  est = memory.estimate(dream, 1, 33024, "focus", devices=2, denoiser=on_cudnn,
+  est = memory.estimate(dream, 1, 33024, "focus", model=2, denoiser=on_cudnn,
                         prompt_length=32768)
   assert est.selected_prompt == selected_attention.extra_bytes(
       1, 33024, 28, 4, 128, jnp.bfloat16, prefix=32768, chunk=1024, block=128, keep=0.25,
