@@ -8,6 +8,7 @@ and TPU pods only need a bigger mesh in the config, not a reshaped model.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -37,7 +38,14 @@ def make_mesh(data: int = 1, model: int = 1, devices: Sequence[Any] | None = Non
     raise ValueError(f"mesh data={data} x model={model} needs {need} devices, "
                      f"only {len(devices)} available ({jax.default_backend()})")
   if need == len(devices) and need > 1:
-    return Mesh(mesh_utils.create_device_mesh((data, model), devices), MESH_AXES)
+    for split in (False, True):  # some TPU slices lay out (data, model) only across their axes
+      try:
+        return Mesh(mesh_utils.create_device_mesh((data, model), devices,
+                                                  allow_split_physical_axes=split), MESH_AXES)
+      except (NotImplementedError, ValueError, AssertionError):
+        continue
+    logging.warning("no topology-aware layout for a %d x %d mesh of %s devices: devices in "
+                    "id order", data, model, devices[0].platform)
   return Mesh(np.asarray(devices[:need]).reshape(data, model), MESH_AXES)
 
 

@@ -29,10 +29,20 @@ def active_mesh():
   return mesh
 
 
-def spec(mesh, *dims: str | None) -> PartitionSpec:
-  """The PartitionSpec of an array whose dims are "rows", "heads" or None (not split); an axis
-  the mesh lacks leaves its dim whole."""
-  return PartitionSpec(*(_AXES[d] if d and _AXES[d] in mesh.axis_names else None for d in dims))
+def spec(mesh, *dims: str | None, batch: int, kv_heads: int) -> PartitionSpec:
+  """The PartitionSpec of an array whose dims are "rows", "heads" or None (not split).
+
+  Rows split only if `batch` divides over BATCH_AXIS, heads only if `kv_heads` divides over
+  HEADS_AXIS (query heads go with their kv heads, so a device's query heads are those of its kv
+  heads); otherwise, or where the mesh lacks the axis, that dim stays whole on every device:
+  e.g. callers that fold the heads into the rows pass one kv head."""
+  def axis(dim):
+    name = _AXES.get(dim)
+    if name is None or name not in mesh.axis_names:
+      return None
+    size = batch if dim == "rows" else kv_heads
+    return name if size % mesh.shape[name] == 0 else None
+  return PartitionSpec(*(axis(d) for d in dims))
 
 
 def per_device(fn: Callable[..., Any], mesh, in_specs, out_specs) -> Callable[..., Any]:

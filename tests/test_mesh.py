@@ -78,6 +78,13 @@ with jax.set_mesh(mesh):
 rows = np.asarray(valid)  # pad query rows are unspecified
 np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=2e-5, rtol=2e-5)
 assert seen[-1] == ("splash", (1, s, hq // 2, d), (1, s, hkv // 2, d)), seen
+# Heads folded into the rows (one kv head, as selected prompt blocks call it): rows split only.
+qf, kf, vf = (x.reshape(b * hkv, s, -1, d) for x in (qs, k, v))
+want = dense_attention.xla_attention(qf, kf, vf)
+with jax.set_mesh(mesh):
+  got = jax.jit(lambda *a: dense_attention.attention(*a, implementation="splash"))(qf, kf, vf)
+np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+assert seen[-1] == ("splash", (b * hkv // 2, s, hq // hkv, d), (b * hkv // 2, s, 1, d)), seen
 
 # A whole generation on the mesh; a batch the data axis does not divide is refused.
 model = focus_jax.load("tiny", mesh=mesh)
