@@ -219,11 +219,10 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
                       block_length=block_length, **sampler_options)
   data, heads = 1, 1
+  options = dict(decoding_options or {})
   if model.mesh is not None:
     sharding.check_mesh(model.config, model.mesh, batch=prompt.shape[0])
     data, heads = model.mesh.shape["data"], model.mesh.shape["model"]
-  options = dict(decoding_options or {})
-  if model.mesh is not None:
     options.setdefault("cache_sharding", sharding.kv_sharding(model.mesh))
   denoiser = make_denoiser(model.config, mode, **options)
   # An unpadded batch needs no mask (cuDNN's unmasked path is the fast one).

@@ -407,8 +407,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | N
     run = functools.partial(splash_attention, interpret=jax.default_backend() != "tpu")
     mesh = partition.active_mesh()
     if mesh is not None:  # a Pallas kernel: each device its own rows and heads
-      def spec(*dims):
-        return partition.spec(mesh, *dims, batch=q.shape[0], kv_heads=k.shape[2])
+      spec = partition.specs(mesh, batch=q.shape[0], kv_heads=k.shape[2])
       heads, rows = spec("rows", None, "heads", None), spec("rows")
       run = partition.per_device(run, mesh, (heads, heads, heads, rows, rows), heads)
     return run(q, k, v, key_valid, query_valid)

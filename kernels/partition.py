@@ -29,8 +29,9 @@ def active_mesh():
   return mesh
 
 
-def spec(mesh, *dims: str | None, batch: int, kv_heads: int) -> PartitionSpec:
-  """The PartitionSpec of an array whose dims are "rows", "heads" or None (not split).
+def specs(mesh, *, batch: int, kv_heads: int) -> Callable[..., PartitionSpec]:
+  """spec(*dims): the PartitionSpec of an array whose dims are "rows", "heads" or None (not
+  split), for a call on `batch` rows and `kv_heads` kv heads.
 
   Rows split only if `batch` divides over BATCH_AXIS, heads only if `kv_heads` divides over
   HEADS_AXIS (query heads go with their kv heads, so a device's query heads are those of its kv
@@ -42,7 +43,7 @@ def spec(mesh, *dims: str | None, batch: int, kv_heads: int) -> PartitionSpec:
       return None
     size = batch if dim == "rows" else kv_heads
     return name if size % mesh.shape[name] == 0 else None
-  return PartitionSpec(*(axis(d) for d in dims))
+  return lambda *dims: PartitionSpec(*(axis(d) for d in dims))
 
 
 def per_device(fn: Callable[..., Any], mesh, in_specs, out_specs) -> Callable[..., Any]:

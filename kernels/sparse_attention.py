@@ -145,8 +145,7 @@ def block_sparse_attention_normalized(q: jax.Array, k: jax.Array, v: jax.Array, 
           kernel_config=kernel_config, extra_positions=extra_positions,
           query_counts=query_counts, dedup_extra=dedup_extra, return_lse=return_lse)
 
-    def spec(*dims):
-      return partition.spec(mesh, *dims, batch=q.shape[0], kv_heads=k.shape[2])
+    spec = partition.specs(mesh, batch=q.shape[0], kv_heads=k.shape[2])
     heads = spec("rows", None, "heads", None)
     groups = "heads" if sel.indices.shape[1] > 1 else None  # per kv head, or shared
     sel_spec = Selection(spec("rows", groups, None), spec("rows", groups), spec("rows"),

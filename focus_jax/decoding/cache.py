@@ -139,11 +139,13 @@ def run_entry(policy: RefreshPolicy, block_index: jax.Array, branches, operand):
 
 
 def response_queries(config: ModelConfig, canvas: Canvas, batch: int,
-                     write_from: jax.Array | None = None) -> "QuerySet":
+                     write_from: jax.Array | None = None, *,
+                     first_logit: bool = True) -> "QuerySet":
   """The generation region's positions as a query set, K/V written from `write_from` on (None:
-  all). Dream (the logits of j come from j - 1) also runs the last prompt position, first: its
-  gen + 1 queries give every response logit and still write the canvas's last row."""
-  shift = 1 if config.logit_shift else 0
+  all). With `first_logit`, Dream (the logits of j come from j - 1) also runs the last prompt
+  position, first: its gen + 1 queries give every response logit and still write the canvas's
+  last row."""
+  shift = 1 if config.logit_shift and first_logit else 0
   rows = canvas.length - canvas.prompt_length + shift
   positions = jnp.maximum(jnp.arange(rows, dtype=jnp.int32) + canvas.prompt_length - shift, 0)
   positions = jnp.broadcast_to(positions, (batch, rows))
@@ -152,15 +154,12 @@ def response_queries(config: ModelConfig, canvas: Canvas, batch: int,
                   window_start=positions[0, 0], window=rows)
 
 
-def response_window_logits(config: ModelConfig, params, canvas: Canvas, hidden: jax.Array,
-                           block_start: jax.Array, window: int,
-                           first_query: jax.Array | int | None = None) -> jax.Array:
-  """Logits of the block window from the hidden states of a run of consecutive queries from
-  `first_query` (None: `response_queries`' first, the last prompt position for Dream)."""
-  shift = 1 if config.logit_shift else 0
-  if first_query is None:
-    first_query = canvas.prompt_length - shift
-  rows = jax.lax.dynamic_slice_in_dim(hidden, block_start - shift - first_query, window, axis=1)
+def response_window_logits(config: ModelConfig, params, hidden: jax.Array,
+                           queries: "QuerySet", block_start: jax.Array,
+                           window: int) -> jax.Array:
+  """Logits of the block window from the hidden states of `response_queries`."""
+  source = block_start - (1 if config.logit_shift else 0)  # the window's first logit row
+  rows = jax.lax.dynamic_slice_in_dim(hidden, source - queries.window_start, window, axis=1)
   return logits_at(config, params, rows)
 
 
@@ -168,21 +167,14 @@ def response_refresh(config: ModelConfig, params, canvas: Canvas, cache: "KVCach
                      block_start: jax.Array, window: int, attention_impl: str):
   """A later block's entry under `reuse_prompt_kv`: (window logits, cache).
 
-  The response rows run against the cached prompt K/V and rewrite their own. They run
-  unshifted even for Dream: every response row is written, the canvas's last one included
-  (shifted queries, j - 1 for the logits of j, never write it), and the logit of the first
-  response position, the one row this drops, is block 0's, whose entry is a full refresh.
+  The response rows run against the cached prompt K/V and rewrite their own, the canvas's last
+  included. Dream's too run without the last prompt row (`first_logit=False`): no prompt row is
+  rewritten, the rows stay gen, and the one logit that drops, the first response position's, is
+  block 0's, whose entry is a full refresh.
   """
-  batch = canvas.tokens.shape[0]
-  gen = canvas.length - canvas.prompt_length
-  positions = jnp.broadcast_to(jnp.arange(gen, dtype=jnp.int32) + canvas.prompt_length,
-                               (batch, gen))
-  every = jnp.ones((batch, gen), bool)
-  queries = QuerySet(positions, every, every, window_start=positions[0, 0], window=gen)
+  queries = response_queries(config, canvas, canvas.tokens.shape[0], first_logit=False)
   hidden, cache, _ = cached_forward(config, params, canvas, cache, queries, attention_impl)
-  logits = response_window_logits(config, params, canvas, hidden, block_start, window,
-                                  first_query=canvas.prompt_length)
-  return logits, cache
+  return response_window_logits(config, params, hidden, queries, block_start, window), cache
 
 
 @flax.struct.dataclass

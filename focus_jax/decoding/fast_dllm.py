@@ -92,5 +92,5 @@ class PrefixCacheDenoiser(_CachedDenoiser):
     queries = kv.response_queries(self.config, canvas, b, write_from=ctx.block_start - shift)
     hidden, cache, _ = kv.cached_forward(self.config, params, canvas, cache, queries,
                                          self.attention_impl)
-    return kv.response_window_logits(self.config, params, canvas, hidden, ctx.block_start,
+    return kv.response_window_logits(self.config, params, hidden, queries, ctx.block_start,
                                      w), cache
