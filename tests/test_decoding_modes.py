@@ -405,6 +405,28 @@ def test_prefix_cache_steps_rewrite_the_rows_from_the_block_on(model):
   np.testing.assert_array_equal(changed[:, :first], False)
 
 
+def test_dual_cache_steps_rewrite_the_whole_block(model):
+  """A dual-cache step rewrites the K/V of every row of its block (Dream: and of the row before
+  it, whose query gives the block's first logit) and of no row outside. Dream's shifted queries
+  used to stop one row short, so a decoded last token kept its entry-step K/V to the block's
+  end, the mask token's."""
+  from focus_jax import step_timing  # pylint: disable=g-import-not-at-top
+  cfg, params = model
+  tokens, mask = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  denoiser = make_denoiser(cfg, "dual_cache")
+  entry = step_timing.entry_context(canvas, 2)  # block 0's entry: a full refresh
+  _, _, before = denoiser.window_logits(params, canvas, denoiser.init_state(params, canvas),
+                                        entry)
+  decoded = canvas.replace(tokens=canvas.tokens.at[:, PROMPT + BLOCK - 3:PROMPT + BLOCK].set(7))
+  _, _, after = denoiser.window_logits(params, decoded, before, entry.replace(block_entry=False))
+  changed = np.any(np.asarray(after.k[-1] != before.k[-1]), axis=(2, 3))
+  first = PROMPT - (1 if cfg.logit_shift else 0)
+  np.testing.assert_array_equal(changed[:, first:PROMPT + BLOCK], True)
+  np.testing.assert_array_equal(changed[:, :first], False)
+  np.testing.assert_array_equal(changed[:, PROMPT + BLOCK:], False)
+
+
 @pytest.mark.parametrize("every", [1, 2, 3])
 def test_block_zero_always_enters_with_a_full_refresh(every):
   """The response refresh drops block 0's logit rows (`kv.response_refresh`), and the later

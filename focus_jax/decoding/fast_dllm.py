@@ -6,8 +6,9 @@ logits. Between refreshes:
   fixed-size query set is the whole generation region; slots before the block read the cache
   and are not written, so the result is that of running [block_start, L) alone; for Dream
   [block_start - 1, L), whose first row gives the block's first logit);
-- dual cache: only the current block runs; its fresh K/V overwrite the cache, and the suffix
-  K/V stay as the last refresh left them.
+- dual cache: only the current block runs (for Dream also the row before it, whose query gives
+  the block's first logit); its fresh K/V overwrite the cache, and the suffix K/V stay as the
+  last refresh left them.
 `refresh_every_step=True` turns either into vanilla decoding (the exactness tests use this);
 `refresh` (a `RefreshPolicy`) selects the refresh-economy options.
 """
@@ -75,13 +76,16 @@ class _CachedDenoiser:
 class DualCacheDenoiser(_CachedDenoiser):
 
   def _step(self, params, canvas, cache, ctx):
+    """Runs the block's rows; Dream runs one more, first: the row before the block gives the
+    block's first logit (the shift), and the block's last row still has its K/V rewritten."""
     b, w = ctx.masked.shape
-    src = jnp.broadcast_to(family.source_positions(self.config, ctx.block_start, w), (b, w))
-    ones = jnp.ones((b, w), bool)
+    rows = w + (1 if self.config.logit_shift else 0)
+    src = jnp.broadcast_to(family.source_positions(self.config, ctx.block_start, rows), (b, rows))
+    ones = jnp.ones((b, rows), bool)
     hidden, cache, _ = kv.cached_forward(self.config, params, canvas, cache,
                                          kv.QuerySet(src, ones, ones, window_start=src[0, 0],
-                                                     window=w), self.attention_impl)
-    return kv.logits_at(self.config, params, hidden), cache
+                                                     window=rows), self.attention_impl)
+    return kv.logits_at(self.config, params, hidden[:, :w]), cache
 
 
 class PrefixCacheDenoiser(_CachedDenoiser):
