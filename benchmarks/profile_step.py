@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --model=llada_8b --context=32768 --modes=focus,dual_cache
     python benchmarks/profile_step.py --phase=entry --steps=2 --modes=focus   # the refresh
+    python benchmarks/profile_step.py --phase=spread --modes=focus   # 29 of 32 positions active
 
 Writes a JSON of the top kernels per mode (total microseconds over the traced steps) and prints
 a table, then the same time summed by the source line that emitted each kernel (read from the
@@ -35,8 +36,10 @@ flags.DEFINE_integer("context", 32768, "prompt length")
 flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_list("modes", ["focus", "dual_cache"], "modes (knobs as in e2e.py: mode+k=v)")
 flags.DEFINE_integer("steps", 5, "traced steps")
-flags.DEFINE_enum("phase", "cached", ["cached", "entry"],
-                  "cached: the steps inside a block; entry: the block-entry step (the refresh)")
+flags.DEFINE_enum("phase", "cached", ["cached", "spread", "entry"],
+                  "cached: a step inside a block (7 positions active, as e2e.py's "
+                  "sparse_step_s); spread: one with 29 of 32 active (sparse_step_spread_s); "
+                  "entry: the block-entry step (the refresh)")
 flags.DEFINE_integer("top", 25, "kernels listed per mode")
 flags.DEFINE_string("dump_dir", None, "keep XLA's dumped modules here (default: a temporary "
                     "folder)")
@@ -65,6 +68,8 @@ def main(argv):
     params = denoiser.prepare_params(model.params)  # as a generation makes them
     _, state = step(params, denoiser.init_state(params, canvas), ctx)
     traced = ctx.replace(block_entry=FLAGS.phase == "entry")
+    if FLAGS.phase == "spread":
+      traced = step_timing.spread_context(traced)
     _, state = jax.block_until_ready(step(params, state, traced))
     trace_dir = tempfile.mkdtemp()
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)

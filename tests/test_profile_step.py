@@ -62,10 +62,11 @@ def test_profile_step_attributes_kernels_on_the_tiny_model(tmp_path):
   out = tmp_path / "profile.json"
   cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--model=tiny",
          "--context=128", "--modes=focus", "--steps=2", "--top=400", "--fused_qkv",
+         "--phase=spread",
          f"--out={out}"]
   subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
   written = json.loads(out.read_text())
-  assert written["fused_qkv"] is True
+  assert written["fused_qkv"] is True and written["phase"] == "spread"
   report = written["modes"]["focus"]
   places = [where for where, _, _ in report["by_source_us_per_step"]]
   assert any(p.startswith("focus_jax/focus/") for p in places), places
