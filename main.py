@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 
 from absl import app
+import jax
 from ml_collections import config_flags
 import numpy as np
 
@@ -18,6 +19,22 @@ from focus_jax import pipeline, sharding
 # The default runs the demo dLLM trained here (demo_model/) on a freshly generated long-context
 # question, dense and Focus side by side; configs/tiny.py is a random tiny model.
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run configuration.")
+
+
+def _say(*args) -> None:
+  """print, by the first process only (on several hosts each runs this same program)."""
+  if jax.process_index() == 0:
+    print(*args)
+
+
+def _start_distributed(cfg) -> None:
+  d = cfg.distributed
+  if not d.initialize:
+    return
+  jax.distributed.initialize(
+      coordinator_address=d.coordinator_address or None,
+      num_processes=d.num_processes if d.num_processes > 0 else None,
+      process_id=d.process_id if d.process_id >= 0 else None)
 
 
 def _task_prompt(cfg, model: pipeline.Model):
@@ -30,7 +47,7 @@ def _task_prompt(cfg, model: pipeline.Model):
       raise ValueError(f"{model.name}: its tokenizer does not match the task vocabulary; "
                        "--config.task needs the demo model (demo_model/)")
   words = ex.prompt_text.split()
-  print(f"task {cfg.task!r}, {len(words)} prompt tokens, needle depth {ex.depth:.2f}:\n  "
+  _say(f"task {cfg.task!r}, {len(words)} prompt tokens, needle depth {ex.depth:.2f}:\n  "
         f"{' '.join(words[:24])} ... {' '.join(words[-16:])}\nexpected answer: {ex.answer_text}")
   prompt, mask = pipeline.pad_for_model(model, [ex.prompt.tolist()] * cfg.batch_size,
                                         cfg.pad_to, cfg.gen_length)
@@ -70,6 +87,7 @@ def _check_before_loading(cfg) -> None:
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  _start_distributed(cfg)  # (before JAX touches a device)
   _check_before_loading(cfg)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   model = focus_jax.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
@@ -79,7 +97,7 @@ def main(argv):
     prompt, mask, example = _task_prompt(cfg, model)
   else:
     prompt, mask = _prompt_ids(cfg, model)
-  print(f"model: {model.name} ({model.config.num_params() / 1e6:.1f}M parameters, "
+  _say(f"model: {model.name} ({model.config.num_params() / 1e6:.1f}M parameters, "
         f"{model.config.dtype}); prompt {prompt.shape[0]} x {prompt.shape[1]} tokens; "
         f"gen {cfg.gen_length}, steps {cfg.steps}, block {cfg.block_length}")
   rows = []
@@ -94,26 +112,26 @@ def main(argv):
             for _ in range(max(1, cfg.repeats))]
     result = runs[0]
     seconds = statistics.median(r.seconds for r in runs)
-    print(f"\n=== {mode} ===")
+    _say(f"\n=== {mode} ===")
     if model.tokenizer is not None:
       for text in pipeline.decode_rows(model, result.tokens):
-        print(repr(text))
+        _say(repr(text))
     else:
-      print("generated ids (row 0):", result.tokens[0][:32].tolist(), "...")
+      _say("generated ids (row 0):", result.tokens[0][:32].tolist(), "...")
     correct = None
     if example is not None:
       from focus_jax.training import tasks  # pylint: disable=g-import-not-at-top
       correct = all(tasks.exact_match(row, example.answer) for row in result.tokens)
-      print(f"  correct: {'yes' if correct else 'NO'} (expected {example.answer_text!r})")
+      _say(f"  correct: {'yes' if correct else 'NO'} (expected {example.answer_text!r})")
     for key, value in result.stats.items():
-      print(f"  {key}: {np.round(np.asarray(value), 3).tolist()}")
+      _say(f"  {key}: {np.round(np.asarray(value), 3).tolist()}")
     rows.append((mode, result.compile_seconds, seconds, result.num_steps,
                  1000 * seconds / max(result.num_steps, 1),
                  prompt.shape[0] * cfg.gen_length / seconds, correct))
-  print("\nmode            compile_s    run_s   steps   ms/step    tokens/s" +
+  _say("\nmode            compile_s    run_s   steps   ms/step    tokens/s" +
         ("  correct" if example is not None else ""))
   for mode, compile_s, run_s, steps, ms, tps, ok in rows:
-    print(f"{mode:<14} {compile_s:9.2f} {run_s:8.3f} {steps:7d} {ms:9.2f} {tps:11.2f}" +
+    _say(f"{mode:<14} {compile_s:9.2f} {run_s:8.3f} {steps:7d} {ms:9.2f} {tps:11.2f}" +
           ("" if ok is None else f"  {'yes' if ok else 'NO'}"))
 
 

@@ -20,7 +20,9 @@ def get_config():
   c.model = os.path.join(ROOT, "demo_model")
   c.dtype = "float32"  # the CPU is faster in float32 than in the checkpoint's bf16
   c.task = "passkey"
-  c.task_prompt_length = 2032  # + gen_length 16 = a 2048-token canvas (about a minute on a CPU)
+  # (pad_to 64 left-pads it to 2048: with gen_length 16, a 2064-token canvas; about a minute on
+  # a CPU)
+  c.task_prompt_length = 2032
   c.gen_length = 16  # answers are 6-10 words, then eos
   c.steps = 16
   c.block_length = tasks.BLOCK_LENGTH  # 4: the answer spans two or three blocks

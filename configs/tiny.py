@@ -9,4 +9,8 @@ def get_config():
   c.gen_length = 64
   c.steps = 64
   c.block_length = 16
+  # Its 4 layers: the first 2 dense (sinks from layer 1), then sparse over 16-token prompt
+  # blocks (the defaults, 6 dense layers and blocks of 128, would leave Focus all dense).
+  c.decoding.focus.l_dense = 2
+  c.decoding.focus.prompt_block_size = 16
   return c

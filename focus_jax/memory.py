@@ -82,7 +82,7 @@ def estimate(config: ModelConfig, batch: int, length: int, mode: str, data: int 
 
 def device_limit(device=None) -> int | None:
   """Usable bytes of the device, or None where the backend does not say (CPU)."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]  # (on a pod, devices()[0] may be another host's)
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   return (stats or {}).get("bytes_limit")
 

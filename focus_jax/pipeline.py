@@ -216,6 +216,8 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
                  **sampler_options) -> Generation:
   """Token-level entry point (prompts already tokenized and padded); compiles once per shape."""
   check_prompt(model.config, prompt, prompt_mask)
+  sharding.check_same_on_every_host(prompt=prompt, seed=seed, **(
+      {} if prompt_mask is None else {"prompt_mask": prompt_mask}))
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
                       block_length=block_length, **sampler_options)
   data, heads = 1, 1
@@ -248,14 +250,15 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
       canvas = loop.make_canvas(args[1], mask, gen_length, block_length,
                                 model.config.mask_token_id)
       times = step_timing.step_times(denoiser, model.params, canvas)
-  tokens = np.asarray(state.tokens[:, prompt.shape[1]:])
+  tokens = sharding.to_host(state.tokens[:, prompt.shape[1]:])
   if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer, time split
     from focus_jax.focus import summarize  # pylint: disable=g-import-not-at-top
-    stats = summarize(jax.tree.map(np.asarray, stats))
+    stats = summarize(jax.tree.map(sharding.to_host, stats))
     stats.update(times)
     stats["seconds_in_refresh_steps"] = stats["refresh_steps"] * times["refresh_s"]
     stats["seconds_in_sparse_steps"] = stats["sparse_steps"] * times["cached_step_s"]
-  return Generation(texts=[], tokens=tokens, num_steps=int(state.num_steps), seconds=seconds,
+  return Generation(texts=[], tokens=tokens, num_steps=int(sharding.to_host(state.num_steps)),
+                    seconds=seconds,
                     compile_seconds=compile_seconds, stats=stats)
 
 

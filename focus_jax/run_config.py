@@ -49,8 +49,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.dtype = ml_collections.config_dict.placeholder(str)  # None: the preset's or checkpoint's
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"data": 1, "model": 1})
+  # Several hosts (a TPU pod slice, GPU nodes): every process runs main.py with the same config
+  # and `initialize` on; jax.distributed finds its peers on Cloud TPU, SLURM, Open MPI and
+  # Kubernetes, elsewhere set the coordinator ("host:port"), the process count and this
+  # process's id. The mesh then spans every device of every host (data x model = all).
+  c.distributed = ml_collections.ConfigDict({
+      "initialize": False, "coordinator_address": "", "num_processes": 0, "process_id": -1})
 
-  c.prompts = ["Write one sentence about the sea."]
+  c.prompts = ("Write one sentence about the sea.",)
   c.chat = True
   # Prompts are left-padded to a multiple of this (one compile serves similar lengths); 1: no
   # padding for a single prompt (fp8 attention refuses rows that are more than 1/32 pads).

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from focus_jax.kernels import partition
@@ -37,6 +37,11 @@ def make_mesh(data: int = 1, model: int = 1, devices: Sequence[Any] | None = Non
   if need > len(devices):
     raise ValueError(f"mesh data={data} x model={model} needs {need} devices, "
                      f"only {len(devices)} available ({jax.default_backend()})")
+  if jax.process_count() > 1 and need != len(devices):
+    raise ValueError(
+        f"mesh data={data} x model={model} uses {need} of the {len(devices)} devices of "
+        f"{jax.process_count()} hosts: on several hosts every process runs the same program "
+        f"over one mesh of all the devices; set data x model = {len(devices)}")
   if need == len(devices) and need > 1:
     for split in (False, True):  # some TPU slices lay out (data, model) only across their axes
       try:
@@ -47,6 +52,28 @@ def make_mesh(data: int = 1, model: int = 1, devices: Sequence[Any] | None = Non
     logging.warning("no topology-aware layout for a %d x %d mesh of %s devices: devices in "
                     "id order", data, model, devices[0].platform)
   return Mesh(np.asarray(devices[:need]).reshape(data, model), MESH_AXES)
+
+
+def check_same_on_every_host(**values: Any) -> None:
+  """On several hosts every process passes the same whole batch (the program splits it over the
+  mesh's "data" axis) and gets the whole result back: refuses values that differ between the
+  processes, which would otherwise decode a mix of their rows silently."""
+  if jax.process_count() == 1:
+    return
+  for name, value in values.items():
+    try:
+      multihost_utils.assert_equal(np.asarray(value), f"{name} differs between hosts")
+    except AssertionError as e:
+      raise ValueError(f"{name} differs between the {jax.process_count()} processes: each "
+                       "must pass the same whole batch (it is split over the mesh's data "
+                       "axis), not its own share") from e
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """x as a NumPy array on this process, gathered from the other hosts where it is split."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def kernels_per_device(mesh: Mesh | None):

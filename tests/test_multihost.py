@@ -1,0 +1,80 @@
+"""Several hosts (a TPU pod slice, GPU nodes): two CPU processes of two devices each, joined by
+jax.distributed, run main.py over one 2 x 2 mesh of all four devices. They decode the texts one
+process with four devices decodes, only the first prints, and prompts or seeds that differ
+between the processes are refused instead of decoding a mix of their rows, as is a mesh that
+leaves some of the devices out."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--config=configs/tiny.py", "--config.modes=('focus',)", "--config.gen_length=32",
+         "--config.steps=32", "--config.mesh.data=2", "--config.mesh.model=2",
+         "--config.prompts=('What is the capital of France?', 'Hi')"]
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _two_hosts(per_process_flags) -> list[subprocess.CompletedProcess]:
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "main.py", *FLAGS, "--config.distributed.initialize=True",
+       f"--config.distributed.coordinator_address=localhost:{port}",
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+       *per_process_flags(i)],
+      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  out = []
+  for p in procs:
+    try:
+      stdout, stderr = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+  return out
+
+
+def _texts(stdout: str) -> list[str]:
+  """The decoded rows main.py prints (timings differ run to run)."""
+  return [line for line in stdout.splitlines() if line.startswith("'")]
+
+
+def test_two_hosts_decode_what_one_host_decodes():
+  one = subprocess.run([sys.executable, "main.py", *FLAGS], cwd=ROOT, env=_env(4),
+                       capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  first, second = _two_hosts(lambda i: [])
+  assert first.returncode == 0 and second.returncode == 0, (first.stderr[-3000:],
+                                                              second.stderr[-3000:])
+  assert len(_texts(one.stdout)) == 2
+  assert _texts(first.stdout) == _texts(one.stdout)
+  ours = [line for line in second.stdout.splitlines() if not line.startswith("[Gloo]")]
+  assert "=== focus ===" in first.stdout and not ours, ours
+
+
+def test_hosts_with_different_inputs_are_refused():
+  results = _two_hosts(lambda i: [f"--config.seed={i}"])
+  for result in results:
+    assert result.returncode != 0
+  assert any("seed differs between the 2 processes" in r.stderr for r in results), (
+      results[0].stderr[-3000:])
+  # A mesh of some of the hosts' devices (here one host's two) cannot run on every process.
+  results = _two_hosts(lambda i: ["--config.mesh.data=1"])
+  for result in results:
+    assert result.returncode != 0 and "set data x model = 4" in result.stderr, (
+        result.stderr[-3000:])
