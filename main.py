@@ -6,6 +6,7 @@ Loads the model named by the config, generates for its prompts with each decodin
 
 from __future__ import annotations
 
+import os
 import statistics
 
 from absl import app
@@ -18,7 +19,9 @@ from focus_jax import pipeline, sharding
 
 # The default runs the demo dLLM trained here (demo_model/) on a freshly generated long-context
 # question, dense and Focus side by side; configs/tiny.py is a random tiny model.
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run configuration.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py"),
+    "Run configuration.")
 
 
 def _say(*args) -> None:
@@ -72,16 +75,26 @@ def _prompt_ids(cfg, model: pipeline.Model):
 
 def _check_before_loading(cfg) -> None:
   """What can be refused without the model, before its weights are read."""
-  from focus_jax.decoding import MODES  # pylint: disable=g-import-not-at-top
+  from focus_jax.decoding import MODES, make_denoiser  # pylint: disable=g-import-not-at-top
   unknown = [mode for mode in cfg.modes if mode not in MODES]
   if unknown:
     raise ValueError(f"--config.modes: unknown decoding mode {', '.join(map(repr, unknown))}; "
                      f"choose from {MODES}")
-  # The schedule, and sampler settings of the model's family (a Dream checkpoint under a LLaDA
-  # config file), from the model's config alone.
-  pipeline.sampler_rule(pipeline.model_config(cfg.model), steps=cfg.steps or cfg.gen_length,
+  # The schedule, sampler settings of the model's family (a Dream checkpoint under a LLaDA
+  # config file) and every mode's knobs, from the model's config alone: a bad Focus knob is not
+  # found after the weights are read and the modes before it have run.
+  config = pipeline.model_config(cfg.model)
+  pipeline.sampler_rule(config, steps=cfg.steps or cfg.gen_length,
                         gen_length=cfg.gen_length, block_length=cfg.block_length,
                         **{k: v for k, v in cfg.sampler.items() if v is not None})
+  for mode in cfg.modes:
+    make_denoiser(config, mode, **_mode_options(cfg, mode))
+
+
+def _mode_options(cfg, mode: str) -> dict:
+  options = {k: v for k, v in cfg.decoding.get(mode, {}).items() if v is not None}
+  options["attention_impl"] = cfg.attention_impl
+  return options
 
 
 def main(argv):
@@ -102,8 +115,7 @@ def main(argv):
         f"gen {cfg.gen_length}, steps {cfg.steps}, block {cfg.block_length}")
   rows = []
   for mode in cfg.modes:
-    options = {k: v for k, v in cfg.decoding.get(mode, {}).items() if v is not None}
-    options["attention_impl"] = cfg.attention_impl
+    options = _mode_options(cfg, mode)
     runs = [pipeline.generate_ids(model, prompt, mask, mode=mode, gen_length=cfg.gen_length,
                                   steps=cfg.steps, block_length=cfg.block_length,
                                   cfg_scale=cfg.cfg_scale, seed=cfg.seed,

@@ -44,7 +44,11 @@ def model_config(source: str) -> ModelConfig:
   if source in presets.PRESETS:
     return presets.preset(source)
   from focus_jax.checkpoints_convert import read_model_config  # pylint: disable=g-import-not-at-top
-  return read_model_config(source)
+  try:
+    return read_model_config(source)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e} (or a preset with random weights: "
+                            f"{', '.join(presets.PRESETS)})") from e
 
 
 def load(source: str = "tiny", *, dtype: str | None = None, seed: int = 0,
@@ -127,14 +131,19 @@ def pad_for_model(model: Model, token_lists: Sequence[Sequence[int]], pad_to: in
   """pad_prompts with the model's pad id (its eos where it names none), rounding no further
   than the room the model has beside `gen_length` generated tokens."""
   config = model.config
+  room = config.max_sequence_length - gen_length
+  longest = max((len(t) for t in token_lists), default=0)
+  if longest > room:
+    raise ValueError(f"the longest prompt has {longest} tokens, and with gen_length "
+                     f"{gen_length} the model ({config.max_sequence_length} positions) has room "
+                     f"for {room}: shorten the prompt or gen_length")
   pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-  return pad_prompts(token_lists, pad_id, pad_to,
-                     max_length=config.max_sequence_length - gen_length)
+  return pad_prompts(token_lists, pad_id, pad_to, max_length=room)
 
 
 @dataclasses.dataclass
 class Generation:
-  texts: list[str]
+  texts: list[str]  # decoded rows (`generate`); empty from `generate_ids`, which has no text
   tokens: np.ndarray  # [B, gen_length] generated ids
   num_steps: int  # denoising steps (forward passes) taken
   seconds: float  # wall time of the jitted call (after compilation)

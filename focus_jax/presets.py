@@ -50,7 +50,8 @@ def preset(name: str, dtype: str | None = None) -> C.ModelConfig:
 
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer():
-  """A byte-level tokenizer matching `tiny()`: any text round-trips, ids 0..255 are bytes."""
+  """A byte-level tokenizer matching `tiny()`: any text round-trips; ids 0..255 are the 256
+  bytes (in the order of their ByteLevel characters, not byte values), the specials after."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
 

@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pad_to = 64
   # > 0: ignore `prompts` and use random token ids of this length (benchmarks; no tokenizer).
   c.synthetic_prompt_length = 0
-  c.batch_size = 1  # rows of the synthetic prompt
+  c.batch_size = 1  # rows of a synthetic or task prompt (text prompts: one row each)
   # A synthetic long-context task of the demo model ("passkey", "kv", "vt"; see
   # focus_jax.training.tasks): a prompt of `task_prompt_length` tokens is generated from `seed`
   # (and `task_depth`, the needle's relative position, if set) and the expected answer printed.

@@ -224,8 +224,22 @@ def test_bad_focus_options_fail_early():
     make_denoiser(cfg, "focus", prompt_block_size=12)
   with pytest.raises(ValueError, match="unknown decoding mode"):
     make_denoiser(cfg, "sparse")
-  with pytest.raises(TypeError):
-    make_denoiser(cfg, "focus", not_a_knob=1)
+  with pytest.raises(ValueError, match="'focus' has no knob 'alpah'; its knobs: l_dense"):
+    make_denoiser(cfg, "focus", alpah=0.5)
+  with pytest.raises(ValueError, match="'dual_cache' has no knob 'alpha'.*refresh_every_step"):
+    make_denoiser(cfg, "dual_cache", alpha=0.5)
+  with pytest.raises(ValueError, match="gen_length must be >= 1"):
+    llada_rule(cfg, steps=8, gen_length=0, block_length=8)
+
+
+def test_focus_without_a_sparse_layer_says_so(caplog):
+  with caplog.at_level(logging.WARNING):
+    make_denoiser(tiny("llada"), "focus")  # 6 dense layers (the default) of 4
+  assert "leave none of the model's 4 layers sparse" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    make_denoiser(tiny("llada"), "focus", l_dense=2)
+  assert "sparse" not in caplog.text
 
 
 @pytest.mark.parametrize("impl", ["xla_gather", "pallas_gpu", "pallas_tpu"])

@@ -11,13 +11,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_main_tiny_runs_every_mode():
-  cmd = [sys.executable, "main.py", "--config=configs/tiny.py", "--config.gen_length=32",
+def test_main_tiny_runs_every_mode(tmp_path):
+  """From another folder too; configs/tiny.py's Focus has sparse layers (its 4 layers: 2
+  dense)."""
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"),
+         f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--config.gen_length=32",
          "--config.steps=32", "--config.block_length=16",
          "--config.modes=('vanilla','prefix_cache','dual_cache','focus')",
-         "--config.decoding.focus.l_dense=2", "--config.decoding.focus.prompt_block_size=16",
-         "--config.decoding.focus.diagnostics=True"]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--config.decoding.focus.diagnostics=True",
+         "--config.prompts=('What is 2+2?', 'Name a colour.')"]
+  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
   for mode in ("vanilla", "prefix_cache", "dual_cache", "focus"):
@@ -26,6 +29,9 @@ def test_main_tiny_runs_every_mode():
   assert "recall_focus" in text and "retained_mass_per_layer" in text
   assert "seconds_in_refresh_steps" in text and "seconds_in_sparse_steps" in text
   assert "tokens/s" in text
+  mass = next(line for line in text.splitlines() if "retained_mass_per_layer" in line)
+  assert mass.count("1.0") < 4, mass  # sparse layers keep less than all the mass
+  assert sum(line.startswith("'") for line in text.splitlines()) == 8  # 2 prompts x 4 modes
 
 
 def test_main_rejects_unknown_mode():
@@ -37,14 +43,18 @@ def test_main_rejects_unknown_mode():
 
 def test_main_refuses_bad_settings_before_loading_the_model():
   """A mode typo is refused before the model is even looked for (this path does not exist); a
-  schedule that does not divide before any weight is drawn (the 8B preset's would take minutes
-  and more memory than a CI machine has)."""
+  schedule that does not divide, or a Focus knob out of range behind a dense mode, before any
+  weight is drawn (the 8B preset's would take minutes and more memory than a CI machine has);
+  a misspelt preset names the presets."""
   base = [sys.executable, "main.py", "--config=configs/tiny.py"]
   for flags, says in ((["--config.model=/nonexistent/checkpoint",
                         "--config.modes=('vanilla','focsu')"], "unknown decoding mode 'focsu'"),
                       (["--config.model=llada_8b", "--config.gen_length=32",
                         "--config.block_length=16", "--config.steps=3"],
-                       "steps (3) must be a positive multiple")):
+                       "steps (3) must be a positive multiple"),
+                      (["--config.model=llada_8b", "--config.modes=('vanilla','focus')",
+                        "--config.decoding.focus.alpha=1.5"], "alpha must be in (0, 1]"),
+                      (["--config.model=tinyy"], "or a preset with random weights: tiny")):
     out = subprocess.run(base + flags, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and says in out.stderr, out.stderr[-2000:]
 
@@ -64,11 +74,13 @@ def test_fp8_refresh_and_pad_to():
   assert "=== dual_cache ===" in out.stdout
 
 
-def test_default_run_answers_the_generated_question():
+def test_default_run_answers_the_generated_question(tmp_path):
   """`python main.py` as shipped (configs/demo.py, the trained demo_model/), on a shorter
-  prompt so CI stays quick: dense and Focus both print the expected answer."""
-  cmd = [sys.executable, "main.py", "--config.task_prompt_length=496", "--config.seed=3"]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  prompt so CI stays quick: dense and Focus both print the expected answer. Run from another
+  folder: the default config is the one next to main.py."""
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config.task_prompt_length=496",
+         "--config.seed=3"]
+  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
   assert "=== vanilla ===" in text and "=== focus ===" in text

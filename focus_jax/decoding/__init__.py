@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from focus_jax.decoding.base import Canvas, Denoiser, StepContext
@@ -15,6 +16,27 @@ MODES = ("vanilla", "prefix_cache", "dual_cache", "focus")
 DREAM_DENSE_TAIL = 4
 
 
+# The refresh-economy knobs of the cached modes and Focus, as RefreshPolicy's fields.
+_ECONOMY = {"refresh_every_blocks": "every_blocks", "reuse_prompt_kv": "reuse_prompt_kv",
+            "refresh_prompt_window": "prompt_window", "refresh_prompt_globals": "prompt_globals",
+            "refresh_prompt_keep": "prompt_keep", "refresh_prompt_chunk": "prompt_chunk",
+            "refresh_prompt_block": "prompt_block", "refresh_fp8_attention": "fp8_attention",
+            "refresh_fp8_matmul": "fp8_matmul"}
+
+
+def mode_knobs(mode: str) -> tuple[str, ...]:
+  """The option names `make_denoiser` takes for a mode."""
+  if mode == "vanilla":
+    return ("attention_impl", "cache_sharding")
+  if mode == "focus":
+    from focus_jax.focus import FocusConfig  # pylint: disable=g-import-not-at-top
+    own = [f.name for f in dataclasses.fields(FocusConfig)] + ["attention_impl", "cache_sharding"]
+  else:
+    own = [f.name for f in dataclasses.fields(DualCacheDenoiser)
+           if f.name not in ("config", "refresh")]
+  return tuple(own) + tuple(_ECONOMY)
+
+
 def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) -> Denoiser:
   """The denoiser of a decoding mode; `options` are that mode's knobs (Focus: FocusConfig's
   fields plus attention_impl; caches: attention_impl, refresh_every_step; both: the refresh
@@ -23,28 +45,25 @@ def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) ->
   `refresh_prompt_block`, `refresh_fp8_attention` and `refresh_fp8_matmul`, see
   `RefreshPolicy`)."""
   options = dict(options)
+  if mode not in MODES:
+    raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
+  unknown = sorted(set(options) - set(mode_knobs(mode)))
+  if unknown:
+    raise ValueError(f"decoding mode {mode!r} has no knob {', '.join(map(repr, unknown))}; its "
+                     f"knobs: {', '.join(mode_knobs(mode))}")
   if mode == "vanilla":
     options.pop("cache_sharding", None)  # vanilla keeps no cache
     return VanillaDenoiser(config, **options)
-  refresh = RefreshPolicy(every_blocks=options.pop("refresh_every_blocks", 1),
-                          reuse_prompt_kv=options.pop("reuse_prompt_kv", False),
-                          prompt_window=options.pop("refresh_prompt_window", 0),
-                          prompt_globals=options.pop("refresh_prompt_globals", 64),
-                          prompt_keep=options.pop("refresh_prompt_keep", 0.0),
-                          prompt_chunk=options.pop("refresh_prompt_chunk", 1024),
-                          prompt_block=options.pop("refresh_prompt_block", 128),
-                          fp8_attention=options.pop("refresh_fp8_attention", False),
-                          fp8_matmul=options.pop("refresh_fp8_matmul", False))
+  refresh = RefreshPolicy(**{field: options.pop(knob) for knob, field in _ECONOMY.items()
+                             if knob in options})
   if mode == "prefix_cache":
     return PrefixCacheDenoiser(config, refresh=refresh, **options)
   if mode == "dual_cache":
     return DualCacheDenoiser(config, refresh=refresh, **options)
-  if mode == "focus":
-    from focus_jax.focus import FocusConfig, FocusDenoiser  # pylint: disable=g-import-not-at-top
-    impl = options.pop("attention_impl", "auto")
-    cache_sharding = options.pop("cache_sharding", None)
-    if config.family == "dream":
-      options.setdefault("dense_tail", DREAM_DENSE_TAIL)
-    return FocusDenoiser(config, FocusConfig(**options), impl, refresh, cache_sharding)
-  raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
+  from focus_jax.focus import FocusConfig, FocusDenoiser  # pylint: disable=g-import-not-at-top
+  impl = options.pop("attention_impl", "auto")
+  cache_sharding = options.pop("cache_sharding", None)
+  if config.family == "dream":
+    options.setdefault("dense_tail", DREAM_DENSE_TAIL)
+  return FocusDenoiser(config, FocusConfig(**options), impl, refresh, cache_sharding)
 

@@ -24,6 +24,8 @@ Decided (the paper does not publish them), each configurable:
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 
 
@@ -81,5 +83,12 @@ class FocusConfig:
 
   def check(self, n_layers: int) -> None:
     sparse = [l for l in range(n_layers) if not self.is_dense(l, n_layers)]
+    if not sparse and not self.whole_block_active:
+      # (a warning, not an error: tiny test models run Focus's defaults, 6 dense layers, too)
+      logging.warning(
+          "Focus: l_dense=%d and dense_tail=%d leave none of the model's %d layers sparse, so "
+          "no prompt block is pruned and there are no sinks; lower l_dense below %d for "
+          "Focus's sparse attention", self.l_dense, self.dense_tail, n_layers,
+          max(n_layers - self.dense_tail, 1))
     if sparse and self.n_sink and self.l_dense == 0:
       raise ValueError("sinks are found in a dense layer: l_dense must be >= 1 when n_sink > 0")

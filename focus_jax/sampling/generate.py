@@ -36,6 +36,8 @@ class GenerateOutput:
 
 
 def steps_per_block(steps: int, gen_length: int, block_length: int) -> int:
+  if gen_length < 1:
+    raise ValueError(f"gen_length must be >= 1 (the tokens to generate), got {gen_length}")
   if block_length < 1 or gen_length % block_length:
     raise ValueError(f"gen_length ({gen_length}) must be a positive multiple of block_length "
                      f"({block_length})")
