@@ -31,3 +31,10 @@ def gpu_at_least(capability: tuple[int, int] = AMPERE) -> bool:
     return False
   have = cuda_capability()
   return have is None or have >= capability
+
+
+def is_hopper() -> bool:
+  """Whether the default backend is a Hopper GPU (H100 / H200: compute capability 9.x), the one
+  the Mosaic GPU kernels' wgmma and TMA are written for."""
+  have = cuda_capability() if jax.default_backend() == "gpu" else None
+  return have is not None and have[0] == 9

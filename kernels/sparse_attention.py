@@ -18,9 +18,10 @@ Ranges are clipped into 0 <= prompt_start <= response_start <= response_end <= S
 Implementations: "pallas_gpu" (Pallas, Triton lowering; split-KV), "pallas_tpu" (Pallas Mosaic-TPU;
 scalar-prefetched block list), "jax_triton" (the split-KV kernel hand-written in Triton; needs the
 optional jax_triton package and a CUDA GPU), "mosaic_gpu" (the split-KV algorithm as a Mosaic GPU
-kernel, wgmma + TMA, Hopper only; explicit, never picked by "auto"), "xla_gather" (gather the blocks, then dense attention: the
+kernel, wgmma + TMA, Hopper only), "xla_gather" (gather the blocks, then dense attention: the
 baseline), "reference" (dense mask over the whole cache; for tests). "auto" picks the Pallas kernel
-of the backend when the shapes suit it, else "xla_gather".
+of the backend when the shapes suit it, else "xla_gather"; on a Hopper GPU, "mosaic_gpu" where a kv
+head carries at least WGMMA_MIN_ROWS query rows (see `resolve_implementation`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "jax_triton", "mosaic_gpu
                    "reference")
 
 
+# Query rows a kv head carries (GQA group x queries) from which "auto" takes the wgmma kernel on a
+# Hopper GPU: the split-KV loop is then compute-bound, and Triton's mma runs it at about half the
+# rate of wgmma. Dream-7B's 7 heads x 32 slots = 224 rows; at batch 8, 16K (H100, 2026-12-07,
+# one call, benchmarks/results/e2e_h100_ab_dream_b8_wgmma_auto.json): the Focus step with 29 of
+# 32 slots active 13.37 -> 11.70 ms, the dual cache's step 14.89 -> 12.37 ms, the step with 7
+# active 10.72 -> 11.02 ms. The choice is static (the live rows are known only at run time), so
+# it is made for the slots. With few rows (MHA: 32) the Triton kernel is as fast or faster
+# (kernels/README.md).
+WGMMA_MIN_ROWS = 128
+
+
 def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_size: int) -> str:
   """The implementation "auto" stands for on the current backend (explicit names pass through)."""
   if implementation not in IMPLEMENTATIONS:
@@ -53,6 +65,10 @@ def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_s
     return implementation
   backend = jax.default_backend()
   if devices.gpu_at_least() and _gpu.supported(q_shape, k_shape, block_size) is None:
+    rows = q_shape[1] * (q_shape[2] // k_shape[2])
+    if (rows >= WGMMA_MIN_ROWS and devices.is_hopper()
+        and _mgpu.supported(q_shape, k_shape, dtype, block_size) is None):
+      return "mosaic_gpu"
     return "pallas_gpu"
   if backend == "tpu" and _tpu.supported(q_shape, k_shape, dtype, block_size) is None:
     return "pallas_tpu"

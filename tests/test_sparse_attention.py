@@ -756,12 +756,26 @@ def test_mosaic_gpu_plan():
     mgpu.plan(1, 4, 224, 128, 64, 100, wg_rows=32)
 
 
-def test_auto_never_picks_mosaic_gpu(monkeypatch):
+@pytest.mark.parametrize("capability,queries,heads,want", [
+    ("9.0", 32, (28, 4), "mosaic_gpu"),  # Dream-7B's Focus step: 7 x 32 = 224 rows a kv head
+    ("9.0", 33, (28, 4), "mosaic_gpu"),  # its dual cache (the row before the block too)
+    ("9.0", 8, (28, 4), "pallas_gpu"),  # 56 rows: memory-bound, Triton's kernel
+    ("9.0", 32, (32, 32), "pallas_gpu"),  # LLaDA-8B (MHA): 32 rows
+    ("8.0", 32, (28, 4), "pallas_gpu"),  # no wgmma before Hopper
+    ("10.0", 32, (28, 4), "pallas_gpu"),  # nor is the kernel written for Blackwell
+    (None, 32, (28, 4), "pallas_gpu")])  # a GPU that reports no capability (ROCm)
+def test_auto_picks_mosaic_gpu_for_many_rows_a_kv_head_on_hopper(monkeypatch, capability,
+                                                                 queries, heads, want):
+  import types
   monkeypatch.setattr(sa.jax, "default_backend", lambda: "gpu")
-  q, k = (1, 32, 28, 128), (1, 33024, 4, 128)
+  gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability,
+                              device_kind="NVIDIA GPU")
+  monkeypatch.setattr(sa.jax, "devices", lambda *a: [gpu])
+  q, k = (1, queries, heads[0], 128), (1, 33024, heads[1], 128)
   assert mgpu.supported(q, k, jnp.bfloat16, 64) is None
-  assert sa.resolve_implementation("auto", q, k, jnp.bfloat16, 64) == "pallas_gpu"
-  assert sa.resolve_implementation("mosaic_gpu", q, k, jnp.bfloat16, 64) == "mosaic_gpu"
+  assert sa.resolve_implementation("auto", q, k, jnp.bfloat16, 64) == want
+  assert sa.resolve_implementation("auto", q, k, jnp.float32, 64) == "pallas_gpu"  # 16-bit only
+  assert sa.resolve_implementation("pallas_gpu", q, k, jnp.bfloat16, 64) == "pallas_gpu"
 
 
 @pytest.mark.parametrize("layout", ["llada8b", "dream7b"])
