@@ -21,7 +21,7 @@ optional jax_triton package and a CUDA GPU), "mosaic_gpu" (the split-KV algorith
 kernel, wgmma + TMA, Hopper only), "xla_gather" (gather the blocks, then dense attention: the
 baseline), "reference" (dense mask over the whole cache; for tests). "auto" picks the Pallas kernel
 of the backend when the shapes suit it, else "xla_gather"; on a Hopper GPU, "mosaic_gpu" where a kv
-head carries at least WGMMA_MIN_ROWS query rows (see `resolve_implementation`).
+head carries WGMMA_MIN_ROWS to WGMMA_MAX_ROWS query rows (see `resolve_implementation`).
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "jax_triton", "mosaic_gpu
 # 32 slots active 13.37 -> 11.70 ms, the dual cache's step 14.89 -> 12.37 ms, the step with 7
 # active 10.72 -> 11.02 ms. The choice is static (the live rows are known only at run time), so
 # it is made for the slots. With few rows (MHA: 32) the Triton kernel is as fast or faster
-# (kernels/README.md).
-WGMMA_MIN_ROWS = 128
+# (kernels/README.md). Up to WGMMA_MAX_ROWS, the most its GPU checks covered (64 queries of a
+# 7-head group, benchmarks/kernels.py): Dream's prefix cache (257 queries, 1799 rows) stays on
+# Triton; LLaDA's (256 rows a head) takes it, untimed.
+WGMMA_MIN_ROWS, WGMMA_MAX_ROWS = 128, 448
 
 
 def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_size: int) -> str:
@@ -66,7 +68,7 @@ def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_s
   backend = jax.default_backend()
   if devices.gpu_at_least() and _gpu.supported(q_shape, k_shape, block_size) is None:
     rows = q_shape[1] * (q_shape[2] // k_shape[2])
-    if (rows >= WGMMA_MIN_ROWS and devices.is_hopper()
+    if (WGMMA_MIN_ROWS <= rows <= WGMMA_MAX_ROWS and devices.is_hopper()
         and _mgpu.supported(q_shape, k_shape, dtype, block_size) is None):
       return "mosaic_gpu"
     return "pallas_gpu"
