@@ -21,7 +21,7 @@ optional jax_triton package and a CUDA GPU), "mosaic_gpu" (the split-KV algorith
 kernel, wgmma + TMA, Hopper only), "xla_gather" (gather the blocks, then dense attention: the
 baseline), "reference" (dense mask over the whole cache; for tests). "auto" picks the Pallas kernel
 of the backend when the shapes suit it, else "xla_gather"; on a Hopper GPU, "mosaic_gpu" where a kv
-head carries WGMMA_MIN_ROWS to WGMMA_MAX_ROWS query rows (see `resolve_implementation`).
+head of a query group carries WGMMA_MIN_ROWS to WGMMA_MAX_ROWS query rows (`resolve_implementation`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "jax_triton", "mosaic_gpu
 # it is made for the slots. With few rows (MHA: 32) the Triton kernel is as fast or faster
 # (kernels/README.md). Up to WGMMA_MAX_ROWS, the most its GPU checks covered (64 queries of a
 # 7-head group, benchmarks/kernels.py): Dream's prefix cache (257 queries, 1799 rows) stays on
-# Triton; LLaDA's (256 rows a head) takes it, untimed.
+# Triton. Grouped-query layouts only: it was measured there; MHA reaches 128 rows only in
+# LLaDA's prefix cache (256 queries), which was not timed with it.
 WGMMA_MIN_ROWS, WGMMA_MAX_ROWS = 128, 448
 
 
@@ -67,8 +68,9 @@ def resolve_implementation(implementation: str, q_shape, k_shape, dtype, block_s
     return implementation
   backend = jax.default_backend()
   if devices.gpu_at_least() and _gpu.supported(q_shape, k_shape, block_size) is None:
-    rows = q_shape[1] * (q_shape[2] // k_shape[2])
-    if (WGMMA_MIN_ROWS <= rows <= WGMMA_MAX_ROWS and devices.is_hopper()
+    group = q_shape[2] // k_shape[2]
+    rows = q_shape[1] * group
+    if (group > 1 and WGMMA_MIN_ROWS <= rows <= WGMMA_MAX_ROWS and devices.is_hopper()
         and _mgpu.supported(q_shape, k_shape, dtype, block_size) is None):
       return "mosaic_gpu"
     return "pallas_gpu"
