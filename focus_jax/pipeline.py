@@ -225,8 +225,7 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
                  **sampler_options) -> Generation:
   """Token-level entry point (prompts already tokenized and padded); compiles once per shape."""
   check_prompt(model.config, prompt, prompt_mask)
-  sharding.check_same_on_every_host(prompt=prompt, seed=seed, **(
-      {} if prompt_mask is None else {"prompt_mask": prompt_mask}))
+  sharding.check_same_on_every_host(prompt=prompt, prompt_mask=prompt_mask, seed=seed)
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,
                       block_length=block_length, **sampler_options)
   data, heads = 1, 1

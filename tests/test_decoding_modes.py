@@ -232,10 +232,18 @@ def test_bad_focus_options_fail_early():
     llada_rule(cfg, steps=8, gen_length=0, block_length=8)
 
 
-def test_focus_without_a_sparse_layer_says_so(caplog):
+def test_focus_without_a_sparse_layer_says_so(caplog, monkeypatch):
+  from focus_jax.focus import config as focus_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(focus_config, "_WARNED_ALL_DENSE", set())
   with caplog.at_level(logging.WARNING):
     make_denoiser(tiny("llada"), "focus")  # 6 dense layers (the default) of 4
-  assert "leave none of the model's 4 layers sparse" in caplog.text
+    make_denoiser(tiny("llada"), "focus")  # said once
+  assert caplog.text.count("leave none of the model's 4 layers sparse") == 1
+  assert "lower l_dense below 4" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    make_denoiser(tiny("dream"), "focus", l_dense=0, dense_tail=4, n_sink=0)
+  assert "lower dense_tail below 4" in caplog.text
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     make_denoiser(tiny("llada"), "focus", l_dense=2)
