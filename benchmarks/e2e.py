@@ -29,7 +29,8 @@ import numpy as np
 from focus_jax import memory, presets, step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.decoding import cache as kv
-from focus_jax.focus import pruning
+from focus_jax.focus import FocusConfig, pruning
+from focus_jax.kernels.sparse_attention import resolve_implementation
 from focus_jax.models import param_map
 from focus_jax.models.config import MATMUL_IMPLS
 from focus_jax.models.transformer import compiler_options
@@ -82,6 +83,24 @@ def parse_knobs(text: str) -> dict:
     else:
       out[key] = {"true": True, "false": False}.get(value.lower(), value)
   return out
+
+
+def split_kv_impl(cfg, mode: str, batch: int, block: int, length: int, options: dict) -> dict:
+  """The split-KV kernels "auto" resolves to for this run's cached steps ("auto" depends on the
+  GPU and the rows a kv head carries): Focus's slots (one a block position) and the dual
+  cache's rows (Dream: the row before the block too). Recorded so each row names its kernels."""
+  if mode not in ("focus", "dual_cache"):
+    return {}
+  rows = block + (1 if mode == "dual_cache" and cfg.logit_shift else 0)
+  q = (batch, rows, cfg.n_heads, cfg.head_dim)
+  k = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  dense = resolve_implementation("auto", q, k, cfg.jnp_dtype, kv.DECODE_BLOCK)
+  if mode == "dual_cache":
+    return {"dense": dense}
+  sparse = options.get("sparse_impl", "auto")
+  block_size = options.get("prompt_block_size", FocusConfig().prompt_block_size)
+  return {"dense": dense, "sparse": resolve_implementation(sparse, q, k, cfg.jnp_dtype,
+                                                           block_size)}
 
 
 def flops_forward(cfg, tokens: int, context: int) -> float:
@@ -209,6 +228,8 @@ def main(argv):
         if options.get("refresh_fp8_attention"):  # as generate refuses it
           check_fp8_pads(np.asarray(prompt_mask), FLAGS.gen)
       row["pad"] = FLAGS.pad
+      row["split_kv_impl"] = split_kv_impl(cfg, mode, batch, block, context + FLAGS.gen,
+                                           options)
       canvas = loop.make_canvas(prompt, prompt_mask, FLAGS.gen, block, cfg.mask_token_id)
       denoiser = make_denoiser(cfg, mode, **options)
       sampler = {"threshold": threshold} if threshold else {}

@@ -41,6 +41,10 @@ def test_e2e_variants_and_plot(tmp_path):
   every = long["seconds"] + (32 - blocks) * (long["sparse_step_spread_s"] - long["sparse_step_s"])
   assert long["tokens_per_s_spread"] == pytest.approx(32 / every)
   assert "sparse_step_spread_s" not in by[(256, "dual_cache")]
+  # Each row names the split-KV kernels "auto" resolved to (on the CPU: XLA's gather).
+  assert long["split_kv_impl"] == {"dense": "xla_gather", "sparse": "xla_gather"}
+  assert by[(256, "dual_cache")]["split_kv_impl"] == {"dense": "xla_gather"}
+  assert by[(128, "vanilla")]["split_kv_impl"] == {}
   # Threshold decoding always generates: its step count is data-dependent.
   thr = by[(256, "focus+threshold=0.5")]
   # (at most one step a token, and a block one step more past its schedule)
