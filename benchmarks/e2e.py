@@ -94,12 +94,12 @@ def split_kv_impl(cfg, mode: str, batch: int, block: int, length: int, options: 
   rows = block + (1 if mode == "dual_cache" and cfg.logit_shift else 0)
   q = (batch, rows, cfg.n_heads, cfg.head_dim)
   k = (batch, length, cfg.n_kv_heads, cfg.head_dim)
-  dense = resolve_implementation("auto", q, k, cfg.jnp_dtype, kv.DECODE_BLOCK)
+  chosen = options.get("sparse_impl", "auto")  # Focus's knob names both; the caches: auto
+  dense = resolve_implementation(chosen, q, k, cfg.jnp_dtype, kv.DECODE_BLOCK)
   if mode == "dual_cache":
     return {"dense": dense}
-  sparse = options.get("sparse_impl", "auto")
   block_size = options.get("prompt_block_size", FocusConfig().prompt_block_size)
-  return {"dense": dense, "sparse": resolve_implementation(sparse, q, k, cfg.jnp_dtype,
+  return {"dense": dense, "sparse": resolve_implementation(chosen, q, k, cfg.jnp_dtype,
                                                            block_size)}
 
 

@@ -427,6 +427,35 @@ def test_prefix_cache_steps_rewrite_the_rows_from_the_block_on(model):
   np.testing.assert_array_equal(changed[:, :first], False)
 
 
+@pytest.mark.parametrize("sparse_impl", ["auto", "xla_gather"])
+def test_focus_sparse_impl_names_every_split_kv_call_of_a_step(sparse_impl, monkeypatch):
+  """Focus's `sparse_impl` names the kernel of its dense layers' calls over the whole cache
+  (the sink layer's included), not only of its sparse layers: on a GPU, `pallas_gpu` then
+  runs Triton's kernel everywhere, whatever "auto" would pick (the CPU runs these calls in XLA,
+  so the GPU/TPU path is forced here)."""
+  from focus_jax import step_timing  # pylint: disable=g-import-not-at-top
+  seen, all_blocks = [], kv.all_blocks_attention
+
+  def recording(*args, implementation="auto", **kwargs):
+    seen.append(implementation)
+    return all_blocks(*args, implementation="xla_gather", **kwargs)
+
+  monkeypatch.setattr(kv, "uses_split_kv", lambda k, impl="auto": impl == "auto")
+  monkeypatch.setattr(kv, "all_blocks_attention", recording)
+  jax.clear_caches()
+  cfg = tiny("llada")
+  params = Transformer(cfg).init_params(jax.random.key(3))
+  tokens, mask = prompts()
+  canvas = loop.make_canvas(tokens, mask, GEN, BLOCK, MASK)
+  denoiser = make_denoiser(cfg, "focus", l_dense=2, prompt_block_size=16,
+                           sparse_impl=sparse_impl)
+  entry = step_timing.entry_context(canvas, 2)
+  _, _, state = denoiser.window_logits(params, canvas, denoiser.init_state(params, canvas), entry)
+  seen.clear()
+  denoiser.window_logits(params, canvas, state, entry.replace(block_entry=False))
+  assert seen == [sparse_impl] * 2, seen  # layer 0, and layer 1 (the sinks')
+
+
 def test_dual_cache_steps_rewrite_the_whole_block(model):
   """A dual-cache step rewrites the K/V of every row of its block (Dream: and of the row before
   it, whose query gives the block's first logit) and of no row outside. Dream's shifted queries

@@ -360,14 +360,16 @@ def uses_split_kv(k_cache: jax.Array, implementation: str = "auto") -> bool:
 def dense_over_cache(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      key_valid: jax.Array | None, prompt_start: jax.Array, prompt_length: int,
                      implementation: str = "auto",
-                     query_counts: jax.Array | None = None) -> jax.Array:
+                     query_counts: jax.Array | None = None,
+                     split_kv_impl: str = "auto") -> jax.Array:
   """Few queries over a whole cache. On GPU/TPU the split-KV kernel (cuDNN and XLA do not split
-  the key axis for few queries: about 1 TB/s); elsewhere the XLA path with the key mask.
-  `query_counts` [B] lets the kernel skip padded query slots (queries t >= count: their
-  outputs are not to be used)."""
+  the key axis for few queries: about 1 TB/s), `split_kv_impl` naming which (see
+  `kernels.sparse_attention`); elsewhere the XLA path with the key mask. `query_counts` [B]
+  lets the kernel skip padded query slots (queries t >= count: their outputs are not to be
+  used)."""
   if uses_split_kv(k_cache, implementation):
     return all_blocks_attention(q, k_cache, v_cache, prompt_start, prompt_length,
-                                query_counts=query_counts)
+                                implementation=split_kv_impl, query_counts=query_counts)
   impl = "xla" if implementation == "auto" else implementation
   return dense_attention.attention(q, k_cache, v_cache, key_valid=key_valid, implementation=impl)
 

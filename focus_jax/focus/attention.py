@@ -63,14 +63,15 @@ class FocusAttend:
       if layer == self.focus.sink_layer(self.n_layers):
         out, scores = sinks.attention_with_sink_scores(
             q, k_cache, v_cache, self.key_valid, self.query_valid, self.prompt_start,
-            self.prompt_length, self.attention_impl)
+            self.prompt_length, self.attention_impl, split_kv_impl=self.focus.sparse_impl)
         positions, valid = sinks.select_sinks(scores, self.prompt_start, self.prompt_length,
                                               self.focus.n_sink)
         carry = carry.replace(sink_positions=positions, sink_valid=valid)
       else:
         out = kv.dense_over_cache(q, k_cache, v_cache, self.key_valid, self.prompt_start,
                                   self.prompt_length, self.attention_impl,
-                                  query_counts=self.query_counts)
+                                  query_counts=self.query_counts,
+                                  split_kv_impl=self.focus.sparse_impl)
       if self.focus.diagnostics:
         n_keys = k_cache.shape[1] if self.key_valid is None else jnp.mean(
             jnp.sum(self.key_valid, axis=1))

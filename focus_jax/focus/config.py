@@ -49,7 +49,9 @@ class FocusConfig:
   # Test knob: I_active = the whole block (with l_dense = n_layers and alpha = 1 Focus must then
   # reproduce the dual cache exactly).
   whole_block_active: bool = False
-  sparse_impl: str = "auto"  # block-sparse attention implementation (kernels.sparse_attention)
+  # The split-KV kernels of a step (kernels.sparse_attention): the sparse layers' and, on a GPU
+  # or TPU, the dense layers' over the whole cache.
+  sparse_impl: str = "auto"
   # Block relevance and top-alpha selection: "xla" (GEMM, softmax, top_k) or "pallas_gpu" (one
   # fused kernel over the focus slots; measured slower on an H100, kernels/block_relevance.py).
   relevance_impl: str = "xla"

@@ -18,7 +18,7 @@ from focus_jax.kernels.dense_attention import MASK_VALUE
 def attention_with_sink_scores(q: jax.Array, k: jax.Array, v: jax.Array,
                                key_valid: jax.Array | None, query_valid: jax.Array,
                                prompt_start: jax.Array, prompt_length: int,
-                               attention_impl: str = "auto"):
+                               attention_impl: str = "auto", split_kv_impl: str = "auto"):
   """Dense attention that also returns the sink score of every key.
 
   q [B, A, Hq, D], k/v [B, S, Hkv, D], key_valid [B, S] (the keys at or after prompt_start),
@@ -32,7 +32,8 @@ def attention_with_sink_scores(q: jax.Array, k: jax.Array, v: jax.Array,
   if kv.uses_split_kv(k, attention_impl):
     counts = jnp.sum(query_valid, axis=1, dtype=jnp.int32)
     out, lse = kv.all_blocks_attention(q, k, v, prompt_start, prompt_length,
-                                       query_counts=counts, return_lse=True)
+                                       implementation=split_kv_impl, query_counts=counts,
+                                       return_lse=True)
     return out, attention_mass(q, k, lse, query_valid.astype(jnp.float32) / hq)
   hkv = k.shape[2]
   qg = q.reshape(b, a, hkv, hq // hkv, d)
