@@ -94,7 +94,7 @@ def split_kv_impl(cfg, mode: str, batch: int, block: int, length: int, options: 
   rows = block + (1 if mode == "dual_cache" and cfg.logit_shift else 0)
   q = (batch, rows, cfg.n_heads, cfg.head_dim)
   k = (batch, length, cfg.n_kv_heads, cfg.head_dim)
-  chosen = options.get("sparse_impl", "auto")  # Focus's knob names both; the caches: auto
+  chosen = options.get("sparse_impl" if mode == "focus" else "split_kv_impl", "auto")
   dense = resolve_implementation(chosen, q, k, cfg.jnp_dtype, kv.DECODE_BLOCK)
   if mode == "dual_cache":
     return {"dense": dense}

@@ -36,7 +36,7 @@ def decoding_knobs() -> ml_collections.ConfigDict:
              "refresh_fp8_attention": False,
              "refresh_fp8_matmul": False}
   focus.update(economy)
-  cache = {"refresh_every_step": False, **economy}
+  cache = {"refresh_every_step": False, "split_kv_impl": "auto", **economy}
   return ml_collections.ConfigDict({
       "vanilla": {}, "prefix_cache": dict(cache), "dual_cache": dict(cache), "focus": focus})
 

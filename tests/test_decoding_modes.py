@@ -428,11 +428,11 @@ def test_prefix_cache_steps_rewrite_the_rows_from_the_block_on(model):
 
 
 @pytest.mark.parametrize("sparse_impl", ["auto", "xla_gather"])
-def test_focus_sparse_impl_names_every_split_kv_call_of_a_step(sparse_impl, monkeypatch):
+def test_split_kv_kernel_is_named_for_every_call_of_a_step(sparse_impl, monkeypatch):
   """Focus's `sparse_impl` names the kernel of its dense layers' calls over the whole cache
-  (the sink layer's included), not only of its sparse layers: on a GPU, `pallas_gpu` then
-  runs Triton's kernel everywhere, whatever "auto" would pick (the CPU runs these calls in XLA,
-  so the GPU/TPU path is forced here)."""
+  (the sink layer's included), not only of its sparse layers, and the caches' `split_kv_impl`
+  theirs: on a GPU, `pallas_gpu` then runs Triton's kernel everywhere, whatever "auto" would
+  pick (the CPU runs these calls in XLA, so the GPU/TPU path is forced here)."""
   from focus_jax import step_timing  # pylint: disable=g-import-not-at-top
   seen, all_blocks = [], kv.all_blocks_attention
 
@@ -454,6 +454,12 @@ def test_focus_sparse_impl_names_every_split_kv_call_of_a_step(sparse_impl, monk
   seen.clear()
   denoiser.window_logits(params, canvas, state, entry.replace(block_entry=False))
   assert seen == [sparse_impl] * 2, seen  # layer 0, and layer 1 (the sinks')
+  # The caches name theirs with `split_kv_impl` (every layer's call over the cache).
+  dual = make_denoiser(cfg, "dual_cache", split_kv_impl=sparse_impl)
+  _, _, cache = dual.window_logits(params, canvas, dual.init_state(params, canvas), entry)
+  seen.clear()
+  dual.window_logits(params, canvas, cache, entry.replace(block_entry=False))
+  assert seen == [sparse_impl] * cfg.n_layers, seen
 
 
 def test_dual_cache_steps_rewrite_the_whole_block(model):

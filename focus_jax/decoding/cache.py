@@ -164,7 +164,8 @@ def response_window_logits(config: ModelConfig, params, hidden: jax.Array,
 
 
 def response_refresh(config: ModelConfig, params, canvas: Canvas, cache: "KVCache",
-                     block_start: jax.Array, window: int, attention_impl: str):
+                     block_start: jax.Array, window: int, attention_impl: str,
+                     split_kv_impl: str = "auto"):
   """A later block's entry under `reuse_prompt_kv`: (window logits, cache).
 
   The response rows run against the cached prompt K/V and rewrite their own, the canvas's last
@@ -173,7 +174,8 @@ def response_refresh(config: ModelConfig, params, canvas: Canvas, cache: "KVCach
   block 0's, whose entry is a full refresh.
   """
   queries = response_queries(config, canvas, canvas.tokens.shape[0], first_logit=False)
-  hidden, cache, _ = cached_forward(config, params, canvas, cache, queries, attention_impl)
+  hidden, cache, _ = cached_forward(config, params, canvas, cache, queries, attention_impl,
+                                    split_kv_impl=split_kv_impl)
   return response_window_logits(config, params, hidden, queries, block_start, window), cache
 
 
@@ -388,6 +390,7 @@ class CachedAttention:
   prompt_length: int
   attention_impl: str = "auto"
   attend: Callable[..., Any] | None = None
+  split_kv_impl: str = "auto"  # the kernel of dense attention over the cache (GPU, TPU)
 
   def __call__(self, layer, q, k, v, layer_state, carry, query_rows=None):
     if query_rows is not None:
@@ -398,13 +401,15 @@ class CachedAttention:
       out, carry = self.attend(layer, q, k_cache, v_cache, carry)
     else:
       out = dense_over_cache(q, k_cache, v_cache, self.key_valid, self.prompt_start,
-                             self.prompt_length, self.attention_impl)
+                             self.prompt_length, self.attention_impl,
+                             split_kv_impl=self.split_kv_impl)
     return out, (k_cache, v_cache), carry
 
 
 def cached_forward(config: ModelConfig, params, canvas: Canvas, cache: KVCache,
                    queries: QuerySet, attention_impl: str = "auto",
-                   attend: Callable[..., Any] | None = None, carry: Any = None):
+                   attend: Callable[..., Any] | None = None, carry: Any = None,
+                   split_kv_impl: str = "auto"):
   """Runs the query set against the cache: (final hidden [B, A, D], new cache, carry)."""
   chex.assert_equal_shape([queries.positions, queries.valid, queries.write])
   positions, key_valid = canvas_masks(config, canvas)
@@ -412,7 +417,7 @@ def cached_forward(config: ModelConfig, params, canvas: Canvas, cache: KVCache,
   tokens = jnp.take_along_axis(canvas.tokens, safe, axis=1)
   query_positions = jnp.take_along_axis(positions, safe, axis=1)
   attention = CachedAttention(queries, key_valid, prompt_start_of(canvas), canvas.prompt_length,
-                              attention_impl, attend)
+                              attention_impl, attend, split_kv_impl)
   hidden, kv, carry = Transformer(config).apply(
       {"params": params}, tokens, query_positions, attention,
       tuple(zip(cache.k, cache.v)), carry)

@@ -31,6 +31,9 @@ from focus_jax.models.config import ModelConfig
 class _CachedDenoiser:
   config: ModelConfig
   attention_impl: str = "auto"
+  # The split-KV kernel of a step's attention over the cache on a GPU or TPU
+  # (kernels.sparse_attention: "auto", "pallas_gpu", "mosaic_gpu", ...).
+  split_kv_impl: str = "auto"
   refresh_every_step: bool = False
   refresh: kv.RefreshPolicy = kv.RefreshPolicy()
   cache_sharding: Any = None  # a NamedSharding for [B, L, Hkv, D] (focus_jax.sharding)
@@ -58,7 +61,7 @@ class _CachedDenoiser:
 
     def response_refresh(c):
       return kv.response_refresh(self.config, params, canvas, c, ctx.block_start, w,
-                                 self.attention_impl)
+                                 self.attention_impl, self.split_kv_impl)
 
     def step(c):
       return self._step(params, canvas, c, ctx)
@@ -84,7 +87,8 @@ class DualCacheDenoiser(_CachedDenoiser):
     ones = jnp.ones((b, rows), bool)
     hidden, cache, _ = kv.cached_forward(self.config, params, canvas, cache,
                                          kv.QuerySet(src, ones, ones, window_start=src[0, 0],
-                                                     window=rows), self.attention_impl)
+                                                     window=rows), self.attention_impl,
+                                         split_kv_impl=self.split_kv_impl)
     return kv.logits_at(self.config, params, hidden[:, :w]), cache
 
 
@@ -95,6 +99,6 @@ class PrefixCacheDenoiser(_CachedDenoiser):
     shift = 1 if self.config.logit_shift else 0
     queries = kv.response_queries(self.config, canvas, b, write_from=ctx.block_start - shift)
     hidden, cache, _ = kv.cached_forward(self.config, params, canvas, cache, queries,
-                                         self.attention_impl)
+                                         self.attention_impl, split_kv_impl=self.split_kv_impl)
     return kv.response_window_logits(self.config, params, hidden, queries, ctx.block_start,
                                      w), cache

@@ -121,7 +121,7 @@ class FocusDenoiser:
     def response_refresh(s: FocusState):
       # Prompt K/V (and so the representative keys) are kept; the response is recomputed.
       logits, cache = kv.response_refresh(self.config, params, canvas, s.cache, ctx.block_start,
-                                          w, self.attention_impl)
+                                          w, self.attention_impl, self.focus.sparse_impl)
       return logits, jnp.ones((b, w), bool), s.replace(cache=cache, stats=counted(s.stats))
 
     def sparse(s: FocusState):
