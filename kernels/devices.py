@@ -36,5 +36,5 @@ def gpu_at_least(capability: tuple[int, int] = AMPERE) -> bool:
 def is_hopper() -> bool:
   """Whether the default backend is a Hopper GPU (H100 / H200: compute capability 9.x), the one
   the Mosaic GPU kernels' wgmma and TMA are written for."""
-  have = cuda_capability() if jax.default_backend() == "gpu" else None
+  have = cuda_capability()
   return have is not None and have[0] == 9

@@ -232,9 +232,9 @@ def test_bad_focus_options_fail_early():
     llada_rule(cfg, steps=8, gen_length=0, block_length=8)
 
 
-def test_focus_without_a_sparse_layer_says_so(caplog, monkeypatch):
+def test_focus_without_a_sparse_layer_says_so(caplog):
   from focus_jax.focus import config as focus_config  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(focus_config, "_WARNED_ALL_DENSE", set())
+  focus_config.warn_all_dense.cache_clear()
   with caplog.at_level(logging.WARNING):
     make_denoiser(tiny("llada"), "focus")  # 6 dense layers (the default) of 4
     make_denoiser(tiny("llada"), "focus")  # said once

@@ -25,16 +25,19 @@ _ECONOMY = {"refresh_every_blocks": "every_blocks", "reuse_prompt_kv": "reuse_pr
 
 
 def mode_knobs(mode: str) -> tuple[str, ...]:
-  """The option names `make_denoiser` takes for a mode."""
-  if mode == "vanilla":
-    return ("attention_impl", "cache_sharding")
+  """The option names `make_denoiser` takes for a mode: its denoiser's fields (Focus: and
+  FocusConfig's), the refresh economy's for the cached modes, and `cache_sharding` (which
+  vanilla, keeping no cache, ignores)."""
+  from focus_jax.focus import FocusConfig, FocusDenoiser  # pylint: disable=g-import-not-at-top
+  denoiser = {"vanilla": VanillaDenoiser, "prefix_cache": PrefixCacheDenoiser,
+              "dual_cache": DualCacheDenoiser, "focus": FocusDenoiser}[mode]
+  own = [f.name for f in dataclasses.fields(denoiser) if f.name not in ("config", "refresh",
+                                                                        "focus")]
   if mode == "focus":
-    from focus_jax.focus import FocusConfig  # pylint: disable=g-import-not-at-top
-    own = [f.name for f in dataclasses.fields(FocusConfig)] + ["attention_impl", "cache_sharding"]
-  else:
-    own = [f.name for f in dataclasses.fields(DualCacheDenoiser)
-           if f.name not in ("config", "refresh")]
-  return tuple(own) + tuple(_ECONOMY)
+    own = [f.name for f in dataclasses.fields(FocusConfig)] + own
+  if mode == "vanilla":
+    return (*own, "cache_sharding")
+  return (*own, *_ECONOMY)
 
 
 def make_denoiser(config: ModelConfig, mode: str = "vanilla", **options: Any) -> Denoiser:

@@ -24,11 +24,9 @@ Decided (the paper does not publish them), each configurable:
 
 from __future__ import annotations
 
-import logging
-
-_WARNED_ALL_DENSE: set[tuple[int, int, int]] = set()  # (l_dense, dense_tail, layers) said once
-
 import dataclasses
+import functools
+import logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +85,18 @@ class FocusConfig:
 
   def check(self, n_layers: int) -> None:
     sparse = [l for l in range(n_layers) if not self.is_dense(l, n_layers)]
-    key = (self.l_dense, self.dense_tail, n_layers)
-    if not sparse and not self.whole_block_active and key not in _WARNED_ALL_DENSE:
+    if not sparse and not self.whole_block_active:
       # (a warning, not an error: tiny test models run Focus's defaults, 6 dense layers, too)
-      _WARNED_ALL_DENSE.add(key)
-      fix = (f"lower l_dense below {n_layers - self.dense_tail}" if self.dense_tail < n_layers
-             else f"lower dense_tail below {n_layers}")
-      logging.warning(
-          "Focus: l_dense=%d and dense_tail=%d leave none of the model's %d layers sparse, so "
-          "no prompt block is pruned and there are no sinks; %s for Focus's sparse attention",
-          self.l_dense, self.dense_tail, n_layers, fix)
+      warn_all_dense(self.l_dense, self.dense_tail, n_layers)
     if sparse and self.n_sink and self.l_dense == 0:
       raise ValueError("sinks are found in a dense layer: l_dense must be >= 1 when n_sink > 0")
+
+
+@functools.cache  # once per setting
+def warn_all_dense(l_dense: int, dense_tail: int, n_layers: int) -> None:
+  fix = (f"lower l_dense below {n_layers - dense_tail}" if dense_tail < n_layers
+         else f"lower dense_tail below {n_layers}")
+  logging.warning(
+      "Focus: l_dense=%d and dense_tail=%d leave none of the model's %d layers sparse, so no "
+      "prompt block is pruned and there are no sinks; %s for Focus's sparse attention",
+      l_dense, dense_tail, n_layers, fix)

@@ -144,20 +144,22 @@ class FocusDenoiser:
     shift = 1 if mcfg.logit_shift else 0
     capacity = min(w, cfg.active_capacity or w)
     slots, valid = indicator.active_slots(active, focus, ctx.masked, capacity)
+    query_focus = valid & jnp.take_along_axis(focus, slots, axis=1)
     live = valid  # slots run through the model; `valid` ones also give logits
     if cfg.whole_block_active and shift:
       # As Dream's dual cache: the block's last row runs too (slot w), for its K/V only.
-      slots = jnp.broadcast_to(jnp.arange(w + 1, dtype=jnp.int32), (b, w + 1))
-      valid, live = slots < w, jnp.ones((b, w + 1), bool)
+      none = jnp.zeros((b, 1), bool)
+      slots = jnp.concatenate([slots, jnp.full((b, 1), w, jnp.int32)], axis=1)
+      valid, query_focus = (jnp.concatenate([x, none], axis=1) for x in (valid, query_focus))
+      live = jnp.concatenate([live, ~none], axis=1)
     # Dream: the logits of position j come from position j-1, so that is the query to run.
     positions = jnp.maximum(ctx.block_start + slots - shift, 0)
     queries = kv.QuerySet(positions=positions, valid=live, write=live,
                           window_start=ctx.block_start - shift, window=max(w, slots.shape[1]))
     _, key_valid = kv.canvas_masks(mcfg, canvas)
-    in_block = jnp.minimum(slots, w - 1)
     attend = FocusAttend(
-        focus=cfg, n_layers=mcfg.n_layers, query_valid=live,
-        query_focus=valid & jnp.take_along_axis(focus, in_block, axis=1), key_valid=key_valid,
+        focus=cfg, n_layers=mcfg.n_layers, query_valid=live, query_focus=query_focus,
+        key_valid=key_valid,
         prompt_start=kv.prompt_start_of(canvas), prompt_length=canvas.prompt_length,
         representatives=state.representatives, block_valid=state.block_valid,
         attention_impl=self.attention_impl)
