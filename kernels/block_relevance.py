@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from focus_jax.kernels import partition
 from focus_jax.kernels.sparse.common import group_queries
 
 IMPLEMENTATIONS = ("xla", "pallas_gpu")
@@ -342,6 +343,17 @@ def select_top_blocks(q: jax.Array, query_weight: jax.Array, representatives: ja
   if live_queries is None:
     live_queries = jnp.full((b,), t, jnp.int32)
   chex.assert_shape(live_queries, (b,))
+  mesh = partition.active_mesh()
+  if mesh is not None:  # each device selects for its own rows and kv heads
+    spec = partition.specs(mesh, batch=b, kv_heads=hkv)
+    per_head = spec("rows", "heads", None)
+    outs = (per_head, spec("rows", "heads")) + ((per_head,) if return_relevance else ())
+    return partition.per_device(
+        functools.partial(select_top_blocks_pallas, keep=keep, bound=bound, scale=scale,
+                          chunk=chunk, return_relevance=return_relevance, interpret=interpret),
+        mesh, (spec("rows", None, "heads", None), spec("rows", None), spec("rows"),
+               spec("rows", "heads", None, None), spec("rows", None)), outs)(
+                   q, query_weight, live_queries, representatives, block_valid)
   return select_top_blocks_pallas(q, query_weight, live_queries, representatives, block_valid,
                                   keep=keep, bound=bound, scale=scale, chunk=chunk,
                                   return_relevance=return_relevance, interpret=interpret)

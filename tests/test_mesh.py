@@ -1,6 +1,7 @@
 """Several devices: meshes that would split a head or the batch's rows are refused up front, the
-memory check counts a device's share, and the Pallas kernels run on each device's own rows and
-heads instead of on gathered copies (4 forced CPU devices, in a subprocess)."""
+memory check counts a device's share, and the Pallas kernels (sparse attention, splash, Focus's
+block selection) run on each device's own rows and heads instead of on gathered copies (4 forced
+CPU devices, in a subprocess)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,28 @@ with jax.set_mesh(mesh):
       *a, implementation="pallas_tpu", interpret=True, **kw))(*args)
 np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 assert seen == [("sparse", (1, hkv // 2, t * hq // hkv, d), (1, s, 1, d))], seen
+
+# Focus's fused block selection (Triton's kernel, interpreted): each device its rows, kv heads.
+from focus_jax.kernels import block_relevance as br
+select = br.select_top_blocks_pallas
+def recording_select(q, *args, **kw):
+  seen.append(("select", q.shape, args[2].shape))
+  return select(q, *args, **kw)
+br.select_top_blocks_pallas = recording_select
+reps = jax.device_put(jnp.asarray(rng.normal(size=(b, hkv, 16, d)), jnp.float32),
+                      NamedSharding(mesh, P("data", "model", None, None)))
+weight = jnp.asarray(rng.random((b, t)), jnp.float32)
+block_ok = jnp.arange(16)[None, :] < jnp.asarray([16, 11])[:, None]
+sel_kw = dict(keep=4, bound=False, live_queries=live, return_relevance=True)
+w_live = jnp.where(jnp.arange(t)[None, :] < live[:, None], weight, 0.0)
+want_ids, want_n, want_rel = br.select_top_blocks(q, w_live, reps, block_ok, **sel_kw)
+with jax.set_mesh(mesh):
+  ids_, n_, rel_ = jax.jit(lambda *a: br.select_top_blocks(
+      *a, implementation="pallas_gpu", interpret=True, **sel_kw))(q, w_live, reps, block_ok)
+np.testing.assert_array_equal(np.asarray(n_), np.asarray(want_n))
+np.testing.assert_array_equal(np.sort(np.asarray(ids_), -1), np.sort(np.asarray(want_ids), -1))
+np.testing.assert_allclose(np.asarray(rel_), np.asarray(want_rel), atol=1e-5, rtol=1e-5)
+assert seen[-1] == ("select", (1, t, hq // 2, d), (1, hkv // 2, 16, d)), seen
 
 # Splash attention (interpreted) for a refresh, pad keys masked.
 splash = dense_attention.splash_attention
