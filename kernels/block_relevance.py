@@ -126,23 +126,36 @@ def row_weights(query_weight: jax.Array, group: int) -> jax.Array:
   return jnp.repeat(query_weight.astype(jnp.float32), group, axis=1) / group
 
 
-def top_blocks(relevance: jax.Array, block_valid: jax.Array, keep: int):
+def top_blocks(relevance: jax.Array, block_valid: jax.Array, keep: int,
+               row_keep: jax.Array | None = None):
   """relevance [B, G, NB], block_valid [B, NB] -> (ids [B, G, keep] int32 by `lax.top_k`,
-  counts [B, G] int32 = min(keep, valid blocks)): invalid blocks score -inf and come last."""
+  counts [B, G] int32 = min(keep, row_keep, valid blocks)): invalid blocks score -inf and come
+  last. `row_keep` [B] (None: `keep`) caps each row's count below the static `keep`."""
   _, ids = lax.top_k(jnp.where(block_valid[:, None, :], relevance, -jnp.inf), keep)
   n_valid = jnp.sum(block_valid, axis=1, dtype=jnp.int32)
-  counts = jnp.broadcast_to(jnp.minimum(keep, n_valid)[:, None], relevance.shape[:2])
+  cap = _row_cap(row_keep, keep, n_valid.shape[0])
+  counts = jnp.broadcast_to(jnp.minimum(cap, n_valid)[:, None], relevance.shape[:2])
   return ids.astype(jnp.int32), counts
 
 
+def _row_cap(row_keep: jax.Array | None, keep: int, bsz: int) -> jax.Array:
+  """Each row's most kept blocks, [B] int32 in [0, keep]."""
+  if row_keep is None:
+    return jnp.full((bsz,), keep, jnp.int32)
+  row_keep = jnp.asarray(row_keep, jnp.int32)
+  chex.assert_shape(row_keep, (bsz,))
+  return jnp.clip(row_keep, 0, keep)
+
+
 def select_top_blocks_xla(q, query_weight, representatives, block_valid, *, keep: int,
-                          bound: bool, scale: float, return_relevance: bool = False):
+                          bound: bool, scale: float, return_relevance: bool = False,
+                          row_keep: jax.Array | None = None):
   """`block_relevance` over the (t, g) rows, then `top_blocks` (ids in relevance order)."""
   hkv = representatives.shape[1]
   relevance = block_relevance_xla(group_queries(q, hkv),
                                   row_weights(query_weight, q.shape[2] // hkv), representatives,
                                   block_valid, bound=bound, scale=scale)
-  out = top_blocks(relevance, block_valid, keep)
+  out = top_blocks(relevance, block_valid, keep, row_keep)
   return out + (relevance,) if return_relevance else out
 
 
@@ -156,9 +169,10 @@ def supported(q_shape, n_blocks: int) -> str | None:
   return None
 
 
-def _select_kernel(live_ref, q_ref, w_ref, rep_ref, valid_ref, idx_ref, cnt_ref, *rel_ref,
+def _select_kernel(row_ref, q_ref, w_ref, rep_ref, valid_ref, idx_ref, cnt_ref, *rel_ref,
                    n_blocks: int, keep: int, chunk: int, group: int, bound: bool, scale: float):
-  """One program: one (batch, kv head). q_ref [T, Hq, D] (the batch row), w_ref [T],
+  """One program: one (batch, kv head). row_ref [2] (the row's live query slots and the most
+  blocks it keeps, <= keep), q_ref [T, Hq, D] (the batch row), w_ref [T],
   rep_ref [NB, D or 2D], valid_ref [NB]; writes idx_ref [keep + 1] (the last entry is where
   masked-off lanes point), cnt_ref [1] (and rel_ref [tiles * chunk]).
 
@@ -214,33 +228,34 @@ def _select_kernel(live_ref, q_ref, w_ref, rep_ref, valid_ref, idx_ref, cnt_ref,
 
     return lax.fori_loop(0, n_chunks, emit, rel)
 
-  n_tiles = (jnp.clip(live_ref[0], 0, t_len) * group + ROW_TILE - 1) // ROW_TILE
+  n_tiles = (jnp.clip(row_ref[0], 0, t_len) * group + ROW_TILE - 1) // ROW_TILE
   rel = lax.fori_loop(0, n_tiles, row_tile, jnp.zeros((tiles, chunk), jnp.float32))
   if rel_ref:
     rel_ref[0][...] = rel.reshape(tiles * chunk)
 
-  # Top `keep` by bisection: relevances are finite and >= 0, so their float32 bits order as
+  # Top `row_keep` by bisection: relevances are finite and >= 0, so their float32 bits order as
   # int32 do; invalid blocks get key -1, below every valid one.
   keys = jnp.where(valid, lax.bitcast_convert_type(rel, jnp.int32), -1)
+  row_keep = row_ref[1]
 
   def count(pred: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(pred.astype(jnp.int32), axis=1))
 
-  def bisect(_, bounds):  # invariant: count(key >= hi) < keep; count(key >= lo) >= keep if any
+  def bisect(_, bounds):  # invariant: count(key >= hi) < row_keep <= count(key >= lo) if any
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
-    ok = count(keys >= mid) >= keep
+    ok = count(keys >= mid) >= row_keep
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
   inf_bits = 0x7F800000  # no finite relevance reaches it
   tau, _ = lax.fori_loop(0, BISECT_STEPS, bisect, (jnp.int32(0), jnp.int32(inf_bits)))
-  # The keep-th largest key is tau (or, with fewer valid blocks than keep, every valid one is
-  # kept: tau = 0). Blocks above it are kept; of those equal to it, the lowest ids.
-  need = keep - count(keys > tau)
+  # The row_keep-th largest key is tau (or, with fewer valid blocks, every valid one is kept:
+  # tau = 0). Blocks above it are kept; of those equal to it, the lowest ids.
+  need = row_keep - count(keys > tau)
   tie = keys == tau
   chosen = (keys > tau) | (tie & (_running_count(tie) <= need))
   slot = _running_count(chosen) - 1  # ascending ids
-  chosen &= slot < keep  # only non-finite scores could choose more: never write past the row
+  chosen &= slot < row_keep  # only non-finite scores could choose more: never write past it
   plgpu.store(idx_ref.at[jnp.where(chosen, slot, keep)], ids, mask=chosen)
   total = count(chosen)
   # Entries past the count repeat the last kept id (0 when none), as the sparse kernels expect.
@@ -261,11 +276,12 @@ def _running_count(x: jax.Array) -> jax.Array:
   return jnp.cumsum(x, axis=1) + (jnp.cumsum(per_tile) - per_tile)[:, None]
 
 
-def select_top_blocks_pallas(q, query_weight, live_queries, representatives, block_valid, *,
+def select_top_blocks_pallas(q, query_weight, row_limits, representatives, block_valid, *,
                              keep: int, bound: bool, scale: float, chunk: int | None = None,
                              num_warps: int = 4, return_relevance: bool = False,
                              interpret: bool = False):
-  """Grid (batch * kv head,): see the module docstring. Ids come out ascending."""
+  """Grid (batch * kv head,): see the module docstring. `row_limits` [B, 2] int32: each row's
+  live query slots and the most blocks it keeps (<= keep). Ids come out ascending."""
   b, t, hq, d = q.shape
   hkv, n_blocks, width = representatives.shape[1:]
   why = supported(q.shape, n_blocks)
@@ -290,7 +306,7 @@ def select_top_blocks_pallas(q, query_weight, live_queries, representatives, blo
       kernel,
       grid=(b * hkv,),
       in_specs=[
-          pl.BlockSpec((None, 1), lambda bh: (bh // hkv, 0)),
+          pl.BlockSpec((None, 2), lambda bh: (bh // hkv, 0)),
           pl.BlockSpec((None, t, hq, d), lambda bh: (bh // hkv, 0, 0, 0)),
           pl.BlockSpec((None, t), lambda bh: (bh // hkv, 0)),
           pl.BlockSpec((None, None, n_blocks, width), lambda bh: (bh // hkv, bh % hkv, 0, 0)),
@@ -301,7 +317,7 @@ def select_top_blocks_pallas(q, query_weight, live_queries, representatives, blo
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="block_select",
-  )(live_queries.astype(jnp.int32).reshape(b, 1), q, query_weight.astype(jnp.float32),
+  )(row_limits.astype(jnp.int32), q, query_weight.astype(jnp.float32),
     representatives, block_valid.astype(jnp.int32))
   ids, counts = out[0][..., :keep], out[1][..., 0]
   return (ids, counts, out[2][..., :n_blocks]) if return_relevance else (ids, counts)
@@ -311,18 +327,21 @@ def select_top_blocks(q: jax.Array, query_weight: jax.Array, representatives: ja
                       block_valid: jax.Array, *, keep: int, bound: bool,
                       live_queries: jax.Array | None = None, scale: float | None = None,
                       implementation: str = "xla", interpret: bool = False,
-                      return_relevance: bool = False, chunk: int | None = None):
-  """The `keep` most relevant valid blocks per (batch, kv head).
+                      return_relevance: bool = False, chunk: int | None = None,
+                      row_keep: jax.Array | None = None):
+  """The `keep` most relevant valid blocks per (batch, kv head), or fewer where `row_keep` [B]
+  (int32, None: `keep` for every row) caps a row (Focus: alpha of the row's own valid blocks).
 
   q [B, T, Hq, D] (query slots; a kv head's rows are its G query heads of every slot),
   query_weight [B, T] (each slot's weight >= 0, shared by the G heads of a group: w / G a row),
   representatives [B, Hkv, NB, D or 2D (bound)], block_valid [B, NB]; `live_queries` [B]: slots
   at and past it have zero weight (the Pallas kernel skips them; None: all slots).
 
-  Returns (ids [B, Hkv, keep] int32, counts [B, Hkv] int32 = min(keep, valid blocks)): the first
-  `counts` ids are the kept blocks, distinct and valid, ties to the lower id (their order is the
-  implementation's: by relevance for "xla", ascending for "pallas_gpu"; entries past the count
-  are unspecified ids); with `return_relevance`, also relevance [B, Hkv, NB] float32.
+  Returns (ids [B, Hkv, keep] int32, counts [B, Hkv] int32 = min(keep, row_keep, valid
+  blocks)): the first `counts` ids are the kept blocks, distinct and valid, ties to the lower id
+  (their order is the implementation's: by relevance for "xla", ascending for "pallas_gpu";
+  entries past the count are unspecified ids); with `return_relevance`, also relevance
+  [B, Hkv, NB] float32.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -339,10 +358,12 @@ def select_top_blocks(q: jax.Array, query_weight: jax.Array, representatives: ja
   scale = d ** -0.5 if scale is None else float(scale)
   if implementation == "xla":
     return select_top_blocks_xla(q, query_weight, representatives, block_valid, keep=keep,
-                                 bound=bound, scale=scale, return_relevance=return_relevance)
+                                 bound=bound, scale=scale, return_relevance=return_relevance,
+                                 row_keep=row_keep)
   if live_queries is None:
     live_queries = jnp.full((b,), t, jnp.int32)
   chex.assert_shape(live_queries, (b,))
+  row_limits = jnp.stack([live_queries.astype(jnp.int32), _row_cap(row_keep, keep, b)], axis=1)
   mesh = partition.active_mesh()
   if mesh is not None:  # each device selects for its own rows and kv heads
     spec = partition.specs(mesh, batch=b, kv_heads=hkv)
@@ -351,9 +372,9 @@ def select_top_blocks(q: jax.Array, query_weight: jax.Array, representatives: ja
     return partition.per_device(
         functools.partial(select_top_blocks_pallas, keep=keep, bound=bound, scale=scale,
                           chunk=chunk, return_relevance=return_relevance, interpret=interpret),
-        mesh, (spec("rows", None, "heads", None), spec("rows", None), spec("rows"),
+        mesh, (spec("rows", None, "heads", None), spec("rows", None), spec("rows", None),
                spec("rows", "heads", None, None), spec("rows", None)), outs)(
-                   q, query_weight, live_queries, representatives, block_valid)
-  return select_top_blocks_pallas(q, query_weight, live_queries, representatives, block_valid,
+                   q, query_weight, row_limits, representatives, block_valid)
+  return select_top_blocks_pallas(q, query_weight, row_limits, representatives, block_valid,
                                   keep=keep, bound=bound, scale=scale, chunk=chunk,
                                   return_relevance=return_relevance, interpret=interpret)

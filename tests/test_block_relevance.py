@@ -83,25 +83,28 @@ SELECTION_CASES = [
     dict(nb=48, ties=True, keep=20),  # ties: the lower ids, as lax.top_k
     dict(nb=64, live=[0, 1], keep=32),  # no live slot: relevance 0 everywhere, ties to id order
     dict(nb=20, keep=20, dtype=jnp.bfloat16),  # keep all
+    dict(nb=40, row_keep=[3, 20], keep=12),  # per-row caps: below keep, and above it (clipped)
+    dict(nb=48, ties=True, keep=20, row_keep=[0, 7]),  # a row keeping nothing; ties under a cap
 ]
 
 
 @pytest.mark.parametrize("case", range(len(SELECTION_CASES)))
 def test_pallas_selection_matches_xla(case):
   kw = dict(SELECTION_CASES[case])
-  chunk, keep = kw.pop("chunk", None), kw.pop("keep", None)
+  chunk, keep, row_keep = kw.pop("chunk", None), kw.pop("keep", None), kw.pop("row_keep", None)
   bound = kw.get("bound", True)
   q, w, reps, valid, live = selection_case(case, **kw)
   keep = keep or (reps.shape[2] + 1) // 2
   run = lambda impl, **extra: jax.jit(functools.partial(
       br.select_top_blocks, keep=keep, bound=bound, implementation=impl,
-      return_relevance=True, **extra))(q, w, reps, valid)
+      return_relevance=True, row_keep=row_keep, **extra))(q, w, reps, valid)
   ref_ids, ref_counts, ref_rel = run("xla")
   ids, counts, rel = run("pallas_gpu", interpret=True, chunk=chunk, live_queries=live)
   np.testing.assert_allclose(np.asarray(rel), np.asarray(ref_rel), rtol=2e-5, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(counts), np.asarray(ref_counts))
+  cap = np.minimum(keep, keep if row_keep is None else np.asarray(row_keep))
   np.testing.assert_array_equal(np.asarray(counts),
-                                np.minimum(keep, np.asarray(valid).sum(1))[:, None]
+                                np.minimum(cap, np.asarray(valid).sum(1))[:, None]
                                 * np.ones((1, reps.shape[1]), int))
   ids, ref_ids = np.asarray(ids), np.asarray(ref_ids)
   assert ids.shape == ref_ids.shape == reps.shape[:2] + (keep,) and ids.dtype == np.int32

@@ -72,6 +72,33 @@ def test_fused_selection_from_packed_slots_keeps_the_xla_blocks(hq, hkv, capacit
       np.testing.assert_array_equal(ids[i, h, :n], np.sort(ref_ids[i, h, :n]))
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_a_padded_row_keeps_alpha_of_its_own_prompt(impl):
+  # Row 1 is row 0 behind 8 blocks of left pads: it keeps alpha of its own 16 blocks (7 at
+  # alpha 0.4), the same blocks shifted, not alpha of the batch's 24 (10).
+  rng = np.random.default_rng(2)
+  b, t, hq, hkv, d, nb, pads = 2, 4, 4, 2, 16, 24, 8
+  q = rng.standard_normal((1, t, hq, d)).repeat(b, axis=0)
+  reps = rng.standard_normal((1, hkv, nb, 2 * d)).repeat(b, axis=0)
+  reps[..., d:] = np.abs(reps[..., d:])
+  reps[1, :, pads:] = reps[0, :, :nb - pads]
+  block_valid = np.ones((b, nb), bool)
+  block_valid[0, nb - pads:] = False  # row 0's prompt is 16 blocks too (the rest: unused)
+  block_valid[1, :pads] = False
+  focus = jnp.asarray([[True, True, False, False]] * b)
+  ids, counts = pruning.select_prompt_blocks(
+      jnp.asarray(q, jnp.float32), focus, jnp.asarray(reps, jnp.float32),
+      jnp.asarray(block_valid), alpha=0.4, selection="per_kv_head", kind="bound",
+      implementation=impl)
+  ids, counts = np.asarray(ids), np.asarray(counts)
+  assert ids.shape == (b, hkv, pruning.kept_blocks(nb, 0.4)) == (b, hkv, 10)
+  np.testing.assert_array_equal(counts, pruning.kept_blocks(nb - pads, 0.4))  # 7 for both rows
+  for h in range(hkv):
+    np.testing.assert_array_equal(np.sort(ids[1, h, :7]), np.sort(ids[0, h, :7]) + pads)
+  np.testing.assert_array_equal(np.asarray(pruning.kept_per_row(jnp.asarray(
+      [[True] * 24, [False] * 24, [True] + [False] * 23]), 0.4)), [10, 0, 1])
+
+
 def test_masked_positions_without_confidence_outrank_decoded_ones():
   """A block entered without a refresh has no confidences (-inf everywhere): I_focus takes its
   masked positions in order, never decoded ones, which carry -inf as well."""

@@ -82,13 +82,24 @@ def kept_blocks(num_blocks: int, alpha: float) -> int:
   return max(1, min(num_blocks, math.ceil(alpha * num_blocks)))
 
 
+def kept_per_row(block_valid: jax.Array, alpha: float) -> jax.Array:
+  """[B] int32: the blocks each row keeps, `kept_blocks` of its own valid prompt blocks. A
+  left-padded row thus keeps alpha of its prompt, as it would alone, not alpha of the batch's
+  longest (the static capacity `kept_blocks(NB, alpha)`). A table read by the row's count,
+  so that every row gets exactly the static count's rounding."""
+  nb = block_valid.shape[1]
+  table = jnp.asarray([kept_blocks(n, alpha) if n else 0 for n in range(nb + 1)], jnp.int32)
+  return table[jnp.sum(block_valid, axis=1, dtype=jnp.int32)]
+
+
 def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float):
-  """Top alpha of the valid blocks: (indices [B, G, C] int32, counts [B, G] int32).
+  """Top alpha of each row's valid blocks: (indices [B, G, C] int32, counts [B, G] int32).
 
   The first `counts` ids are distinct valid blocks (invalid ones score -inf and come last),
   which is what lets the sparse layer skip `normalize_selection`."""
   return relevance_kernel.top_blocks(relevance, block_valid,
-                                    kept_blocks(relevance.shape[-1], alpha))
+                                    kept_blocks(relevance.shape[-1], alpha),
+                                    kept_per_row(block_valid, alpha))
 
 
 def check_selection_impl(implementation: str, selection: str, q_shape, n_blocks: int) -> None:
@@ -105,7 +116,8 @@ def check_selection_impl(implementation: str, selection: str, q_shape, n_blocks:
 def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Array,
                          block_valid: jax.Array, *, alpha: float, selection: str, kind: str,
                          implementation: str = "xla"):
-  """The prompt blocks a sparse layer keeps: the top alpha by relevance to the focus queries.
+  """The prompt blocks a sparse layer keeps: the top alpha of the row's valid blocks by
+  relevance to the focus queries (C = alpha of all NB blocks is the static capacity).
 
   q [B, A, Hq, D] (the step's query slots), focus [B, A] (slots holding I_focus) ->
   (indices [B, G, C] int32, counts [B, G] int32): the first `counts` ids are distinct valid
@@ -122,4 +134,5 @@ def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Ar
   return relevance_kernel.select_top_blocks(
       q, weight, representatives, block_valid, keep=kept_blocks(block_valid.shape[1], alpha),
       bound=kind == "bound", live_queries=live, implementation=implementation,
+      row_keep=kept_per_row(block_valid, alpha),
       interpret=jax.default_backend() != "gpu")  # off a GPU (tests) the kernel is interpreted
