@@ -4,7 +4,9 @@
                + the prefix's last partial block + every key from `prefix` on (the tail)
     rows j >= prefix: every key
 
-Each (sequence, chunk, kv head) keeps the same number of blocks. Always kept: the blocks holding
+Each (sequence, chunk, kv head) keeps `keep` of its sequence's blocks: the same static number
+unpadded; a left-padded sequence keeps `keep` of its own usable blocks (`kept_per_row`), as it
+would alone, the static number being the capacity. Always kept: the blocks holding
 the row's first `n_global` valid keys (attention sinks: with left pads, where its prompt begins)
 and the blocks holding the chunk's own rows, with one block either side, unless they hold only
 pads. The other kept blocks are the chunk's best by Quest's bound on q . k over a
@@ -120,6 +122,18 @@ def kept_blocks(prefix: int, chunk: int, block: int, keep: float, n_global: int)
   return min(n_blocks, max(math.ceil(keep * n_blocks), forced))
 
 
+def kept_per_row(blocks_ok: jax.Array, prefix: int, chunk: int, block: int, keep: float,
+                 n_global: int) -> jax.Array:
+  """[B] int32: the blocks a chunk of each row keeps, `keep` of the row's own usable blocks (at
+  least the forced count, at most the static `kept_blocks`), so that a left-padded row keeps
+  keep of its prompt, not of the batch's longest. A table read by the row's count: unpadded rows
+  get exactly the static count."""
+  n_keep = kept_blocks(prefix, chunk, block, keep, n_global)
+  forced = int(forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max())
+  table = [min(n_keep, max(math.ceil(keep * n), forced)) for n in range(blocks_ok.shape[1] + 1)]
+  return jnp.asarray(table, jnp.int32)[jnp.sum(blocks_ok, axis=1, dtype=jnp.int32)]
+
+
 def sink_blocks(key_valid: jax.Array | None, batch: int, n_blocks: int, block: int,
                 n_global: int) -> jax.Array:
   """[B, n_blocks] bool: the blocks holding each row's first `n_global` valid keys, its
@@ -137,12 +151,13 @@ def sink_blocks(key_valid: jax.Array | None, batch: int, n_blocks: int, block: i
 
 def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, representatives: jax.Array,
                   blocks_ok: jax.Array, own: jax.Array, sinks: jax.Array,
-                  n_keep: int) -> jax.Array:
+                  n_keep: int, row_keep: jax.Array | None = None) -> jax.Array:
   """Kept block ids [B, n, Hkv, n_keep] of n chunks: q_rows [B, n, C, Hkv, G, D], rows_ok
   [B, n, C], representatives / blocks_ok of `block_relevance.block_representatives` ("bound"),
   each chunk's own blocks [n, n_blocks] (`own_blocks`) and each row's sinks [B, n_blocks]
   (`sink_blocks`), forced in that order of priority (module docstring). A block that holds no
-  valid key (a pad block) is not forced."""
+  valid key (a pad block) is not forced. Where `row_keep` [B] caps a row below n_keep
+  (`kept_per_row`), its ids past the cap are -1 (no block)."""
   b, n, c, hkv, g, d = q_rows.shape
   qg = jnp.moveaxis(q_rows, 3, 1).reshape(b, hkv, n * c * g, d)
   logits = block_relevance.bound_logits(qg, representatives, blocks_ok, bound=True,
@@ -156,12 +171,15 @@ def select_blocks(q_rows: jax.Array, rows_ok: jax.Array, representatives: jax.Ar
   usable = blocks_ok[:, None, None, :]
   score = jnp.where(sinks[:, None, None, :] & usable, _SINK, score)
   score = jnp.where(own[None, :, None, :] & usable, _FORCED, score)
-  return jax.lax.top_k(score, n_keep)[1].astype(jnp.int32)
+  ids = jax.lax.top_k(score, n_keep)[1].astype(jnp.int32)  # forced first, then by score
+  if row_keep is None:
+    return ids
+  return jnp.where(jnp.arange(n_keep) < row_keep[:, None, None, None], ids, -1)
 
 
 def key_mask(ids: np.ndarray, prefix: int, chunk: int, block: int, seq_len: int) -> np.ndarray:
   """[B, Hkv, S, S] bool: the keys each query row of each kv head sees, given the kept block ids
-  [B, n_chunks, Hkv, n_keep] (the definition; for tests and diagnostics)."""
+  [B, n_chunks, Hkv, n_keep] (-1: no block; the definition, for tests and diagnostics)."""
   ids = np.asarray(ids)
   b, n_chunks, hkv, _ = ids.shape
   tail_start = prefix // block * block
@@ -172,7 +190,7 @@ def key_mask(ids: np.ndarray, prefix: int, chunk: int, block: int, seq_len: int)
     for h in range(hkv):
       for c in range(n_chunks):
         rows = slice(c * chunk, min((c + 1) * chunk, prefix))
-        for blk in ids[bi, c, h]:
+        for blk in ids[bi, c, h][ids[bi, c, h] >= 0]:
           mask[bi, h, rows, blk * block:(blk + 1) * block] = True
   return mask
 
@@ -285,6 +303,7 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   own = np.zeros((n_groups * per_group, n_blocks), bool)
   own[:n_chunks] = own_blocks(prefix, chunk, block)
   sinks = sink_blocks(key_valid, b, n_blocks, block, n_global)
+  row_keep = kept_per_row(blocks_ok, prefix, chunk, block, keep, n_global)  # padded rows
   rows_ok = jnp.arange(rows_pad) < prefix
   rows_ok = jnp.broadcast_to(rows_ok, (b, rows_pad))
   voters = query_valid if query_valid is not None else key_valid  # pads do not vote
@@ -310,12 +329,14 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
     per row (a [rows, 1, C, keys] mask would be a 16-bit bias of about 0.5 GB a chunk for
     LLaDA-8B at 32K, written and read in every layer): [B * Hkv * n, C, G, D]. Pad query rows
     attend too (their outputs are unspecified)."""
-    kept = (ids[..., None] * block + key_offsets).reshape(b, n, hkv, n_keep * block)
+    kept = (jnp.maximum(ids, 0)[..., None] * block + key_offsets).reshape(b, n, hkv, -1)
     positions = jnp.concatenate(
         [kept, jnp.broadcast_to(tail_positions, (b, n, hkv, n_tail))], axis=-1)
     positions = jnp.moveaxis(positions, 2, 1)  # [B, Hkv, n, n_keys]
     ok = jnp.take_along_axis(valid[:, None], positions.reshape(b, 1, -1), axis=2)
-    ok = ok.reshape(positions.shape)
+    in_cap = jnp.repeat(jnp.moveaxis(ids, 2, 1) >= 0, block, axis=-1)  # blocks past a row's cap
+    ok = ok.reshape(positions.shape) & jnp.pad(in_cap, ((0, 0),) * 3 + ((0, n_tail),),
+                                               constant_values=True)
     positions, lengths = dense_attention.valid_first(positions, ok)
     lengths = lengths.reshape(b * hkv * n)
     gather = lambda x: jnp.take_along_axis(x, positions.reshape(b, hkv, -1, 1), axis=2).reshape(
@@ -329,7 +350,7 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
     n = own_rows.shape[0]
     q_rows = q_rows.reshape(b, n, chunk, hkv, g, d)
     ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), representatives, blocks_ok,
-                        own_rows, sinks, n_keep)
+                        own_rows, sinks, n_keep, None if paged else row_keep)
     q_heads = jnp.moveaxis(q_rows, 3, 1).reshape(b * hkv * n, chunk, g, d)
     if paged:  # page table: the chunk's kept blocks, then the tail's pages
       table = jnp.concatenate([ids, jnp.broadcast_to(tail_pages, (b, n, hkv, len(tail_pages)))],

@@ -73,6 +73,29 @@ def test_a_padded_rows_sinks_are_where_its_prompt_begins():
   np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5, rtol=2e-5)
 
 
+def test_a_padded_row_keeps_keep_of_its_own_blocks():
+  """Row 1 is row 0 behind 128 pads (8 blocks of 16): its chunks keep `keep` of its own 16
+  usable blocks, as it would alone, and no more (the static count, 13 of the batch's 24 blocks
+  at keep 0.5, is the capacity; the slots past a row's cap come back as -1). The attention
+  matches the mask of the ids kept."""
+  s, prefix, chunk, block, keep, n_global, pads = 400, 384, 64, 16, 0.5, 8, 128
+  q, k, v = inputs(9, 2, s, 4, 2)
+  key_valid = jnp.asarray(np.arange(s)[None, :] >= np.array([[0], [pads]]))
+  out, ids = sel.selected_prefix_attention(q, k, v, prefix=prefix, chunk=chunk, block=block,
+                                           keep=keep, n_global=n_global, key_valid=key_valid,
+                                           query_valid=key_valid, implementation="xla",
+                                           return_ids=True)
+  ids = np.asarray(ids)
+  n_keep = sel.kept_blocks(prefix, chunk, block, keep, n_global)
+  own_count = sel.kept_blocks(prefix - pads, chunk, block, keep, n_global)
+  assert ids.shape[-1] == n_keep == 12 and own_count == 8
+  assert (ids[0] >= 0).all()  # the unpadded row keeps the static count
+  assert ((ids[1] >= 0).sum(-1) == own_count).all() and (ids[1][..., own_count:] == -1).all()
+  want = masked_attention(q, k, v, sel.key_mask(ids, prefix, chunk, block, s), key_valid)
+  rows = np.asarray(key_valid)
+  np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5, rtol=2e-5)
+
+
 def test_a_chunks_own_blocks_outrank_sinks_that_pads_spread():
   """Pads among a row's first valid keys spread its sinks over more blocks than the static
   budget counts: the chunk's own blocks and neighbours (which hold valid keys) are still kept,
