@@ -190,10 +190,7 @@ def check_prompt(config: ModelConfig, prompt: np.ndarray, prompt_mask: np.ndarra
   """Raises, naming the problem and the fix, unless prompt is int [B, P] ids inside the
   vocabulary (an embedding lookup would clamp the others silently) and prompt_mask (None: no
   pads) is a [B, P] left padding: each row some pads, then its tokens (`pad_prompts` makes it;
-  the caches and Focus's sinks read a row's prompt as starting at its first valid position).
-  Arrays spread over several hosts are not gathered to be checked."""
-  if any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in (prompt, prompt_mask)):
-    return
+  the caches and Focus's sinks read a row's prompt as starting at its first valid position)."""
   prompt = np.asarray(prompt)
   if prompt.ndim != 2 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
     raise ValueError(f"prompt must be integer token ids [batch, length], got {prompt.dtype}"
@@ -223,7 +220,13 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
                  block_length: int = 32, cfg_scale: float = 0.0, seed: int = 0,
                  decoding_options: dict[str, Any] | None = None,
                  **sampler_options) -> Generation:
-  """Token-level entry point (prompts already tokenized and padded); compiles once per shape."""
+  """Token-level entry point (prompts already tokenized and padded); compiles once per shape.
+
+  prompt [B, P] and prompt_mask [B, P] (or None): host arrays, the same on every process, or
+  `jax.Array`s, which may be spread over the processes' devices (each host holding some rows,
+  `jax.make_array_from_process_local_data`): those are gathered onto every host first (token
+  ids are small next to one step's work)."""
+  prompt, prompt_mask = (None if a is None else sharding.to_host(a) for a in (prompt, prompt_mask))
   check_prompt(model.config, prompt, prompt_mask)
   sharding.check_same_on_every_host(prompt=prompt, prompt_mask=prompt_mask, seed=seed)
   rule = sampler_rule(model.config, steps=steps or gen_length, gen_length=gen_length,

@@ -2,7 +2,8 @@
 jax.distributed, run main.py over one 2 x 2 mesh of all four devices. They decode the texts one
 process with four devices decodes, only the first prints, and prompts or seeds that differ
 between the processes are refused instead of decoding a mix of their rows, as is a mesh that
-leaves some of the devices out; the trained demo checkpoint loads onto both hosts' devices."""
+leaves some of the devices out; the trained demo checkpoint loads onto both hosts' devices; prompts
+given as a `jax.Array` spread over the hosts decode as the same prompts given whole."""
 
 from __future__ import annotations
 
@@ -96,3 +97,45 @@ def test_two_hosts_read_the_demo_checkpoint_and_answer():
   assert first.returncode == 0 and second.returncode == 0, (first.stderr[-3000:],
                                                               second.stderr[-3000:])
   assert first.stdout.count("correct: yes") == 2, first.stdout[-3000:]
+
+
+_SPREAD_INPUTS = r"""
+import sys
+import numpy as np
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+import focus_jax
+from focus_jax import pipeline, sharding
+mesh = sharding.make_mesh(data=2, model=2)
+model = focus_jax.load("tiny", mesh=mesh)
+prompt = np.random.default_rng(0).integers(5, 200, (2, 64)).astype(np.int32)
+mask = np.ones((2, 64), bool)
+mask[1, :10] = False  # row 1 left-padded
+kw = dict(mode="focus", gen_length=32, steps=32, block_length=16,
+          decoding_options={"l_dense": 2, "prompt_block_size": 16})
+whole = pipeline.generate_ids(model, prompt, mask, **kw).tokens
+rows = NamedSharding(mesh, P("data"))
+spread = [jax.make_array_from_callback(x.shape, rows, lambda i, x=x: x[i]) for x in (prompt, mask)]
+assert not spread[0].is_fully_addressable
+got = pipeline.generate_ids(model, *spread, **kw).tokens
+np.testing.assert_array_equal(got, whole)
+assert (whole != model.config.mask_token_id).all()
+print("ok", pid)
+"""
+
+
+def test_prompts_spread_over_the_hosts_decode_as_whole_prompts():
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", _SPREAD_INPUTS, str(i), str(port)], cwd=ROOT,
+                            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  for i, p in enumerate(procs):
+    try:
+      stdout, stderr = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0 and f"ok {i}" in stdout, stderr[-3000:]
