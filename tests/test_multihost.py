@@ -31,13 +31,17 @@ def _free_port() -> int:
 
 def _two_hosts(per_process_flags, flags=FLAGS) -> list[subprocess.CompletedProcess]:
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "main.py", *flags, "--config.distributed.initialize=True",
-       f"--config.distributed.coordinator_address=localhost:{port}",
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-       *per_process_flags(i)],
-      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  return _run_processes(lambda i: [
+      sys.executable, "main.py", *flags, "--config.distributed.initialize=True",
+      f"--config.distributed.coordinator_address=localhost:{port}",
+      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+      *per_process_flags(i)])
+
+
+def _run_processes(command) -> list[subprocess.CompletedProcess]:
+  """Runs command(i) for processes 0 and 1 at once (2 CPU devices each); their results."""
+  procs = [subprocess.Popen(command(i), cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   out = []
   for p in procs:
     try:
@@ -128,14 +132,6 @@ print("ok", pid)
 
 def test_prompts_spread_over_the_hosts_decode_as_whole_prompts():
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-c", _SPREAD_INPUTS, str(i), str(port)], cwd=ROOT,
-                            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  for i, p in enumerate(procs):
-    try:
-      stdout, stderr = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    assert p.returncode == 0 and f"ok {i}" in stdout, stderr[-3000:]
+  results = _run_processes(lambda i: [sys.executable, "-c", _SPREAD_INPUTS, str(i), str(port)])
+  for i, result in enumerate(results):
+    assert result.returncode == 0 and f"ok {i}" in result.stdout, result.stderr[-3000:]
