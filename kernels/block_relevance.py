@@ -8,7 +8,8 @@ blocks get relevance 0 and take no share of any row's softmax; a row with no val
 nothing.
 
 `block_relevance` is the definition in XLA. `select_top_blocks` keeps the `keep` most relevant
-valid blocks of every (batch, kv head), ties to the lower id, as `lax.top_k` breaks them:
+valid blocks of every (batch, kv head) (fewer where `row_keep` caps a row: Focus keeps alpha of
+each row's own blocks), ties to the lower id, as `lax.top_k` breaks them:
   "xla" (what Focus uses): `block_relevance`, then `lax.top_k` (ids in relevance order);
   "pallas_gpu": one Pallas kernel (Triton lowering) per call, one program per (batch, kv head):
     the scores, the softmax and the weighted sum over the live rows, then an exact top-k by
@@ -16,7 +17,8 @@ valid blocks of every (batch, kv head), ties to the lower id, as `lax.top_k` bre
     query rows in place from [B, T, Hq, D] and skips the 16-row tiles past `live_queries` slots,
     so a Focus step scores its I_focus rows (rounded up to a tile), not all slots: about 8 XLA
     kernels (a transpose, a concatenation, the GEMM, the softmax, reductions and a sort) become
-    one launch. Weights must be >= 0 and scores finite (as Focus's are).
+    one launch. Weights must be >= 0 and scores finite (as Focus's are). Under a multi-device
+    mesh it runs per device on its rows and kv heads (`kernels/partition.py`).
 
 **The Pallas kernel is not adopted: it is slower** (H100, 2026-12-06, 32 query slots of which 4
 hold I_focus, per sparse layer inside a loop; `benchmarks/kernels.py --phases relevance`,

@@ -5,8 +5,8 @@
     rows j >= prefix: every key
 
 Each (sequence, chunk, kv head) keeps `keep` of its sequence's blocks: the same static number
-unpadded; a left-padded sequence keeps `keep` of its own usable blocks (`kept_per_row`), as it
-would alone, the static number being the capacity. Always kept: the blocks holding
+unpadded; a left-padded sequence keeps what it would alone (`kept_per_row`: `keep` of its own
+usable blocks, or all of them where it would stay dense), the static number being the capacity. Always kept: the blocks holding
 the row's first `n_global` valid keys (attention sinks: with left pads, where its prompt begins)
 and the blocks holding the chunk's own rows, with one block either side, unless they hold only
 pads. The other kept blocks are the chunk's best by Quest's bound on q . k over a
@@ -124,13 +124,16 @@ def kept_blocks(prefix: int, chunk: int, block: int, keep: float, n_global: int)
 
 def kept_per_row(blocks_ok: jax.Array, prefix: int, chunk: int, block: int, keep: float,
                  n_global: int) -> jax.Array:
-  """[B] int32: the blocks a chunk of each row keeps, `keep` of the row's own usable blocks (at
-  least the forced count, at most the static `kept_blocks`), so that a left-padded row keeps
-  keep of its prompt, not of the batch's longest. A table read by the row's count: unpadded rows
-  get exactly the static count."""
+  """[B] int32: the blocks a chunk of each row keeps (at most the static `kept_blocks`), so that a
+  left-padded row keeps what it would alone, not keep of the batch's longest prompt: `keep` of
+  its own usable blocks where that leaves blocks to choose beyond the forced ones; else every
+  usable block, as a prompt that short stays dense (`check_selected`) rather than keep only its
+  local window. A table read by the row's count: unpadded rows get exactly the static count."""
   n_keep = kept_blocks(prefix, chunk, block, keep, n_global)
   forced = int(forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max())
-  table = [min(n_keep, max(math.ceil(keep * n), forced)) for n in range(blocks_ok.shape[1] + 1)]
+  share = lambda n: math.ceil(keep * n)
+  table = [min(n_keep, share(n) if share(n) > forced else n)
+           for n in range(blocks_ok.shape[1] + 1)]
   return jnp.asarray(table, jnp.int32)[jnp.sum(blocks_ok, axis=1, dtype=jnp.int32)]
 
 

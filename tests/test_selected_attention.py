@@ -75,9 +75,10 @@ def test_a_padded_rows_sinks_are_where_its_prompt_begins():
 
 def test_a_padded_row_keeps_keep_of_its_own_blocks():
   """Row 1 is row 0 behind 128 pads (8 blocks of 16): its chunks keep `keep` of its own 16
-  usable blocks, as it would alone, and no more (the static count, 13 of the batch's 24 blocks
+  usable blocks, as it would alone, and no more (the static count, 12 of the batch's 24 blocks
   at keep 0.5, is the capacity; the slots past a row's cap come back as -1). The attention
-  matches the mask of the ids kept."""
+  matches the mask of the ids kept. A row too short to select alone (dense there) keeps every
+  usable block within the capacity, not only its forced ones (a local window)."""
   s, prefix, chunk, block, keep, n_global, pads = 400, 384, 64, 16, 0.5, 8, 128
   q, k, v = inputs(9, 2, s, 4, 2)
   key_valid = jnp.asarray(np.arange(s)[None, :] >= np.array([[0], [pads]]))
@@ -94,6 +95,12 @@ def test_a_padded_row_keeps_keep_of_its_own_blocks():
   want = masked_attention(q, k, v, sel.key_mask(ids, prefix, chunk, block, s), key_valid)
   rows = np.asarray(key_valid)
   np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5, rtol=2e-5)
+  forced = int(sel.forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max())
+  blocks_ok = jnp.arange(24)[None, :] >= jnp.asarray([[0], [8], [14], [16]])  # 24, 16, 10, 8
+  caps = np.asarray(sel.kept_per_row(blocks_ok, prefix, chunk, block, keep, n_global))
+  assert forced == 7 and sel.check_selected(10 * block, 10 * block, chunk, block, keep,
+                                            n_global) is not None  # 10 blocks alone: dense
+  np.testing.assert_array_equal(caps, [12, 8, 10, 8])
 
 
 def test_a_chunks_own_blocks_outrank_sinks_that_pads_spread():
