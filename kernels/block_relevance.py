@@ -36,6 +36,7 @@ that splits the blocks over programs (per-tile softmax statistics, merged) is wh
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import chex
 import jax
@@ -138,6 +139,14 @@ def top_blocks(relevance: jax.Array, block_valid: jax.Array, keep: int,
   cap = _row_cap(row_keep, keep, n_valid.shape[0])
   counts = jnp.broadcast_to(jnp.minimum(cap, n_valid)[:, None], relevance.shape[:2])
   return ids.astype(jnp.int32), counts
+
+
+def budget_per_row(block_valid: jax.Array, budget: Callable[[int], int]) -> jax.Array:
+  """[B] int32: `budget(n)` for each row's count n of valid blocks (block_valid [B, NB]): a
+  static table over n = 0..NB read by the count, so every row gets exactly the rounding the
+  static count gets (callers' caps for left-padded rows, `row_keep`)."""
+  table = jnp.asarray([budget(n) for n in range(block_valid.shape[1] + 1)], jnp.int32)
+  return table[jnp.sum(block_valid, axis=1, dtype=jnp.int32)]
 
 
 def _row_cap(row_keep: jax.Array | None, keep: int, bsz: int) -> jax.Array:

@@ -6,10 +6,10 @@
 
 Each (sequence, chunk, kv head) keeps `keep` of its sequence's blocks: the same static number
 unpadded; a left-padded sequence keeps what it would alone (`kept_per_row`: `keep` of its own
-usable blocks, or all of them where it would stay dense), the static number being the capacity. Always kept: the blocks holding
-the row's first `n_global` valid keys (attention sinks: with left pads, where its prompt begins)
-and the blocks holding the chunk's own rows, with one block either side, unless they hold only
-pads. The other kept blocks are the chunk's best by Quest's bound on q . k over a
+usable blocks, or all of them where it would stay dense), the static number being the capacity.
+Always kept: the blocks holding the row's first `n_global` valid keys (attention sinks: with
+left pads, where its prompt begins) and the blocks holding the chunk's own rows, with one block
+either side, unless they hold only pads. The other kept blocks are the chunk's best by Quest's bound on q . k over a
 block (`block_relevance.bound_logits` over the box of `block_representatives`, as Focus's
 sparse layers score their blocks): each row softmaxes its bounds over the blocks (as logits),
 and a block scores the largest share any row of the chunk and any query head of the kv head
@@ -128,13 +128,12 @@ def kept_per_row(blocks_ok: jax.Array, prefix: int, chunk: int, block: int, keep
   left-padded row keeps what it would alone, not keep of the batch's longest prompt: `keep` of
   its own usable blocks where that leaves blocks to choose beyond the forced ones; else every
   usable block, as a prompt that short stays dense (`check_selected`) rather than keep only its
-  local window. A table read by the row's count: unpadded rows get exactly the static count."""
+  local window. Unpadded rows get exactly the static count."""
   n_keep = kept_blocks(prefix, chunk, block, keep, n_global)
   forced = int(forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max())
   share = lambda n: math.ceil(keep * n)
-  table = [min(n_keep, share(n) if share(n) > forced else n)
-           for n in range(blocks_ok.shape[1] + 1)]
-  return jnp.asarray(table, jnp.int32)[jnp.sum(blocks_ok, axis=1, dtype=jnp.int32)]
+  return block_relevance.budget_per_row(
+      blocks_ok, lambda n: min(n_keep, share(n) if share(n) > forced else n))
 
 
 def sink_blocks(key_valid: jax.Array | None, batch: int, n_blocks: int, block: int,
@@ -306,7 +305,8 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
   own = np.zeros((n_groups * per_group, n_blocks), bool)
   own[:n_chunks] = own_blocks(prefix, chunk, block)
   sinks = sink_blocks(key_valid, b, n_blocks, block, n_global)
-  row_keep = kept_per_row(blocks_ok, prefix, chunk, block, keep, n_global)  # padded rows
+  # Padded rows keep what they would alone (the pages serve unpadded batches only).
+  row_keep = None if paged else kept_per_row(blocks_ok, prefix, chunk, block, keep, n_global)
   rows_ok = jnp.arange(rows_pad) < prefix
   rows_ok = jnp.broadcast_to(rows_ok, (b, rows_pad))
   voters = query_valid if query_valid is not None else key_valid  # pads do not vote
@@ -353,7 +353,7 @@ def selected_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, prefi
     n = own_rows.shape[0]
     q_rows = q_rows.reshape(b, n, chunk, hkv, g, d)
     ids = select_blocks(q_rows, ok_rows.reshape(b, n, chunk), representatives, blocks_ok,
-                        own_rows, sinks, n_keep, None if paged else row_keep)
+                        own_rows, sinks, n_keep, row_keep)
     q_heads = jnp.moveaxis(q_rows, 3, 1).reshape(b * hkv * n, chunk, g, d)
     if paged:  # page table: the chunk's kept blocks, then the tail's pages
       table = jnp.concatenate([ids, jnp.broadcast_to(tail_pages, (b, n, hkv, len(tail_pages)))],

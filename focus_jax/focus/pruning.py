@@ -85,11 +85,9 @@ def kept_blocks(num_blocks: int, alpha: float) -> int:
 def kept_per_row(block_valid: jax.Array, alpha: float) -> jax.Array:
   """[B] int32: the blocks each row keeps, `kept_blocks` of its own valid prompt blocks. A
   left-padded row thus keeps alpha of its prompt, as it would alone, not alpha of the batch's
-  longest (the static capacity `kept_blocks(NB, alpha)`). A table read by the row's count,
-  so that every row gets exactly the static count's rounding."""
-  nb = block_valid.shape[1]
-  table = jnp.asarray([kept_blocks(n, alpha) if n else 0 for n in range(nb + 1)], jnp.int32)
-  return table[jnp.sum(block_valid, axis=1, dtype=jnp.int32)]
+  longest (the static capacity `kept_blocks(NB, alpha)`, which unpadded rows get exactly)."""
+  return relevance_kernel.budget_per_row(block_valid,
+                                         lambda n: kept_blocks(n, alpha) if n else 0)
 
 
 def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float):
