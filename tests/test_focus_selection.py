@@ -106,3 +106,27 @@ def test_masked_positions_without_confidence_outrank_decoded_ones():
   masked = jnp.asarray([[False, False, False, True, True, True, True, True]])
   got = indicator.focus_set(prev, masked, jnp.asarray([1]), rho=3)
   np.testing.assert_array_equal(np.asarray(got[0]), [0, 0, 0, 1, 1, 0, 1, 0])
+
+
+def test_slot_logits_land_on_their_window_positions():
+  """The sparse step's logits: each valid slot's row at its window position, zero and not
+  computed elsewhere (the extra Dream slot w and invalid slots write nothing)."""
+  from focus_jax.focus.denoiser import _window_logits_from_slots
+  rng = np.random.default_rng(1)
+  b, w, v = 3, 8, 5
+  slots = np.stack([rng.permutation(w + 1)[:6] for _ in range(b)]).astype(np.int32)
+  valid = rng.random((b, 6)) < 0.7
+  slot_logits = rng.standard_normal((b, 6, v)).astype(np.float32)
+  logits, computed = _window_logits_from_slots(jnp.asarray(slot_logits, jnp.bfloat16),
+                                               jnp.asarray(slots), jnp.asarray(valid), w)
+  expected = np.zeros((b, w, v), np.float32)
+  expected_computed = np.zeros((b, w), bool)
+  for r in range(b):
+    for a in range(6):
+      if valid[r, a] and slots[r, a] < w:
+        expected[r, slots[r, a]] = jnp.asarray(slot_logits[r, a], jnp.bfloat16).astype(jnp.float32)
+        expected_computed[r, slots[r, a]] = True
+  assert logits.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(computed), expected_computed)
+  np.testing.assert_array_equal(np.asarray(logits), expected)
+  assert expected_computed.any() and not expected_computed.all()
