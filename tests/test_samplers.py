@@ -235,11 +235,13 @@ def test_llada_eos_options_match_reference(llada):
 
 def test_llada_confidence_eos_eot_inf_step(llada):
   """One step on crafted logits (a full loop would rank several zero confidences, whose order
-  torch.topk leaves undefined): eot predictions get zero confidence and lose their turn."""
+  torch.topk leaves undefined): eot predictions get zero confidence and lose their turn, and so
+  do eos predictions, since at temperature 0 the reference's noisy logits are its logits."""
   cfg, _ = llada
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 8, VOCAB)).astype(np.float32)
   logits[:, 2, EOT] = 10.0  # position 2 confidently predicts eot
+  logits[:, 4, EOS] = 9.0  # position 4 predicts eos, the runner-up
   masked = np.ones((2, 8), bool)
   masked[1, 5] = False
   tokens = np.where(masked, MASK, 9).astype(np.int32)
@@ -251,7 +253,8 @@ def test_llada_confidence_eos_eot_inf_step(llada):
     t = torch.from_numpy(logits.copy())
     x0 = torch.argmax(t, dim=-1)
     if flag:
-      t[:, :, EOT] = -torch.inf
+      noisy = t  # the reference's add_gumbel_noise returns its input at temperature 0
+      noisy[:, :, EOS] = t[:, :, EOT] = -torch.inf
     x0_p = torch.gather(F.softmax(t, dim=-1), -1, x0[..., None])[..., 0]
     ref_conf = torch.where(torch.from_numpy(masked), x0_p, -np.inf)
     np.testing.assert_allclose(np.asarray(conf), ref_conf.numpy(), rtol=1e-6)
@@ -259,6 +262,9 @@ def test_llada_confidence_eos_eot_inf_step(llada):
     expected = [[r, int(torch.argmax(ref_conf[r]))] for r in range(2)]
     np.testing.assert_array_equal(committed, expected)
     assert (committed[:, 1] == 2).all() != flag
+    if flag:  # neither the eot nor the eos position
+      assert not np.isin(committed[:, 1], (2, 4)).any()
+      assert (np.asarray(conf)[:, [2, 4]] == 0).all()
 
 
 def test_llada_threshold_parallel_decoding_matches_reference(llada):
@@ -340,7 +346,7 @@ def test_bad_schedules_fail_early(llada):
 
 
 @pytest.mark.parametrize("alg", ["entropy", "topk_margin", "maskgit_plus"])
-def test_dream_threshold_is_on_the_probability_whatever_ranks_positions(alg):
+def test_dream_threshold_is_on_the_probability_whatever_the_alg(alg):
   """Fast-dLLM's threshold compares x0's probability: an entropy confidence (<= 0) never reached
   0.9, so "entropy" (Dream's default) committed one token a step."""
   logits = jnp.full((1, 8, 50), -20.0).at[:, :, 7].set(20.0)  # p(x0) ~ 1 everywhere ...
@@ -350,3 +356,39 @@ def test_dream_threshold_is_on_the_probability_whatever_ranks_positions(alg):
   new, _ = rule.apply(jax.random.key(0), logits, tokens, masked, rule.block_schedule(masked),
                       jnp.int32(0))
   np.testing.assert_array_equal(np.asarray(new[0] != tokens[0]), np.arange(8) != 3)
+
+
+@pytest.mark.parametrize("alg", ["entropy", "topk_margin", "maskgit_plus"])
+def test_dream_threshold_commits_the_most_probable_when_none_passes(alg):
+  """As Fast-dLLM's `confidence_threshold`: with no position over the threshold, the one
+  committed is the most probable, even where the alg's own score (here the entropy, or the
+  top-2 margin) would rank another first."""
+  vocab = 50
+  a = np.full(vocab, np.log(0.4 / (vocab - 1)), np.float32)
+  a[7] = np.log(0.6)  # p(x0) 0.6 over a flat tail: high entropy, margin ~0.59
+  b = np.full(vocab, -30.0, np.float32)
+  b[7], b[8] = 0.05, 0.0  # p(x0) ~0.51 against ~0.49: low entropy, margin ~0.02
+  logits = jnp.asarray(np.stack([a, b, a, b])[None])
+  masked = jnp.asarray([[True, True, False, False]])
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  rule = dream_rule(steps=4, gen_length=4, block_length=4, alg=alg, threshold=0.9)
+  new, conf = rule.apply(jax.random.key(0), logits, tokens, masked, rule.block_schedule(masked),
+                         jnp.int32(0))
+  np.testing.assert_array_equal(np.asarray(new[0] != tokens[0]), [True, False, False, False])
+  np.testing.assert_allclose(np.asarray(conf[0, :2]), [0.6, 0.5125], rtol=1e-3)
+
+
+def test_gumbel_noise_keeps_the_tail_float32_uniforms_cut():
+  """LLaDA's reference draws its Gumbel noise in float64 (up to about 36.7); float32 uniforms
+  stop at 15.9, which samples tokens far below the top less often than they should be. Ours
+  reach 32.6 at the finest draw, stay finite at the coarsest, and are Gumbel-distributed."""
+  from focus_jax.sampling import common
+  extremes = jnp.asarray(np.array([[0, 0xFFFFFFFF], [0, 0xFFFFFFFF]], np.uint32))
+  noise = -np.log(np.asarray(common.exponential_from_bits(extremes)))
+  assert noise[0] > 32.0 and np.isfinite(noise[1]) and noise[1] < -2.5
+  bits = jax.random.bits(jax.random.key(0), (2, 200_000), jnp.uint32)
+  g = -np.log(np.asarray(common.exponential_from_bits(bits)))
+  assert abs(g.mean() - np.euler_gamma) < 0.01 and abs(g.std() - np.pi / np.sqrt(6)) < 0.01
+  # Gumbel CDF exp(-exp(-x)) at a few points, within a few standard errors of 200k draws
+  for x in (-1.0, 0.0, 1.0, 3.0):
+    assert abs((g <= x).mean() - np.exp(-np.exp(-x))) < 0.004

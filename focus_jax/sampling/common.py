@@ -63,26 +63,40 @@ def planned_or_rest(planned: jax.Array, step: jax.Array, steps_per_block: int,
   return jnp.where(step < steps_per_block, planned, masked.sum(axis=1, dtype=jnp.int32))
 
 
-def select_threshold(confidence: jax.Array, threshold: float, candidates: jax.Array,
-                     passing: jax.Array | None = None) -> jax.Array:
-  """Fast-dLLM's parallel decoding: every candidate whose `passing` score (default: its
-  confidence; a probability) is >= threshold, and always the most confident candidate of a row
-  that has any."""
+def select_threshold(confidence: jax.Array, threshold: float, candidates: jax.Array) -> jax.Array:
+  """Fast-dLLM's parallel decoding: every candidate whose confidence (a probability) is >=
+  threshold, and always the most confident candidate of a row that has any."""
   scores = jnp.where(candidates, confidence, NEG_INF)
   top = rank_descending(scores) == 0
-  return candidates & (top | ((confidence if passing is None else passing) >= threshold))
+  return candidates & (top | (confidence >= threshold))
+
+
+def exponential_from_bits(bits: jax.Array) -> jax.Array:
+  """Exponential(1) draws -log(u) from two uint32 words per draw (`bits` [2, ...]), u = 1 - v
+  with v on a 2^-46 grid (23 bits of each word): the Gumbel noise -log(-log u) then reaches
+  about 32.6, where float32 uniforms (a 2^-23 grid) stop at 15.9. LLaDA's reference draws in
+  float64 (up to about 36.7) because that tail decides how often low-probability tokens are
+  sampled; float32 uniforms lose a visible share of it at LLaDA's vocabulary."""
+  hi = (bits[0] >> 9).astype(jnp.float32)
+  lo = (bits[1] >> 9).astype(jnp.float32)
+  step = jnp.float32(2.0 ** -23)
+  v = (hi + (lo + 0.5) * step) * step  # in (0, 1): never 0 (no infinite noise)
+  v = jnp.minimum(v, jnp.float32(1.0) - step)  # rounding must not reach 1 (log1p(-1) = -inf)
+  return -jnp.log1p(-v)
 
 
 def gumbel_argmax(rng: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
   """argmax of LLaDA's exp(l) / (-log u)^T, computed in log space: l - T * log(-log u).
 
-  The reference does this in float64 to avoid overflow of exp(l); the log form has no exp, so
-  float32 is exact enough (same distribution; random draws differ from torch's anyway).
+  The reference does this in float64 to avoid overflow of exp(l) and to keep the noise's tail;
+  the log form needs no exp, and `exponential_from_bits` keeps the tail in float32 (random
+  draws differ from torch's anyway).
   """
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  u = jax.random.uniform(rng, logits.shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
-  return jnp.argmax(logits - temperature * jnp.log(-jnp.log(u)), axis=-1).astype(jnp.int32)
+  bits = jax.random.bits(rng, (2, *logits.shape), jnp.uint32)
+  return jnp.argmax(logits - temperature * jnp.log(exponential_from_bits(bits)),
+                    axis=-1).astype(jnp.int32)
 
 
 def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:

@@ -114,21 +114,21 @@ class DreamRule:
       p_transfer = jnp.where(last, 1.0, 1.0 - ts[jnp.minimum(i + 1, self.steps_per_block)] / ts[i])
       flip = masked & (jax.random.uniform(position_rng, masked.shape) < p_transfer)
       return jnp.where(flip, x0, tokens), jnp.where(masked, confidence, common.NEG_INF)
-    confidence = jnp.where(masked, confidence, common.NEG_INF)
     if self.threshold is not None:
-      # (Fast-dLLM's threshold is on x0's probability: "entropy" and "topk_margin" confidences
-      # are not probabilities, and an entropy never reaches 0.9; they still pick the one
-      # position committed when none passes)
-      transfer = common.select_threshold(confidence, self.threshold, masked,
-                                         passing=probability)
+      # Fast-dLLM's Dream threshold decoding (its `confidence_threshold` algorithm) ranks and
+      # thresholds by x0's probability, whatever `alg` says: an entropy never reaches 0.9, and
+      # the one position committed when none passes is the most probable one.
+      confidence = jnp.where(masked, probability, common.NEG_INF)
+      transfer = common.select_threshold(confidence, self.threshold, masked)
+      return jnp.where(transfer, x0, tokens), confidence
+    confidence = jnp.where(masked, confidence, common.NEG_INF)
+    count = self.planned_unmask(schedule, step, masked)
+    if self.alg_temp:
+      # Sampling positions without replacement from softmax(conf / alg_temp) = top-k of
+      # Gumbel-perturbed log-probabilities.
+      scores = jax.nn.log_softmax(confidence / self.alg_temp, axis=-1)
+      scores = scores + jax.random.gumbel(position_rng, scores.shape)
+      transfer = common.select_top(scores, count, masked)
     else:
-      count = self.planned_unmask(schedule, step, masked)
-      if self.alg_temp:
-        # Sampling positions without replacement from softmax(conf / alg_temp) = top-k of
-        # Gumbel-perturbed log-probabilities.
-        scores = jax.nn.log_softmax(confidence / self.alg_temp, axis=-1)
-        scores = scores + jax.random.gumbel(position_rng, scores.shape)
-        transfer = common.select_top(scores, count, masked)
-      else:
-        transfer = common.select_top(confidence, count, masked)
+      transfer = common.select_top(confidence, count, masked)
     return jnp.where(transfer, x0, tokens), confidence

@@ -40,7 +40,8 @@ def steps_per_block(steps: int, gen_length: int, block_length: int) -> int:
     raise ValueError(f"gen_length must be >= 1 (the tokens to generate), got {gen_length}")
   if block_length < 1 or gen_length % block_length:
     raise ValueError(f"gen_length ({gen_length}) must be a positive multiple of block_length "
-                     f"({block_length})")
+                     f"({block_length}); block_length=gen_length decodes one block (Dream's "
+                     "own diffusion_generate does; the cached modes refresh once then)")
   num_blocks = gen_length // block_length
   if steps < num_blocks or steps % num_blocks:
     raise ValueError(f"steps ({steps}) must be a positive multiple of the number of blocks "

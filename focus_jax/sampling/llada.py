@@ -31,8 +31,9 @@ class LLaDARule:
   # Appendix B.4 of LLaDA: forbid <|endoftext|> as a prediction.
   logits_eos_inf: bool = False
   # As in the reference code: after x0 is chosen, <|eot_id|>'s logit is set to -inf before the
-  # confidence softmax (the reference also blanks eos in the noisy logits, which no later line
-  # reads), so eot predictions get zero confidence.
+  # confidence softmax, so eot predictions get zero confidence. The reference also blanks eos in
+  # the noisy logits, which at temperature 0 are the logits themselves (its add_gumbel_noise
+  # returns its input): there eos predictions get zero confidence too.
   confidence_eos_eot_inf: bool = False
 
   def __post_init__(self):
@@ -62,7 +63,8 @@ class LLaDARule:
       logits = logits.at[..., self.eos_token_id].set(common.NEG_INF)
     x0 = common.gumbel_argmax(noise_rng, logits, self.temperature)
     if self.confidence_eos_eot_inf:
-      logits = logits.at[..., self.eot_token_id].set(common.NEG_INF)
+      blanked = [self.eot_token_id] + ([self.eos_token_id] if self.temperature == 0 else [])
+      logits = logits.at[..., jnp.asarray(blanked)].set(common.NEG_INF)
     if self.remasking == "low_confidence":
       probs = jax.nn.softmax(logits, axis=-1)
       x0_p = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
