@@ -257,7 +257,9 @@ def test_llada_confidence_eos_eot_inf_step(llada):
       noisy[:, :, EOS] = t[:, :, EOT] = -torch.inf
     x0_p = torch.gather(F.softmax(t, dim=-1), -1, x0[..., None])[..., 0]
     ref_conf = torch.where(torch.from_numpy(masked), x0_p, -np.inf)
-    np.testing.assert_allclose(np.asarray(conf), ref_conf.numpy(), rtol=1e-6)
+    # ours carries -log(1 - p) (common.certainty): back to p to compare
+    np.testing.assert_allclose(-np.expm1(-np.asarray(conf, np.float64)), ref_conf.numpy(),
+                               rtol=1e-5)
     committed = np.argwhere(np.asarray(new) != tokens)
     expected = [[r, int(torch.argmax(ref_conf[r]))] for r in range(2)]
     np.testing.assert_array_equal(committed, expected)
@@ -392,3 +394,34 @@ def test_gumbel_noise_keeps_the_tail_float32_uniforms_cut():
   # Gumbel CDF exp(-exp(-x)) at a few points, within a few standard errors of 200k draws
   for x in (-1.0, 0.0, 1.0, 3.0):
     assert abs((g <= x).mean() - np.exp(-np.exp(-x))) < 0.004
+
+
+def test_llada_ranks_near_certain_positions_as_float64_does():
+  """Two positions whose predictions lead by 20 and 25 nats: float32 probabilities are both
+  1.0 and would commit the left one; the reference's float64 ones (LLaDA's, Fast-dLLM's)
+  commit the right one, more certain, and so do we. A threshold still passes both."""
+  from focus_jax.sampling import common
+  logits = np.zeros((1, 2, 3), np.float32)
+  logits[0, :, 0] = [20.0, 25.0]
+  assert (np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))[0, :, 0] == 1.0).all()
+  ref = F.softmax(torch.tensor(logits, dtype=torch.float64), -1)[0, :, 0]
+  assert int(ref.argmax()) == 1
+  from focus_jax.sampling.llada import LLaDARule
+  masked = jnp.ones((1, 2), bool)
+  tokens = jnp.full((1, 2), MASK, jnp.int32)
+  for threshold, committed in ((None, [False, True]), (0.999, [True, True])):
+    rule = LLaDARule(steps_per_block=2, eos_token_id=EOS, eot_token_id=EOT, threshold=threshold)
+    new, conf = rule.apply(jax.random.key(0), jnp.asarray(logits), tokens, masked,
+                           rule.block_schedule(masked), jnp.int32(0))
+    np.testing.assert_array_equal(np.asarray(new[0] != tokens[0]), committed)
+  # -log(1 - p) = log-odds here: the lead over the two other tokens, logsumexp log 2
+  np.testing.assert_allclose(np.asarray(conf[0]), [20.0 - np.log(2), 25.0 - np.log(2)], rtol=1e-6)
+  assert float(common.certainty_threshold(0.9)) == pytest.approx(-np.log(0.1))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5, -0.1])
+def test_a_threshold_outside_0_1_is_refused(threshold):
+  with pytest.raises(ValueError, match="threshold is a probability"):
+    llada_rule(tiny("llada"), steps=8, gen_length=8, block_length=8, threshold=threshold)
+  with pytest.raises(ValueError, match="threshold is a probability"):
+    dream_rule(steps=8, gen_length=8, block_length=8, threshold=threshold)

@@ -5,6 +5,8 @@ All functions are pure and shape-static so they run inside one `lax.while_loop`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,24 @@ def planned_or_rest(planned: jax.Array, step: jax.Array, steps_per_block: int,
   mask token): the block then finishes, and Focus runs every position it needs (a schedule's
   last count can be 0)."""
   return jnp.where(step < steps_per_block, planned, masked.sum(axis=1, dtype=jnp.int32))
+
+
+def certainty(logits: jax.Array, x0: jax.Array) -> jax.Array:
+  """-log(1 - p) for p = softmax(logits)[x0], [B, W] float32: monotone in p (so it ranks as p
+  does, and p >= tau iff it is >= -log1p(-tau)), 0 where p = 0, and exact near p = 1, where p
+  itself rounds to 1.0 in float32 for logit gaps above ~17: near-certain positions would tie
+  and commit left to right, where LLaDA's float64 reference (and Fast-dLLM's) orders them.
+  softplus(l[x0] - logsumexp of the other logits) is that quantity with no cancellation."""
+  logits = logits.astype(jnp.float32)
+  x0_logit = jnp.take_along_axis(logits, x0[..., None], axis=-1)[..., 0]
+  vocab = jnp.arange(logits.shape[-1])
+  others = jax.nn.logsumexp(jnp.where(vocab == x0[..., None], -jnp.inf, logits), axis=-1)
+  return jnp.nan_to_num(jax.nn.softplus(x0_logit - others), nan=0.0)
+
+
+def certainty_threshold(threshold: float) -> float:
+  """The `certainty` a probability threshold corresponds to."""
+  return -math.log1p(-threshold) if threshold < 1 else math.inf
 
 
 def select_threshold(confidence: jax.Array, threshold: float, candidates: jax.Array) -> jax.Array:

@@ -44,6 +44,8 @@ class DreamRule:
       raise ValueError(f"steps per block must be >= 1, got {self.steps_per_block}")
     if self.threshold is not None and self.alg == "origin":
       raise ValueError("threshold parallel decoding needs a confidence algorithm, not 'origin'")
+    if self.threshold is not None and not 0 < self.threshold <= 1:
+      raise ValueError(f"threshold is a probability in (0, 1], got {self.threshold}")
     if self.top_k is not None and self.top_k < 1:
       raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 

@@ -4,6 +4,8 @@ Per step: x0 = argmax of the (Gumbel-perturbed) logits; confidence = softmax(log
 (`low_confidence`) or uniform noise (`random`); the top-k masked positions of the block by
 confidence are committed, k from the linear schedule. With `threshold` set, Fast-dLLM's parallel
 decoding replaces the schedule: every masked position with confidence >= threshold, at least one.
+The low-confidence score carried and ranked is -log(1 - p) (`common.certainty`), which orders
+as p does but keeps near-certain positions apart in float32.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class LLaDARule:
       raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
     if self.steps_per_block < 1:
       raise ValueError(f"steps per block must be >= 1, got {self.steps_per_block}")
+    if self.threshold is not None and not 0 < self.threshold <= 1:
+      raise ValueError(f"threshold is a probability in (0, 1], got {self.threshold}")
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if self.confidence_eos_eot_inf and self.eot_token_id is None:
@@ -66,13 +70,15 @@ class LLaDARule:
       blanked = [self.eot_token_id] + ([self.eos_token_id] if self.temperature == 0 else [])
       logits = logits.at[..., jnp.asarray(blanked)].set(common.NEG_INF)
     if self.remasking == "low_confidence":
-      probs = jax.nn.softmax(logits, axis=-1)
-      x0_p = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+      # -log(1 - softmax(logits)[x0]): ranks as the probability does, near-certain ones too
+      x0_score = common.certainty(logits, x0)
+      threshold = None if self.threshold is None else common.certainty_threshold(self.threshold)
     else:
-      x0_p = jax.random.uniform(remask_rng, x0.shape, jnp.float32)
-    confidence = jnp.where(masked, x0_p, common.NEG_INF)
-    if self.threshold is not None:
-      transfer = common.select_threshold(confidence, self.threshold, masked)
+      x0_score = jax.random.uniform(remask_rng, x0.shape, jnp.float32)
+      threshold = self.threshold
+    confidence = jnp.where(masked, x0_score, common.NEG_INF)
+    if threshold is not None:
+      transfer = common.select_threshold(confidence, threshold, masked)
     else:  # (past the schedule: every candidate)
       transfer = common.select_top(confidence, self.planned_unmask(schedule, step, masked),
                                    masked)
