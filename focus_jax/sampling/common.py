@@ -84,8 +84,9 @@ def certainty_threshold(threshold: float) -> float:
 
 
 def select_threshold(confidence: jax.Array, threshold: float, candidates: jax.Array) -> jax.Array:
-  """Fast-dLLM's parallel decoding: every candidate whose confidence (a probability) is >=
-  threshold, and always the most confident candidate of a row that has any."""
+  """Fast-dLLM's parallel decoding: every candidate whose confidence is >= threshold (on the
+  confidence's own scale: a probability, or `certainty_threshold` of one), and always the most
+  confident candidate of a row that has any."""
   scores = jnp.where(candidates, confidence, NEG_INF)
   top = rank_descending(scores) == 0
   return candidates & (top | (confidence >= threshold))
