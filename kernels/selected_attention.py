@@ -84,7 +84,7 @@ def check_selected(prefix: int, seq_len: int, chunk: int, block: int, keep: floa
   if n_keep >= n_blocks:
     return (f"{_SAVES_NOTHING}: a chunk would keep all {n_blocks} blocks of {block} prompt keys "
             f"(keep {keep}, chunk {chunk}, n_global {n_global})")
-  if n_keep <= forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max():
+  if n_keep <= most_forced(prefix, chunk, block, n_global):
     # (Measured on the demo model: a budget that only holds the forced blocks loses its lookups
     # as the local window does, 58% against 96% at 1K.)
     return (f"{_SAVES_NOTHING}: the {n_keep} blocks a chunk keeps (keep {keep} of {n_blocks}) "
@@ -113,13 +113,18 @@ def own_blocks(prefix: int, chunk: int, block: int) -> np.ndarray:
   return own
 
 
+def most_forced(prefix: int, chunk: int, block: int, n_global: int) -> int:
+  """The most blocks any chunk is forced to keep (`forced_blocks`)."""
+  return int(forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max())
+
+
 def kept_blocks(prefix: int, chunk: int, block: int, keep: float, n_global: int) -> int:
   """Blocks each chunk keeps: `keep` of the prefix's blocks, at least the forced ones."""
   n_blocks = prefix // block
   if n_blocks == 0:
     return 0
-  forced = int(forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max())
-  return min(n_blocks, max(math.ceil(keep * n_blocks), forced))
+  return min(n_blocks, max(math.ceil(keep * n_blocks), most_forced(prefix, chunk, block,
+                                                                    n_global)))
 
 
 def kept_per_row(blocks_ok: jax.Array, prefix: int, chunk: int, block: int, keep: float,
@@ -130,7 +135,7 @@ def kept_per_row(blocks_ok: jax.Array, prefix: int, chunk: int, block: int, keep
   usable block, as a prompt that short stays dense (`check_selected`) rather than keep only its
   local window. Unpadded rows get exactly the static count."""
   n_keep = kept_blocks(prefix, chunk, block, keep, n_global)
-  forced = int(forced_blocks(prefix, chunk, block, n_global).sum(axis=1).max())
+  forced = most_forced(prefix, chunk, block, n_global)
   share = lambda n: math.ceil(keep * n)
   return block_relevance.budget_per_row(
       blocks_ok, lambda n: min(n_keep, share(n) if share(n) > forced else n))

@@ -51,6 +51,7 @@ class FocusAttend:
   prompt_length: int  # static: the response region starts here
   representatives: tuple[Any, ...]  # per layer: [B, Hkv, NB, D or 2D] for sparse layers, else None
   block_valid: jax.Array  # [B, NB]
+  row_keep: jax.Array  # [B] blocks each row keeps (`pruning.kept_per_row`), once a step
   attention_impl: str = "auto"
 
   @property
@@ -85,7 +86,8 @@ class FocusAttend:
     b, length = k_cache.shape[:2]
     indices, counts = pruning.select_prompt_blocks(
         q, self.query_focus, self.representatives[layer], self.block_valid, alpha=cfg.alpha,
-        selection=cfg.selection, kind=cfg.representative, implementation=cfg.relevance_impl)
+        selection=cfg.selection, kind=cfg.representative, implementation=cfg.relevance_impl,
+        row_keep=self.row_keep)
     response_start = jnp.full((b,), self.prompt_length, jnp.int32)
     response_end = jnp.full((b,), length, jnp.int32)
     extra = {}

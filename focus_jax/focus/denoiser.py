@@ -181,6 +181,7 @@ class FocusDenoiser:
         key_valid=key_valid,
         prompt_start=kv.prompt_start_of(canvas), prompt_length=canvas.prompt_length,
         representatives=state.representatives, block_valid=state.block_valid,
+        row_keep=pruning.kept_per_row(state.block_valid, cfg.alpha),
         attention_impl=self.attention_impl)
     carry = LayerCarry.initial(b, cfg.n_sink, mcfg.n_layers)
     hidden, cache, carry = kv.cached_forward(mcfg, params, canvas, state.cache, queries,

@@ -90,14 +90,15 @@ def kept_per_row(block_valid: jax.Array, alpha: float) -> jax.Array:
                                          lambda n: kept_blocks(n, alpha) if n else 0)
 
 
-def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float):
-  """Top alpha of each row's valid blocks: (indices [B, G, C] int32, counts [B, G] int32).
+def select_blocks(relevance: jax.Array, block_valid: jax.Array, alpha: float,
+                  row_keep: jax.Array):
+  """Top alpha of each row's valid blocks (`row_keep` [B], `kept_per_row`): (indices
+  [B, G, C] int32, counts [B, G] int32).
 
   The first `counts` ids are distinct valid blocks (invalid ones score -inf and come last),
   which is what lets the sparse layer skip `normalize_selection`."""
   return relevance_kernel.top_blocks(relevance, block_valid,
-                                    kept_blocks(relevance.shape[-1], alpha),
-                                    kept_per_row(block_valid, alpha))
+                                    kept_blocks(relevance.shape[-1], alpha), row_keep)
 
 
 def check_selection_impl(implementation: str, selection: str, q_shape, n_blocks: int) -> None:
@@ -113,7 +114,7 @@ def check_selection_impl(implementation: str, selection: str, q_shape, n_blocks:
 
 def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Array,
                          block_valid: jax.Array, *, alpha: float, selection: str, kind: str,
-                         implementation: str = "xla"):
+                         implementation: str = "xla", row_keep: jax.Array | None = None):
   """The prompt blocks a sparse layer keeps: the top alpha of the row's valid blocks by
   relevance to the focus queries (C = alpha of all NB blocks is the static capacity).
 
@@ -122,15 +123,17 @@ def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Ar
   blocks (in an order the implementation chooses), as the sparse attention's
   `distinct_selection` expects. "xla" (the default): `block_relevance` then `lax.top_k`;
   "pallas_gpu": one fused kernel (`kernels.block_relevance.select_top_blocks`) scoring only the
-  focus slots, measured slower (see that module).
+  focus slots, measured slower (see that module). `row_keep` [B]: `kept_per_row(block_valid,
+  alpha)`, which a step's sparse layers share (computed here when not given).
   """
   check_selection_impl(implementation, selection, q.shape, block_valid.shape[1])
+  if row_keep is None:
+    row_keep = kept_per_row(block_valid, alpha)
   if implementation == "xla":
     relevance = block_relevance(q, focus, representatives, block_valid, selection, kind)
-    return select_blocks(relevance, block_valid, alpha)
+    return select_blocks(relevance, block_valid, alpha, row_keep)
   weight, live = focus_weights(focus)
   return relevance_kernel.select_top_blocks(
       q, weight, representatives, block_valid, keep=kept_blocks(block_valid.shape[1], alpha),
       bound=kind == "bound", live_queries=live, implementation=implementation,
-      row_keep=kept_per_row(block_valid, alpha),
-      interpret=jax.default_backend() != "gpu")  # off a GPU (tests) the kernel is interpreted
+      row_keep=row_keep, interpret=jax.default_backend() != "gpu")  # off a GPU (tests) the kernel is interpreted
