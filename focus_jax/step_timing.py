@@ -27,7 +27,8 @@ def entry_context(canvas: Canvas, batch: int) -> StepContext:
   return StepContext(block_start=jnp.int32(canvas.prompt_length), block_index=jnp.int32(0),
                      masked=jnp.ones((batch, w), bool),
                      prev_confidence=jnp.broadcast_to(jnp.linspace(0.0, 1.0, w), (batch, w)),
-                     planned_unmask=jnp.ones((batch,), jnp.int32), block_entry=True)
+                     planned_unmask=jnp.ones((batch,), jnp.int32), block_entry=True,
+                     max_planned_unmask=1)
 
 
 def _jit_donating_state(fn: Callable[..., Any], denoiser: Denoiser,

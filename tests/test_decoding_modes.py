@@ -164,6 +164,46 @@ def test_fused_block_selection_decodes_as_the_xla_selection(model):
     decode(cfg, params, "focus", relevance_impl="pallas_gpu", selection="shared", **options)
 
 
+@pytest.mark.parametrize("steps", [GEN, GEN // 2])
+def test_relevance_from_the_focus_slots_keeps_what_every_slot_keeps(model, steps, monkeypatch):
+  """The block relevance scores only the leading rho * k slots (k: the schedule's largest),
+  where I_focus sits; the other slots weigh nothing. Same tokens and the same attention mass
+  retained per layer (which depends on exactly which blocks were kept) as scoring all slots."""
+  from focus_jax.focus.denoiser import FocusDenoiser  # pylint: disable=g-import-not-at-top
+  cfg, params = model
+  tokens, mask = prompts()
+  if cfg.family == "llada":
+    rule = llada_rule(cfg, steps=steps, gen_length=GEN, block_length=BLOCK)
+  else:
+    rule = dream_rule(steps=steps, gen_length=GEN, block_length=BLOCK, alg="maskgit_plus")
+  options = dict(l_dense=2, dense_tail=0, alpha=0.5, n_sink=8, prompt_block_size=8, rho=2,
+                 window=3, diagnostics=True)
+  sized = []
+  real_focus_slots = FocusDenoiser._focus_slots
+
+  def recording(self, ctx, capacity):
+    sized.append(real_focus_slots(self, ctx, capacity))
+    return sized[-1]
+
+  def run():
+    generate_tokens.clear_cache()
+    state = generate_tokens(params, tokens, mask, jax.random.key(0), config=cfg, rule=rule,
+                            denoiser=make_denoiser(cfg, "focus", **options), gen_length=GEN,
+                            block_length=BLOCK)
+    return np.asarray(state.tokens[:, PROMPT:]), summarize(jax.tree.map(np.asarray, state.stats))
+
+  monkeypatch.setattr(FocusDenoiser, "_focus_slots", recording)
+  got_tokens, got = run()
+  assert set(sized) == {2 * rule.max_planned_unmask(BLOCK)}
+  assert sized[0] < BLOCK  # fewer than the block's slots
+  monkeypatch.setattr(FocusDenoiser, "_focus_slots", lambda self, ctx, capacity: None)
+  want_tokens, want = run()
+  np.testing.assert_array_equal(got_tokens, want_tokens)
+  np.testing.assert_allclose(got["retained_mass_per_layer"], want["retained_mass_per_layer"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(got["kv_tokens_per_layer"], want["kv_tokens_per_layer"])
+
+
 def test_focus_diagnostics_are_free_when_off(model):
   cfg, params = model
   _, state = decode(cfg, params, "focus", l_dense=2, dense_tail=0, prompt_block_size=16)

@@ -425,3 +425,25 @@ def test_a_threshold_outside_0_1_is_refused(threshold):
     llada_rule(tiny("llada"), steps=8, gen_length=8, block_length=8, threshold=threshold)
   with pytest.raises(ValueError, match="threshold is a probability"):
     dream_rule(steps=8, gen_length=8, block_length=8, threshold=threshold)
+
+
+@pytest.mark.parametrize("steps,block", [(32, 32), (16, 32), (10, 32), (4, 16)])
+def test_max_planned_unmask_bounds_every_scheduled_step(steps, block):
+  """`max_planned_unmask` (what Focus sizes its relevance queries by) is reached and never
+  exceeded while a block's schedule lasts, from any number of masks left at entry."""
+  cfg = tiny("llada")
+  rules = [llada_rule(cfg, steps=steps, gen_length=block, block_length=block),
+           dream_rule(steps=steps, gen_length=block, block_length=block, alg="entropy"),
+           llada_rule(cfg, steps=steps, gen_length=block, block_length=block, threshold=0.9),
+           dream_rule(steps=steps, gen_length=block, block_length=block, threshold=0.9)]
+  for rule in rules:
+    bound = rule.max_planned_unmask(block)
+    most = 0
+    for n_masked in (block, block - 3, 1):
+      masked = jnp.asarray(np.arange(block) < n_masked)[None, :]
+      schedule = rule.block_schedule(masked)
+      for step in range(rule.steps_per_block):
+        most = max(most, int(rule.planned_unmask(schedule, jnp.int32(step), masked)[0]))
+    assert most == bound, (rule, most, bound)
+  origin = dream_rule(steps=steps, gen_length=block, block_length=block, alg="origin")
+  assert origin.max_planned_unmask(block) == block

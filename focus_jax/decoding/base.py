@@ -44,6 +44,9 @@ class StepContext:
   planned_unmask: jax.Array  # [B] int32: tokens the sampler plans to unmask this step (k)
   # Static: the block's first step (caches refresh here), traced separately from the others.
   block_entry: bool = flax.struct.field(pytree_node=False, default=False)
+  # Static: the most tokens the rule's schedule plans for one step (None: no bound known), so
+  # that a denoiser can size what depends on `planned_unmask` (Focus's relevance queries).
+  max_planned_unmask: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class Denoiser(Protocol):

@@ -53,6 +53,9 @@ class FocusAttend:
   block_valid: jax.Array  # [B, NB]
   row_keep: jax.Array  # [B] blocks each row keeps (`pruning.kept_per_row`), once a step
   attention_impl: str = "auto"
+  # The leading slots that can hold I_focus (`indicator.active_slots` packs them first): the
+  # block relevance scores these, not every slot. None: all slots.
+  focus_slots: int | None = None
 
   @property
   def query_counts(self) -> jax.Array:
@@ -85,7 +88,8 @@ class FocusAttend:
     cfg = self.focus
     b, length = k_cache.shape[:2]
     indices, counts = pruning.select_prompt_blocks(
-        q, self.query_focus, self.representatives[layer], self.block_valid, alpha=cfg.alpha,
+        q, self.query_focus, self.representatives[layer], self.block_valid,
+        focus_slots=self.focus_slots, alpha=cfg.alpha,
         selection=cfg.selection, kind=cfg.representative, implementation=cfg.relevance_impl,
         row_keep=self.row_keep)
     response_start = jnp.full((b,), self.prompt_length, jnp.int32)

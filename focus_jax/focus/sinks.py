@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from focus_jax.decoding import cache as kv
+from focus_jax.kernels import top_k
 from focus_jax.kernels.attention_mass import attention_mass
 from focus_jax.kernels.dense_attention import MASK_VALUE
 
@@ -53,5 +54,5 @@ def select_sinks(scores: jax.Array, prompt_start: jax.Array, prompt_length: int,
   """Top-n_sink prompt keys by score: (positions [B, N] int32, valid [B, N] bool)."""
   pos = jnp.arange(scores.shape[1])
   candidate = (pos[None, :] >= prompt_start[:, None]) & (pos[None, :] < prompt_length)
-  values, positions = jax.lax.top_k(jnp.where(candidate, scores, -jnp.inf), n_sink)
-  return positions.astype(jnp.int32), jnp.isfinite(values)
+  values, positions = top_k.top_k(jnp.where(candidate, scores, -jnp.inf), n_sink)
+  return positions, jnp.isfinite(values)

@@ -83,6 +83,13 @@ class DreamRule:
     planned = jnp.broadcast_to(counts[jnp.minimum(step, self.steps_per_block - 1)], (b,))
     return common.planned_or_rest(planned, step, self.steps_per_block, masked)
 
+  def max_planned_unmask(self, block_length):
+    if self.threshold is not None:
+      return 1
+    if self.alg == "origin":  # its last step plans every mask left
+      return block_length
+    return int(max(self._counts()))
+
   def _sample(self, rng, logits):
     """(confidence, x0, probability of x0) per position, as the reference's sample_tokens."""
     if self.temperature > 0:

@@ -61,6 +61,11 @@ class LLaDARule:
                                            axis=1, keepdims=False)
     return common.planned_or_rest(planned, step, self.steps_per_block, masked)
 
+  def max_planned_unmask(self, block_length):
+    if self.threshold is not None:
+      return 1
+    return -(-block_length // self.steps_per_block)  # the schedule's first counts
+
   def apply(self, rng, logits, tokens, masked, schedule, step):
     noise_rng, remask_rng = jax.random.split(rng)
     if self.logits_eos_inf:

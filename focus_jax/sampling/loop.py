@@ -36,6 +36,11 @@ class UnmaskRule(Protocol):
     """[B] int32: how many tokens this step is expected to unmask (Focus's k)."""
     ...
 
+  def max_planned_unmask(self, block_length: int) -> int:
+    """The most `planned_unmask` gives while a block's schedule lasts (a static bound; a block
+    that outlives its schedule plans every mask left)."""
+    ...
+
   def apply(self, rng: jax.Array, logits: jax.Array, tokens: jax.Array, masked: jax.Array,
             schedule: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Returns (new block tokens [B, W], confidence [B, W] of masked positions, -inf elsewhere)."""
@@ -120,7 +125,8 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
     planned = rule.planned_unmask(schedule, step, masked)
     prev_confidence = jnp.full((b, w), NEG_INF, jnp.float32) if entry else s.confidence
     ctx = StepContext(block_start=start, block_entry=entry, block_index=s.block, masked=masked,
-                      prev_confidence=prev_confidence, planned_unmask=planned)
+                      prev_confidence=prev_confidence, planned_unmask=planned,
+                      max_planned_unmask=rule.max_planned_unmask(w))
     c = model_canvas(s.tokens)
     if use_cfg:
       ctx = ctx.replace(masked=jnp.concatenate([masked, masked]),
