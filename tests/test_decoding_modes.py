@@ -204,6 +204,40 @@ def test_relevance_from_the_focus_slots_keeps_what_every_slot_keeps(model, steps
   np.testing.assert_allclose(got["kv_tokens_per_layer"], want["kv_tokens_per_layer"])
 
 
+def test_a_rule_without_a_planned_bound_scores_every_slot(model):
+  """`max_planned_unmask` is optional: a rule without it decodes under Focus, its relevance
+  scoring every slot (the same tokens, since the focus slots lead)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  cfg, params = model
+  tokens, mask = prompts()
+  inner = rule_for(cfg)
+
+  @dataclasses.dataclass(frozen=True)
+  class Unbounded:
+    rule: object
+    steps_per_block: int
+
+    def block_schedule(self, masked):
+      return self.rule.block_schedule(masked)
+
+    def planned_unmask(self, schedule, step, masked):
+      return self.rule.planned_unmask(schedule, step, masked)
+
+    def apply(self, *args):
+      return self.rule.apply(*args)
+
+  options = dict(l_dense=2, dense_tail=0, alpha=0.5, n_sink=8, prompt_block_size=8, rho=2,
+                 window=3)
+  outs = []
+  for rule in (inner, Unbounded(inner, inner.steps_per_block)):
+    state = generate_tokens(params, tokens, mask, jax.random.key(0), config=cfg, rule=rule,
+                            denoiser=make_denoiser(cfg, "focus", **options), gen_length=GEN,
+                            block_length=BLOCK)
+    outs.append(np.asarray(state.tokens[:, PROMPT:]))
+  assert not (outs[1] == MASK).any()
+  np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def test_focus_diagnostics_are_free_when_off(model):
   cfg, params = model
   _, state = decode(cfg, params, "focus", l_dense=2, dense_tail=0, prompt_block_size=16)

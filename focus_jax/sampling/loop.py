@@ -38,7 +38,8 @@ class UnmaskRule(Protocol):
 
   def max_planned_unmask(self, block_length: int) -> int:
     """The most `planned_unmask` gives while a block's schedule lasts (a static bound; a block
-    that outlives its schedule plans every mask left)."""
+    that outlives its schedule plans every mask left). Optional: a rule without it gives Focus
+    no bound, and its relevance then scores every query slot."""
     ...
 
   def apply(self, rng: jax.Array, logits: jax.Array, tokens: jax.Array, masked: jax.Array,
@@ -115,6 +116,8 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
       confidence=jnp.full((b, w), NEG_INF, jnp.float32), rng=rng, num_steps=jnp.int32(0),
       denoiser_state=denoiser.init_state(params, model_canvas(canvas.tokens)))
 
+  max_planned = (rule.max_planned_unmask(w) if hasattr(rule, "max_planned_unmask") else None)
+
   def one_step(s: LoopState, entry: bool) -> LoopState:
     """One denoising step of the current block; `entry` (static) marks the block's first."""
     start = canvas.prompt_length + s.block * w
@@ -126,7 +129,7 @@ def run(params: Any, canvas: Canvas, denoiser: Denoiser, rule: UnmaskRule, rng: 
     prev_confidence = jnp.full((b, w), NEG_INF, jnp.float32) if entry else s.confidence
     ctx = StepContext(block_start=start, block_entry=entry, block_index=s.block, masked=masked,
                       prev_confidence=prev_confidence, planned_unmask=planned,
-                      max_planned_unmask=rule.max_planned_unmask(w))
+                      max_planned_unmask=max_planned)
     c = model_canvas(s.tokens)
     if use_cfg:
       ctx = ctx.replace(masked=jnp.concatenate([masked, masked]),
