@@ -164,11 +164,12 @@ def test_fused_block_selection_decodes_as_the_xla_selection(model):
     decode(cfg, params, "focus", relevance_impl="pallas_gpu", selection="shared", **options)
 
 
-@pytest.mark.parametrize("steps", [GEN, GEN // 2])
-def test_relevance_from_the_focus_slots_keeps_what_every_slot_keeps(model, steps, monkeypatch):
-  """The block relevance scores only the leading rho * k slots (k: the schedule's largest),
-  where I_focus sits; the other slots weigh nothing. Same tokens and the same attention mass
-  retained per layer (which depends on exactly which blocks were kept) as scoring all slots."""
+def test_relevance_from_the_focus_slots_keeps_what_every_slot_keeps(model, monkeypatch):
+  """The block relevance scores only the leading rho * k slots (k: the schedule's largest, 2
+  or more here; k = 1 in the next test), where I_focus sits; the other slots weigh nothing.
+  Same tokens and the same attention mass retained per layer (which depends on exactly which
+  blocks were kept) as scoring all slots."""
+  steps = GEN // 2
   from focus_jax.focus.denoiser import FocusDenoiser  # pylint: disable=g-import-not-at-top
   cfg, params = model
   tokens, mask = prompts()
@@ -206,7 +207,7 @@ def test_relevance_from_the_focus_slots_keeps_what_every_slot_keeps(model, steps
 
 def test_a_rule_without_a_planned_bound_scores_every_slot(model):
   """`max_planned_unmask` is optional: a rule without it decodes under Focus, its relevance
-  scoring every slot (the same tokens, since the focus slots lead)."""
+  scoring every slot: the same tokens as the rule with it (k = 1, so 2 slots scored)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   cfg, params = model
   tokens, mask = prompts()
