@@ -67,11 +67,8 @@ def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
   representatives hold [centre, radius], the box bound q . centre + |q| . radius); averaged
   over the query heads of a KV group (and over all heads for a shared selection) and over the
   focus queries. Computed by `kernels.block_relevance` in XLA. `focus_slots`: only the leading
-  slots that many can hold a focus query (the indicator packs them first); None: all.
-
-  The slots are cut after grouping, from the rows of every slot: cutting q itself gave the
-  q projection's GEMM another output layout, 20.4 us a layer against 15.8 (Dream-7B batch 8,
-  H100, 2026-12-07).
+  slots that many can hold a focus query (the indicator packs them first), that is the first
+  focus_slots x G grouped rows; None: all.
   """
   hq, hkv = q.shape[2], representatives.shape[1]  # shapes checked by the relevance kernel
   weight, _ = focus_weights(focus)
