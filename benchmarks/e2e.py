@@ -259,7 +259,8 @@ def main(argv):
           # positions active at block 32 with the default rho and window, against 7).
           times = step_timing.step_times(denoiser, params, canvas, repeats=10,
                                          entry_repeats=FLAGS.entry_repeats,
-                                         spread=mode == "focus")
+                                         spread=mode == "focus",
+                                         max_planned_unmask=rule.max_planned_unmask(block))
           row["refresh_s"] = times["refresh_s"]
           row["later_entry_s"] = times["later_entry_s"]
           row["sparse_step_s"] = times["cached_step_s"]  # inside a loop, as generated

@@ -25,6 +25,7 @@ import focus_jax
 from focus_jax import step_timing
 from focus_jax.decoding import make_denoiser
 from focus_jax.models.config import MATMUL_IMPLS
+from focus_jax.pipeline import sampler_rule
 from focus_jax.sampling import loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,12 +59,13 @@ def main(argv):
   cfg, params = model.config, model.params
   prompt = jnp.zeros((FLAGS.batch, FLAGS.context), jnp.int32) + 7
   canvas = loop.make_canvas(prompt, None, 256, 32, cfg.mask_token_id)
+  rule = sampler_rule(cfg, steps=256, gen_length=256, block_length=32)  # sizes Focus's relevance
   report = {}
   for spec in FLAGS.modes:
     mode, *extra = spec.split("+")
     options = dict(kv.split("=") for kv in extra)
     denoiser = make_denoiser(cfg, mode, **options)
-    ctx = step_timing.entry_context(canvas, FLAGS.batch)
+    ctx = step_timing.entry_context(canvas, FLAGS.batch, rule.max_planned_unmask(32))
     step = step_timing.jitted_step(denoiser, canvas)
     params = denoiser.prepare_params(model.params)  # as a generation makes them
     _, state = step(params, denoiser.init_state(params, canvas), ctx)

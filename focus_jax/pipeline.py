@@ -260,7 +260,8 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
     if stats:  # Focus diagnostics: the step times of the split below
       canvas = loop.make_canvas(args[1], mask, gen_length, block_length,
                                 model.config.mask_token_id)
-      times = step_timing.step_times(denoiser, model.params, canvas)
+      times = step_timing.step_times(denoiser, model.params, canvas,
+                                     max_planned_unmask=rule.max_planned_unmask(block_length))
   tokens = sharding.to_host(state.tokens[:, prompt.shape[1]:])
   if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer, time split
     from focus_jax.focus import summarize  # pylint: disable=g-import-not-at-top

@@ -21,14 +21,16 @@ from focus_jax.decoding.base import Canvas, Denoiser, StepContext
 from focus_jax.models.transformer import compiler_options
 
 
-def entry_context(canvas: Canvas, batch: int) -> StepContext:
-  """The entry step of the first block (all positions masked, confidences spread)."""
+def entry_context(canvas: Canvas, batch: int, max_planned_unmask: int = 1) -> StepContext:
+  """The entry step of the first block (all positions masked, confidences spread), planning
+  one token; `max_planned_unmask`: the sampler rule's bound (`UnmaskRule.max_planned_unmask`),
+  which sizes Focus's relevance queries as the generation does (Dream's schedule: 2)."""
   w = canvas.block_length
   return StepContext(block_start=jnp.int32(canvas.prompt_length), block_index=jnp.int32(0),
                      masked=jnp.ones((batch, w), bool),
                      prev_confidence=jnp.broadcast_to(jnp.linspace(0.0, 1.0, w), (batch, w)),
                      planned_unmask=jnp.ones((batch,), jnp.int32), block_entry=True,
-                     max_planned_unmask=1)
+                     max_planned_unmask=max_planned_unmask)
 
 
 def _jit_donating_state(fn: Callable[..., Any], denoiser: Denoiser,
@@ -94,7 +96,8 @@ def in_loop_step_seconds(denoiser: Denoiser, params, canvas: Canvas, state, ctx:
 
 
 def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5,
-               entry_repeats: int | None = None, spread: bool = False) -> dict[str, float]:
+               entry_repeats: int | None = None, spread: bool = False,
+               max_planned_unmask: int = 1) -> dict[str, float]:
   """{"refresh_s", "later_entry_s", "cached_step_s", "cached_step_call_s"} of this denoiser
   (and "cached_step_spread_s" if `spread`: see `spread_context`).
 
@@ -102,14 +105,15 @@ def step_times(denoiser: Denoiser, params, canvas: Canvas, repeats: int = 5,
   it (a response-only refresh, or a plain cached step). Entry steps are timed
   `entry_repeats` times (default max(3, repeats // 2)); at 128K one refresh takes seconds.
   cached_step_s is a cached step inside a loop (what the generation pays); cached_step_call_s
-  the same step as a call of its own (dispatch included).
+  the same step as a call of its own (dispatch included). `max_planned_unmask`: as in
+  `entry_context`.
   """
   entry_repeats = entry_repeats or max(3, repeats // 2)
   b = canvas.tokens.shape[0]
   step = jitted_step(denoiser, canvas)
   params = denoiser.prepare_params(params)  # once, as a generation makes them
   state = denoiser.init_state(params, canvas)
-  ctx = entry_context(canvas, b)
+  ctx = entry_context(canvas, b, max_planned_unmask)
   out = {}
   out["refresh_s"], state = median_step_seconds(step, params, state, ctx, entry_repeats)
   later = ctx.replace(block_index=jnp.int32(1),

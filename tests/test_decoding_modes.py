@@ -207,7 +207,8 @@ def test_relevance_from_the_focus_slots_keeps_what_every_slot_keeps(model, monke
 
 def test_a_rule_without_a_planned_bound_scores_every_slot(model):
   """`max_planned_unmask` is optional: a rule without it decodes under Focus, its relevance
-  scoring every slot: the same tokens as the rule with it (k = 1, so 2 slots scored)."""
+  scoring every slot: the same tokens and the same attention mass kept per layer as the rule
+  with it (one token a step: LLaDA's bound 1, Dream's 2, so rho x that of 16 slots scored)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   cfg, params = model
   tokens, mask = prompts()
@@ -227,16 +228,20 @@ def test_a_rule_without_a_planned_bound_scores_every_slot(model):
     def apply(self, *args):
       return self.rule.apply(*args)
 
+  assert inner.max_planned_unmask(BLOCK) * 2 < BLOCK
   options = dict(l_dense=2, dense_tail=0, alpha=0.5, n_sink=8, prompt_block_size=8, rho=2,
-                 window=3)
-  outs = []
+                 window=3, diagnostics=True)
+  outs, stats = [], []
   for rule in (inner, Unbounded(inner, inner.steps_per_block)):
     state = generate_tokens(params, tokens, mask, jax.random.key(0), config=cfg, rule=rule,
                             denoiser=make_denoiser(cfg, "focus", **options), gen_length=GEN,
                             block_length=BLOCK)
     outs.append(np.asarray(state.tokens[:, PROMPT:]))
+    stats.append(summarize(jax.tree.map(np.asarray, state.stats)))
   assert not (outs[1] == MASK).any()
   np.testing.assert_array_equal(outs[1], outs[0])
+  np.testing.assert_allclose(stats[1]["retained_mass_per_layer"],
+                             stats[0]["retained_mass_per_layer"], rtol=1e-5)
 
 
 def test_focus_diagnostics_are_free_when_off(model):
