@@ -87,9 +87,10 @@ class FocusAttend:
   def _sparse(self, layer, q, k_cache, v_cache, carry: LayerCarry):
     cfg = self.focus
     b, length = k_cache.shape[:2]
+    f = self.focus_slots  # (None: every slot)
     indices, counts = pruning.select_prompt_blocks(
-        q, self.query_focus, self.representatives[layer], self.block_valid,
-        focus_slots=self.focus_slots, alpha=cfg.alpha,
+        q[:, :f], self.query_focus[:, :f], self.representatives[layer], self.block_valid,
+        alpha=cfg.alpha,
         selection=cfg.selection, kind=cfg.representative, implementation=cfg.relevance_impl,
         row_keep=self.row_keep)
     response_start = jnp.full((b,), self.prompt_length, jnp.int32)

@@ -59,23 +59,18 @@ def focus_weights(focus: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def block_relevance(q: jax.Array, focus: jax.Array, representatives: jax.Array,
-                    block_valid: jax.Array, selection: str, kind: str,
-                    focus_slots: int | None = None) -> jax.Array:
+                    block_valid: jax.Array, selection: str, kind: str) -> jax.Array:
   """Relevance of every prompt block to the focus queries: [B, G, NB] (G = Hkv or 1).
 
   Per query head, a softmax over blocks of q . r_b / sqrt(d) (for kind "bound", whose
   representatives hold [centre, radius], the box bound q . centre + |q| . radius); averaged
   over the query heads of a KV group (and over all heads for a shared selection) and over the
-  focus queries. Computed by `kernels.block_relevance` in XLA. `focus_slots`: only the leading
-  slots that many can hold a focus query (the indicator packs them first), that is the first
-  focus_slots x G grouped rows; None: all.
+  focus queries. Computed by `kernels.block_relevance` in XLA.
   """
   hq, hkv = q.shape[2], representatives.shape[1]  # shapes checked by the relevance kernel
   weight, _ = focus_weights(focus)
-  rows = q.shape[1] * (hq // hkv) if focus_slots is None else focus_slots * (hq // hkv)
   relevance = relevance_kernel.block_relevance(
-      group_queries(q, hkv)[:, :, :rows],
-      relevance_kernel.row_weights(weight, hq // hkv)[:, :rows], representatives,
+      group_queries(q, hkv), relevance_kernel.row_weights(weight, hq // hkv), representatives,
       block_valid, bound=kind == "bound")  # [B, Hkv, NB]
   if selection == "shared":
     relevance = jnp.mean(relevance, axis=1, keepdims=True)
@@ -119,8 +114,7 @@ def check_selection_impl(implementation: str, selection: str, q_shape, n_blocks:
 
 def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Array,
                          block_valid: jax.Array, *, alpha: float, selection: str, kind: str,
-                         implementation: str = "xla", row_keep: jax.Array | None = None,
-                         focus_slots: int | None = None):
+                         implementation: str = "xla", row_keep: jax.Array | None = None):
   """The prompt blocks a sparse layer keeps: the top alpha of the row's valid blocks by
   relevance to the focus queries (C = alpha of all NB blocks is the static capacity).
 
@@ -130,16 +124,13 @@ def select_prompt_blocks(q: jax.Array, focus: jax.Array, representatives: jax.Ar
   `distinct_selection` expects. "xla" (the default): `block_relevance` then `lax.top_k`;
   "pallas_gpu": one fused kernel (`kernels.block_relevance.select_top_blocks`) scoring only the
   focus slots, measured slower (see that module). `row_keep` [B]: `kept_per_row(block_valid,
-  alpha)`, which a step's sparse layers share (computed here when not given). `focus_slots`:
-  how many leading slots can hold I_focus (None: all); the XLA relevance scores only those, the
-  kernel skips the slots past the last focus one by itself.
+  alpha)`, which a step's sparse layers share (computed here when not given).
   """
   check_selection_impl(implementation, selection, q.shape, block_valid.shape[1])
   if row_keep is None:
     row_keep = kept_per_row(block_valid, alpha)
   if implementation == "xla":
-    relevance = block_relevance(q, focus, representatives, block_valid, selection, kind,
-                                focus_slots)
+    relevance = block_relevance(q, focus, representatives, block_valid, selection, kind)
     return select_blocks(relevance, block_valid, alpha, row_keep)
   weight, live = focus_weights(focus)
   return relevance_kernel.select_top_blocks(
