@@ -119,7 +119,7 @@ def main(argv):
     runs = [pipeline.generate_ids(model, prompt, mask, mode=mode, gen_length=cfg.gen_length,
                                   steps=cfg.steps, block_length=cfg.block_length,
                                   cfg_scale=cfg.cfg_scale, seed=cfg.seed,
-                                  decoding_options=options,
+                                  decoding_options=options, time_split=cfg.time_split,
                                   **{k: v for k, v in cfg.sampler.items() if v is not None})
             for _ in range(max(1, cfg.repeats))]
     result = runs[0]

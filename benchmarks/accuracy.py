@@ -130,7 +130,7 @@ def run(model, examples: dict[int, list], variant_names: list[str], block_length
         prompt, mask = pipeline.pad_prompts([e.prompt for e in chunk], tasks.EOS_ID)
         res = pipeline.generate_ids(model, prompt, mask, mode=mode, gen_length=tasks.GEN_LENGTH,
                                     steps=tasks.GEN_LENGTH, block_length=block_length,
-                                    decoding_options=dict(options))
+                                    decoding_options=dict(options), time_split=False)
         seconds += res.seconds
         for i, (row, e) in enumerate(zip(res.tokens, chunk)):
           records.append({"variant": name, "length": length, "task": e.task,

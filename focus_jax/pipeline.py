@@ -218,9 +218,13 @@ def check_prompt(config: ModelConfig, prompt: np.ndarray, prompt_mask: np.ndarra
 def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
                  mode: str = "vanilla", gen_length: int = GEN_LENGTH, steps: int | None = None,
                  block_length: int = 32, cfg_scale: float = 0.0, seed: int = 0,
-                 decoding_options: dict[str, Any] | None = None,
+                 decoding_options: dict[str, Any] | None = None, time_split: bool = True,
                  **sampler_options) -> Generation:
   """Token-level entry point (prompts already tokenized and padded); compiles once per shape.
+
+  With Focus's diagnostics on, `time_split` also times a refresh and a cached step on their own
+  (their own compiles and a few timed calls: seconds on a CPU, more at long context) to split
+  the run's seconds between them; False leaves the split out of `stats`.
 
   prompt [B, P] and prompt_mask [B, P] (or None): host arrays, the same on every process, or
   `jax.Array`s, which may be spread over the processes' devices (each host holding some rows,
@@ -257,7 +261,7 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
     state = jax.block_until_ready(compiled(*args))
     seconds = time.perf_counter() - t0
     stats = state.stats
-    if stats:  # Focus diagnostics: the step times of the split below
+    if stats and time_split:  # Focus diagnostics: the step times of the split below
       canvas = loop.make_canvas(args[1], mask, gen_length, block_length,
                                 model.config.mask_token_id)
       times = step_timing.step_times(denoiser, model.params, canvas,
@@ -266,9 +270,10 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
   if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer, time split
     from focus_jax.focus import summarize  # pylint: disable=g-import-not-at-top
     stats = summarize(jax.tree.map(sharding.to_host, stats))
-    stats.update(times)
-    stats["seconds_in_refresh_steps"] = stats["refresh_steps"] * times["refresh_s"]
-    stats["seconds_in_sparse_steps"] = stats["sparse_steps"] * times["cached_step_s"]
+    if time_split:
+      stats.update(times)
+      stats["seconds_in_refresh_steps"] = stats["refresh_steps"] * times["refresh_s"]
+      stats["seconds_in_sparse_steps"] = stats["sparse_steps"] * times["cached_step_s"]
   return Generation(texts=[], tokens=tokens, num_steps=int(sharding.to_host(state.num_steps)),
                     seconds=seconds,
                     compile_seconds=compile_seconds, stats=stats)

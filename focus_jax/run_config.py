@@ -90,4 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   # True: one q|k|v weight per layer (ModelConfig.fused_qkv; fused at load). None: the model's.
   c.fused_qkv = placeholder(bool)
   c.repeats = 1  # timed runs per mode after compilation (median reported)
+  # With Focus's diagnostics on: also time a refresh and a cached step on their own, to split the
+  # run's seconds between them (their own compiles: seconds on a CPU).
+  c.time_split = True
   return c

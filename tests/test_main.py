@@ -76,15 +76,17 @@ def test_fp8_refresh_and_pad_to():
 
 def test_default_run_answers_the_generated_question(tmp_path):
   """`python main.py` as shipped (configs/demo.py, the trained demo_model/), on a shorter
-  prompt so CI stays quick: dense and Focus both print the expected answer. Run from another
+  prompt so CI stays quick (and without the Focus time split, which test_main_tiny_runs_every_mode
+  covers): dense and Focus both print the expected answer, and no time split. Run from another
   folder: the default config is the one next to main.py."""
   cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config.task_prompt_length=496",
-         "--config.seed=3"]
+         "--config.seed=3", "--config.time_split=False"]
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
   assert "=== vanilla ===" in text and "=== focus ===" in text
   assert text.count("correct: yes") == 2, text[-3000:]
+  assert "recall_focus" in text and "seconds_in_refresh_steps" not in text
   rows = [line.split() for line in text.splitlines() if line.startswith(("vanilla ", "focus "))]
   assert len(rows) == 2 and all(row[-1] == "yes" for row in rows), rows
 
