@@ -27,6 +27,7 @@ from focus_jax.checkpoints_convert import safetensors_io as st
 from focus_jax.models import Transformer
 from focus_jax.models.config import llada_8b
 from focus_jax.models.param_map import hf_tensor_specs
+from subprocess_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -373,8 +374,7 @@ def test_loaders_shard_over_a_model_axis(llada_bf16, tmp_path):
         assert len(q.addressable_shards) == 2 and q.addressable_shards[0].data.shape == (64, 32)
       print("ok")
       """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(2)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -417,7 +417,6 @@ def test_fused_qkv_load_shards_whole_kv_groups(llada_bf16):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
       print("ok")
       """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(2)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -5,7 +5,6 @@ CPU devices, in a subprocess)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from focus_jax import presets, sharding
+from subprocess_env import cpu_env
 
 
 def test_check_mesh_refuses_split_heads_and_rows():
@@ -136,8 +136,7 @@ print("ok")
 
 
 def test_kernels_run_per_device_under_a_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(4)
   out = subprocess.run([sys.executable, "-c", _PER_DEVICE], capture_output=True, text=True,
                        env=env, timeout=900)
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]
