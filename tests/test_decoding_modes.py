@@ -24,6 +24,7 @@ from focus_jax.focus import summarize
 from focus_jax.models import Transformer, family, param_map
 from focus_jax.models import config as C
 from focus_jax.sampling import dream_rule, generate_tokens, llada_rule, loop
+from subprocess_env import cpu_env
 
 MASK = 120
 PROMPT, GEN, BLOCK = 100, 32, 16
@@ -166,53 +167,19 @@ def test_fused_block_selection_decodes_as_the_xla_selection(model):
 
 def test_relevance_from_the_focus_slots_keeps_what_every_slot_keeps(model, monkeypatch):
   """The block relevance scores only the leading rho * k slots (k: the schedule's largest, 2
-  or more here; k = 1 in the next test), where I_focus sits; the other slots weigh nothing.
-  Same tokens and the same attention mass retained per layer (which depends on exactly which
-  blocks were kept) as scoring all slots."""
-  steps = GEN // 2
+  or more here), where I_focus sits; the other slots weigh nothing. Same tokens and the same
+  attention mass retained per layer (which depends on exactly which blocks were kept) as a
+  rule without `max_planned_unmask` (it is optional: a user's own sampler), whose relevance
+  scores every slot."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from focus_jax.focus.denoiser import FocusDenoiser  # pylint: disable=g-import-not-at-top
+  steps = GEN // 2
   cfg, params = model
   tokens, mask = prompts()
   if cfg.family == "llada":
     rule = llada_rule(cfg, steps=steps, gen_length=GEN, block_length=BLOCK)
   else:
     rule = dream_rule(steps=steps, gen_length=GEN, block_length=BLOCK, alg="maskgit_plus")
-  options = dict(l_dense=2, dense_tail=0, alpha=0.5, n_sink=8, prompt_block_size=8, rho=2,
-                 window=3, diagnostics=True)
-  sized = []
-  real_focus_slots = FocusDenoiser._focus_slots
-
-  def recording(self, ctx, capacity):
-    sized.append(real_focus_slots(self, ctx, capacity))
-    return sized[-1]
-
-  def run():
-    generate_tokens.clear_cache()
-    state = generate_tokens(params, tokens, mask, jax.random.key(0), config=cfg, rule=rule,
-                            denoiser=make_denoiser(cfg, "focus", **options), gen_length=GEN,
-                            block_length=BLOCK)
-    return np.asarray(state.tokens[:, PROMPT:]), summarize(jax.tree.map(np.asarray, state.stats))
-
-  monkeypatch.setattr(FocusDenoiser, "_focus_slots", recording)
-  got_tokens, got = run()
-  assert set(sized) == {2 * rule.max_planned_unmask(BLOCK)}
-  assert sized[0] < BLOCK  # fewer than the block's slots
-  monkeypatch.setattr(FocusDenoiser, "_focus_slots", lambda self, ctx, capacity: None)
-  want_tokens, want = run()
-  np.testing.assert_array_equal(got_tokens, want_tokens)
-  np.testing.assert_allclose(got["retained_mass_per_layer"], want["retained_mass_per_layer"],
-                             rtol=1e-5)
-  np.testing.assert_allclose(got["kv_tokens_per_layer"], want["kv_tokens_per_layer"])
-
-
-def test_a_rule_without_a_planned_bound_scores_every_slot(model):
-  """`max_planned_unmask` is optional: a rule without it decodes under Focus, its relevance
-  scoring every slot: the same tokens and the same attention mass kept per layer as the rule
-  with it (one token a step: LLaDA's bound 1, Dream's 2, so rho x that of 16 slots scored)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  cfg, params = model
-  tokens, mask = prompts()
-  inner = rule_for(cfg)
 
   @dataclasses.dataclass(frozen=True)
   class Unbounded:
@@ -228,20 +195,34 @@ def test_a_rule_without_a_planned_bound_scores_every_slot(model):
     def apply(self, *args):
       return self.rule.apply(*args)
 
-  assert inner.max_planned_unmask(BLOCK) * 2 < BLOCK
   options = dict(l_dense=2, dense_tail=0, alpha=0.5, n_sink=8, prompt_block_size=8, rho=2,
                  window=3, diagnostics=True)
-  outs, stats = [], []
-  for rule in (inner, Unbounded(inner, inner.steps_per_block)):
+  sized = []
+  real_focus_slots = FocusDenoiser._focus_slots
+
+  def recording(self, ctx, capacity):
+    sized.append(real_focus_slots(self, ctx, capacity))
+    return sized[-1]
+
+  def run(rule):
+    sized.clear()
+    generate_tokens.clear_cache()  # traced afresh: `recording` sees every call
     state = generate_tokens(params, tokens, mask, jax.random.key(0), config=cfg, rule=rule,
                             denoiser=make_denoiser(cfg, "focus", **options), gen_length=GEN,
                             block_length=BLOCK)
-    outs.append(np.asarray(state.tokens[:, PROMPT:]))
-    stats.append(summarize(jax.tree.map(np.asarray, state.stats)))
-  assert not (outs[1] == MASK).any()
-  np.testing.assert_array_equal(outs[1], outs[0])
-  np.testing.assert_allclose(stats[1]["retained_mass_per_layer"],
-                             stats[0]["retained_mass_per_layer"], rtol=1e-5)
+    return np.asarray(state.tokens[:, PROMPT:]), summarize(jax.tree.map(np.asarray, state.stats))
+
+  monkeypatch.setattr(FocusDenoiser, "_focus_slots", recording)
+  got_tokens, got = run(rule)
+  assert set(sized) == {2 * rule.max_planned_unmask(BLOCK)}
+  assert sized[0] < BLOCK  # fewer than the block's slots
+  want_tokens, want = run(Unbounded(rule, rule.steps_per_block))
+  assert set(sized) == {None}  # every slot scored
+  assert not (want_tokens == MASK).any()
+  np.testing.assert_array_equal(got_tokens, want_tokens)
+  np.testing.assert_allclose(got["retained_mass_per_layer"], want["retained_mass_per_layer"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(got["kv_tokens_per_layer"], want["kv_tokens_per_layer"])
 
 
 def test_focus_diagnostics_are_free_when_off(model):
@@ -530,15 +511,19 @@ def test_split_kv_kernel_is_named_for_every_call_of_a_step(sparse_impl, monkeypa
   denoiser = make_denoiser(cfg, "focus", l_dense=2, prompt_block_size=16,
                            sparse_impl=sparse_impl)
   entry = step_timing.entry_context(canvas, 2)
-  _, _, state = denoiser.window_logits(params, canvas, denoiser.init_state(params, canvas), entry)
-  seen.clear()
-  denoiser.window_logits(params, canvas, state, entry.replace(block_entry=False))
+
+  def steps(den):
+    """Traces (jitted: one compile, not an op-by-op run) an entry step, then a cached step;
+    `seen` holds the cached step's calls."""
+    step = jax.jit(lambda p, s, c: den.window_logits(p, canvas, s, c)[2])
+    state = step(params, den.init_state(params, canvas), entry)
+    seen.clear()
+    step.lower(params, state, entry.replace(block_entry=False))
+
+  steps(denoiser)
   assert seen == [sparse_impl] * 2, seen  # layer 0, and layer 1 (the sinks')
   # The caches name theirs with `split_kv_impl` (every layer's call over the cache).
-  dual = make_denoiser(cfg, "dual_cache", split_kv_impl=sparse_impl)
-  _, _, cache = dual.window_logits(params, canvas, dual.init_state(params, canvas), entry)
-  seen.clear()
-  dual.window_logits(params, canvas, cache, entry.replace(block_entry=False))
+  steps(make_denoiser(cfg, "dual_cache", split_kv_impl=sparse_impl))
   assert seen == [sparse_impl] * cfg.n_layers, seen
 
 
@@ -608,10 +593,7 @@ out = pipeline.generate_ids(model, np.ones((1, 128), np.int32), np.ones((1, 128)
 assert out.tokens.shape == (1, 32) and not (out.tokens == model.config.mask_token_id).any()
 print("ok")
 """
-  import os
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_env(2),
                        timeout=600)
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
