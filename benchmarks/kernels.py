@@ -1088,6 +1088,16 @@ def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
     return [float(jnp.max(jnp.abs(diff)) / jnp.max(jnp.abs(ref))),
             float(jnp.linalg.norm(diff) / jnp.linalg.norm(ref))]
 
+  # Jitted once: the cases of a layout share shapes, so each compiles once per shape.
+  ref_fn = jax.jit(lambda q, k, v, kv, pads: da.xla_attention(
+      q[:, pads:pads + ref_rows].astype(jnp.float32), k.astype(jnp.float32),
+      v.astype(jnp.float32), kv), static_argnums=4)
+  bf16 = jax.jit(lambda q, k, v, kv: da.attention(q, k, v, kv, implementation=bf16_impl))
+  fp8 = jax.jit(lambda q, k, v, kv: da.attention(q, k, v, kv, implementation=bf16_impl,
+                                                 fp8=True))
+  emulated = jax.jit(lambda q, k, v, kv: da.xla_fp8_attention(q, k, v, kv))
+  unsmoothed = jax.jit(lambda q, k, v: (da.cudnn_fp8_attention if gpu
+                                        else da.xla_fp8_attention)(q, k, v, smooth=False))
   rows = []
   for layout, ctx in cases:
     lay = LAYOUTS[layout]
@@ -1108,16 +1118,8 @@ def phase_fp8_dense(da, reps: int = 5, ref_rows: int = 256) -> list[dict]:
       k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
       kv = (jnp.arange(s_len) >= pads)[None] if pads else None
       group = lay["hq"] // lay["hkv"]
-      ref = jax.jit(lambda q, k, v, kv: da.xla_attention(
-          q[:, pads:pads + ref_rows].astype(jnp.float32), k.astype(jnp.float32),
-          v.astype(jnp.float32), kv))(q, k, v, kv)
+      ref = ref_fn(q, k, v, kv, pads)
       errors_of = lambda out: errors(out[:, pads:], ref)
-      bf16 = jax.jit(lambda q, k, v, kv: da.attention(q, k, v, kv, implementation=bf16_impl))
-      fp8 = jax.jit(lambda q, k, v, kv: da.attention(q, k, v, kv, implementation=bf16_impl,
-                                                     fp8=True))
-      emulated = jax.jit(lambda q, k, v, kv: da.xla_fp8_attention(q, k, v, kv))
-      unsmoothed = jax.jit(lambda q, k, v: (da.cudnn_fp8_attention if gpu
-                                            else da.xla_fp8_attention)(q, k, v, smooth=False))
       row = dict(layout=layout, context=ctx, logit_scale=logit_scale, common_channels=common,
                  pads=pads, group=group, impl=bf16_impl,
                  bf16_err=errors_of(bf16(q, k, v, kv)), fp8_err=errors_of(fp8(q, k, v, kv)),
