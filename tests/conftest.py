@@ -10,6 +10,6 @@ from __future__ import annotations
 import os
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
-if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # unless set
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 

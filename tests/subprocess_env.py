@@ -10,3 +10,11 @@ def cpu_env(devices: int, **extra: str) -> dict[str, str]:
   kept)."""
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(), **extra)
+
+
+def optimising_env() -> dict[str, str]:
+  """The environment of a subprocess whose time goes to running interpreted kernels, not to
+  compiling: XLA:CPU's optimisation passes back on (conftest turns them off for the suite), which
+  halves the interpreted kernels' time there."""
+  flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
+  return dict(os.environ, XLA_FLAGS=flags.strip())

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from subprocess_env import optimising_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("check", "live", "relevance", "waves", "focus_call", "fp8_dense", "fp8_matmul",
           "fp8_gemm_forms", "selected_prompt", "dense_padded")
@@ -19,7 +21,7 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--smoke",
        "--phases", ",".join(PHASES), "--out", str(tmp_path)],
-      capture_output=True, text=True, timeout=900)
+      capture_output=True, text=True, timeout=900, env=optimising_env())
   assert out.returncode == 0, out.stderr[-3000:]
   (name,) = os.listdir(tmp_path)
   with open(tmp_path / name) as f:
@@ -33,9 +35,9 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   assert all(math.isfinite(row["us"]) for row in res["live"] + res["waves"]), (res["live"],
                                                                               res["waves"])
   assert all(row["same_blocks"] for row in res["relevance"]), res["relevance"]
+  # (Mosaic GPU's Focus call: not in the smoke run; test_sparse_attention interprets it)
   calls = {(row["layout"], row["impl"]) for row in res["focus_call"]}
-  assert calls == {("llada8b", "pallas_gpu"), ("dream7b", "pallas_gpu"),
-                   ("dream7b", "mosaic_gpu")}, res["focus_call"]
+  assert calls == {("llada8b", "pallas_gpu"), ("dream7b", "pallas_gpu")}, res["focus_call"]
   assert all(row["ok"] for row in res["focus_call"]), res["focus_call"]
   # Off a GPU, fp8 attention is the emulation itself; either way it errs by fp8's few percent,
   # more on peaked logits, where bfloat16 stays at its 0.2%.
@@ -75,6 +77,5 @@ def test_smoke_phases_run_and_write_their_results(tmp_path):
   for row in res["fp8_dense"]:
     if row["common_channels"]:
       assert row["fp8_unsmoothed_err"][1] > 1.2 * row["fp8_err"][1], row
-  assert all(math.isfinite(row["us"]) for row in res["focus_call"]
-             if row["impl"] == "pallas_gpu"), res["focus_call"]
+  assert all(math.isfinite(row["us"]) for row in res["focus_call"]), res["focus_call"]
 
