@@ -266,14 +266,15 @@ def generate_ids(model: Model, prompt: np.ndarray, prompt_mask: np.ndarray, *,
                                 model.config.mask_token_id)
       times = step_timing.step_times(denoiser, model.params, canvas,
                                      max_planned_unmask=rule.max_planned_unmask(block_length))
+    else:
+      times = {}
   tokens = sharding.to_host(state.tokens[:, prompt.shape[1]:])
   if stats:  # Focus diagnostics: recall, retained mass, KV tokens per layer, time split
     from focus_jax.focus import summarize  # pylint: disable=g-import-not-at-top
     stats = summarize(jax.tree.map(sharding.to_host, stats))
-    if time_split:
-      stats.update(times)
-      stats["seconds_in_refresh_steps"] = stats["refresh_steps"] * times["refresh_s"]
-      stats["seconds_in_sparse_steps"] = stats["sparse_steps"] * times["cached_step_s"]
+    if times:
+      stats.update(times, seconds_in_refresh_steps=stats["refresh_steps"] * times["refresh_s"],
+                   seconds_in_sparse_steps=stats["sparse_steps"] * times["cached_step_s"])
   return Generation(texts=[], tokens=tokens, num_steps=int(sharding.to_host(state.num_steps)),
                     seconds=seconds,
                     compile_seconds=compile_seconds, stats=stats)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # unless set
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+from subprocess_env import FAST_COMPILE
 
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # unless set
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()

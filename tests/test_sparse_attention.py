@@ -534,10 +534,14 @@ def _mgpu_races_found() -> bool:
   return bool(gpu_callbacks.get_races().races_found)
 
 
+def _upcast(args):
+  """float32 copies of the bf16 arrays among `args` (the rest as given)."""
+  return [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+
+
 def _f32_reference(args, bs):
   """The reference on float32 copies of bf16 inputs: a float32 output to compare against."""
-  up = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
-  return np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs)(*up))
+  return np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs)(*_upcast(args)))
 
 
 MGPU_CASES = [  # (make_case kwargs, kernel_config); few splits: the interpreter walks the grid
@@ -574,8 +578,7 @@ def test_mosaic_gpu_matches_reference_interpreted(case):
              interpret=params, kernel_config=cfg, return_lse=case == 0)(*args)
   if case == 0:
     out, lse = out
-    _, want = brute_force([a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args],
-                          bs, with_lse=True)
+    _, want = brute_force(_upcast(args), bs, with_lse=True)
     np.testing.assert_allclose(np.asarray(lse), want, atol=2e-2, rtol=1e-2)
   assert out.shape == args[0].shape and out.dtype == jnp.bfloat16
   assert not _mgpu_races_found()
@@ -603,8 +606,7 @@ def test_mosaic_gpu_triton_merge_with_live_queries_and_lse_interpreted(case):
   out, lse = _jit(sa.block_sparse_attention, block_size=bs, implementation="mosaic_gpu",
                   interpret=True, kernel_config=cfg, query_counts=counts,
                   return_lse=True)(*args)
-  want, want_lse = brute_force([a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a
-                                for a in args], bs, with_lse=True)
+  want, want_lse = brute_force(_upcast(args), bs, with_lse=True)
   live = np.arange(case["t"])[None, :] < np.asarray(counts)[:, None]  # [B, T]
   want = np.where(live[:, :, None, None], want, 0.0)
   want_lse = np.where(live[:, :, None], want_lse, -np.inf)
@@ -643,7 +645,7 @@ def test_mosaic_gpu_sinks_dedup_and_live_row_tiles_interpreted(e, per_head, cfg)
   valid = jnp.asarray(rng.random((3, e, 2)) < 0.7)
   pos = jnp.asarray(pos, jnp.int32)
   counts = jnp.asarray([20, 5, 0], jnp.int32)  # live rows 80, 20 and 0 of 80
-  up = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+  up = _upcast(args)
   want = np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs, dedup_extra=True)(
       *up, extra_valid=valid, extra_positions=pos, query_counts=counts))
   got = _jit(sa.block_sparse_attention, block_size=bs, implementation="mosaic_gpu",
@@ -868,7 +870,7 @@ def test_mosaic_gpu_large_logits():
   # Scores spread over hundreds: any rescaling not relative to the running max overflows.
   args, bs = make_case(341, b=1, hq=4, hkv=2, t=4, d=64, s=640, bs=64, n=8, extra=False,
                        dtype=jnp.bfloat16)
-  up = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+  up = _upcast(args)
   ref = np.asarray(_jit(sa.reference_block_sparse_attention, block_size=bs, scale=16.0)(*up))
   out = _jit(sa.block_sparse_attention, block_size=bs, scale=16.0, implementation="mosaic_gpu",
              interpret=True, kernel_config=dict(num_splits=1))(*args)
